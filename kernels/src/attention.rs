@@ -1,0 +1,235 @@
+//! Attention of query tokens over a paged KV cache (one layer).
+//!
+//! The cache is `(num_blocks, block_size, n_kv_heads, head_dim)` for K and for V. A query token
+//! attends to its sequence's positions `[window_start, context_len)`; position `p` lives in
+//! physical block `block_table[p / block_size]`, slot `p % block_size`. Scores are scaled by
+//! `1 / sqrt(head_dim)`; query head `h` reads KV head `h / (n_heads / n_kv_heads)` (GQA).
+//! Causality is the caller's job: it sets `context_len` per query token. Everything the kernels
+//! index is validated first, so bad input is a [`KernelError`], never a panic.
+
+use rayon::prelude::*;
+
+use crate::error::{KernelError, check_len, mul};
+use crate::isa::Isa;
+use crate::pool::CpuPool;
+use crate::softmax::{softmax_isa, softmax_ref};
+
+/// One layer's paged KV cache.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKvLayer<'a> {
+    /// Keys, `(num_blocks, block_size, n_kv_heads, head_dim)`.
+    pub k: &'a [f32],
+    /// Values, same layout as `k`.
+    pub v: &'a [f32],
+    /// Positions per block.
+    pub block_size: usize,
+    /// KV heads.
+    pub n_kv_heads: usize,
+    /// Per-head dimension.
+    pub head_dim: usize,
+}
+
+/// What one query token may see.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionQuery<'a> {
+    /// Logical block index -> physical block index for this token's sequence.
+    pub block_table: &'a [u32],
+    /// One past the last visible position (the token's own position + 1 for causal attention).
+    pub context_len: usize,
+    /// First visible position (0 unless a sliding window cut it).
+    pub window_start: usize,
+}
+
+/// Validated geometry shared by both kernels.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    n_heads: usize,
+    head_dim: usize,
+    /// Query heads per KV head.
+    group: usize,
+    block_size: usize,
+    /// Floats between consecutive slots (`n_kv_heads * head_dim`).
+    slot_stride: usize,
+    scale: f32,
+}
+
+impl Geometry {
+    /// Offset of (position `p`, KV head `kvh`) in `k`/`v`; `p` must have been validated.
+    #[inline]
+    fn offset(&self, table: &[u32], p: usize, kvh: usize) -> usize {
+        let block = table[p / self.block_size] as usize;
+        (block * self.block_size + p % self.block_size) * self.slot_stride + kvh * self.head_dim
+    }
+}
+
+fn validate(
+    kernel: &'static str,
+    q: &[f32],
+    queries: &[AttentionQuery],
+    kv: &PagedKvLayer,
+    n_heads: usize,
+    out: &[f32],
+) -> Result<Geometry, KernelError> {
+    let err = |d: String| KernelError::shape(kernel, d);
+    if kv.block_size == 0 || kv.n_kv_heads == 0 || kv.head_dim == 0 || n_heads == 0 {
+        return Err(err(format!(
+            "block_size {}, n_kv_heads {}, head_dim {}, n_heads {} must all be > 0",
+            kv.block_size, kv.n_kv_heads, kv.head_dim, n_heads
+        )));
+    }
+    if !n_heads.is_multiple_of(kv.n_kv_heads) {
+        return Err(err(format!("n_heads {n_heads} is not a multiple of n_kv_heads {}", kv.n_kv_heads)));
+    }
+    let slot_stride = mul(kernel, kv.n_kv_heads, kv.head_dim)?;
+    let block_stride = mul(kernel, kv.block_size, slot_stride)?;
+    check_len(kernel, "v", kv.v.len(), kv.k.len())?;
+    if !kv.k.len().is_multiple_of(block_stride) {
+        return Err(err(format!(
+            "cache length {} is not a multiple of the block size {block_stride} floats",
+            kv.k.len()
+        )));
+    }
+    let num_blocks = kv.k.len() / block_stride;
+    let row = mul(kernel, n_heads, kv.head_dim)?;
+    let expected = mul(kernel, queries.len(), row)?;
+    check_len(kernel, "q", q.len(), expected)?;
+    check_len(kernel, "out", out.len(), expected)?;
+    for (i, qr) in queries.iter().enumerate() {
+        if qr.window_start >= qr.context_len {
+            return Err(err(format!("query {i}: window [{}, {}) is empty", qr.window_start, qr.context_len)));
+        }
+        let (first, last) = (qr.window_start / kv.block_size, (qr.context_len - 1) / kv.block_size);
+        let Some(used) = qr.block_table.get(first..=last) else {
+            return Err(err(format!(
+                "query {i}: context_len {} needs {} blocks, block table has {}",
+                qr.context_len,
+                last + 1,
+                qr.block_table.len()
+            )));
+        };
+        if let Some(b) = used.iter().find(|&&b| b as usize >= num_blocks) {
+            return Err(err(format!("query {i}: block index {b} out of range for {num_blocks} cache blocks")));
+        }
+    }
+    Ok(Geometry {
+        n_heads,
+        head_dim: kv.head_dim,
+        group: n_heads / kv.n_kv_heads,
+        block_size: kv.block_size,
+        slot_stride,
+        scale: 1.0 / (kv.head_dim as f32).sqrt(),
+    })
+}
+
+/// Reference paged attention: `q` and `out` are `(queries.len(), n_heads * head_dim)`.
+pub fn paged_attention_ref(
+    q: &[f32],
+    queries: &[AttentionQuery],
+    kv: &PagedKvLayer,
+    n_heads: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let g = validate("paged_attention_ref", q, queries, kv, n_heads, out)?;
+    let hd = g.head_dim;
+    let mut scores = Vec::new();
+    for (t, qr) in queries.iter().enumerate() {
+        for h in 0..n_heads {
+            let kvh = h / g.group;
+            let base = (t * n_heads + h) * hd;
+            let qh = &q[base..base + hd];
+            scores.clear();
+            for p in qr.window_start..qr.context_len {
+                let off = g.offset(qr.block_table, p, kvh);
+                let mut s = 0.0f32;
+                for (a, b) in qh.iter().zip(&kv.k[off..off + hd]) {
+                    s += a * b;
+                }
+                scores.push(s * g.scale);
+            }
+            softmax_ref(&mut scores);
+            let oh = &mut out[base..base + hd];
+            oh.fill(0.0);
+            for (p, &w) in (qr.window_start..qr.context_len).zip(&scores) {
+                let off = g.offset(qr.block_table, p, kvh);
+                for (o, v) in oh.iter_mut().zip(&kv.v[off..off + hd]) {
+                    *o += w * v;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fast paged attention: one task per (query, head) pair on `pool`, SIMD dot products and
+/// value accumulation, a per-thread score buffer reused across tasks.
+pub fn paged_attention(
+    pool: &CpuPool,
+    q: &[f32],
+    queries: &[AttentionQuery],
+    kv: &PagedKvLayer,
+    n_heads: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let g = validate("paged_attention", q, queries, kv, n_heads, out)?;
+    let ctx = Ctx { isa: pool.isa(), g, kv };
+    pool.install(|| {
+        out.par_chunks_mut(g.head_dim).zip(q.par_chunks(g.head_dim)).enumerate().for_each_init(
+            Vec::new,
+            |scores, (task, (oh, qh))| {
+                let qr = &queries[task / g.n_heads];
+                let kvh = (task % g.n_heads) / g.group;
+                ctx.head(qr, kvh, qh, oh, scores);
+            },
+        );
+    });
+    Ok(())
+}
+
+/// What every task of one fast call shares.
+struct Ctx<'c, 'a> {
+    isa: Isa,
+    g: Geometry,
+    kv: &'c PagedKvLayer<'a>,
+}
+
+impl Ctx<'_, '_> {
+    /// One (query, head): scores, softmax, weighted sum of values.
+    fn head(&self, qr: &AttentionQuery, kvh: usize, qh: &[f32], oh: &mut [f32], scores: &mut Vec<f32>) {
+        let (isa, g, kv) = (self.isa, &self.g, self.kv);
+        let hd = g.head_dim;
+        scores.clear();
+        for p in qr.window_start..qr.context_len {
+            let off = g.offset(qr.block_table, p, kvh);
+            scores.push(dot(isa, qh, &kv.k[off..off + hd]) * g.scale);
+        }
+        softmax_isa(isa, scores);
+        oh.fill(0.0);
+        for (p, &w) in (qr.window_start..qr.context_len).zip(scores.iter()) {
+            let off = g.offset(qr.block_table, p, kvh);
+            axpy(isa, oh, w, &kv.v[off..off + hd]);
+        }
+    }
+}
+
+fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
+        return unsafe { crate::simd::avx2::dot(a, b) };
+    }
+    let _ = isa;
+    crate::simd::dot(a, b)
+}
+
+fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
+        unsafe { crate::simd::avx2::axpy(y, alpha, x) };
+        return;
+    }
+    let _ = isa;
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += alpha * v;
+    }
+}

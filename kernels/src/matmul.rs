@@ -1,0 +1,154 @@
+//! Dense matmul against a checkpoint-layout weight: `y (m, rows) = x (m, cols) · wᵀ`.
+//!
+//! [`matmul_ref`] defines the result: for every output, a sequential f32 sum over `cols`.
+//! [`matmul`] computes the same sums in a different order (SIMD lanes, several accumulators,
+//! pairwise lane reduction), so results agree to f32 rounding, not bit for bit.
+//!
+//! The fast kernel splits the output into tasks of (a block of weight rows) × (a block of up to
+//! [`TOKENS_PER_TASK`] tokens); each task writes only its own `y[i][r]` entries. Inside a task the
+//! AVX2 path runs a register-tiled micro-kernel — [`MR`] token rows × [`NR`] weight rows, or
+//! 1 × [`NR_GEMV`] for decode — so each weight vector is loaded (and widened from bf16 with a
+//! 16-bit shift) once per tile and reused across the tile's token rows.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use rayon::prelude::*;
+
+use crate::error::{KernelError, check_len, mul};
+use crate::isa::Isa;
+use crate::pool::CpuPool;
+use crate::simd::{self, Elem, SharedOut};
+use crate::weights::{WeightData, WeightMatrix};
+
+/// Token rows per micro-kernel tile (prefill).
+pub(crate) const MR: usize = 4;
+/// Weight rows per micro-kernel tile (prefill).
+pub(crate) const NR: usize = 3;
+/// Weight rows per tile when `m == 1` (decode GEMV).
+pub(crate) const NR_GEMV: usize = 4;
+/// Tokens per parallel task; a multiple of [`MR`]. Larger `m` is split into more tasks.
+const TOKENS_PER_TASK: usize = 128;
+/// Lower bound on weight rows per task, so that scheduling overhead stays small.
+const MIN_ROWS_PER_TASK: usize = 16;
+/// Tasks per thread to aim for, for load balance.
+const TASKS_PER_THREAD: usize = 8;
+
+/// Checks `x`, `y` and `w` against `m` and the weight shape.
+fn check(kernel: &'static str, x: &[f32], m: usize, w: &WeightMatrix, y: &[f32]) -> Result<(), KernelError> {
+    check_len(kernel, "weight data", w.data.len(), mul(kernel, w.rows, w.cols)?)?;
+    check_len(kernel, "x", x.len(), mul(kernel, m, w.cols)?)?;
+    check_len(kernel, "y", y.len(), mul(kernel, m, w.rows)?)
+}
+
+/// Reference: `y[i][r] = Σ_k x[i][k] · w[r][k]`, summed sequentially in f32.
+pub fn matmul_ref(x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
+    check("matmul_ref", x, m, w, y)?;
+    match w.data {
+        WeightData::F32(d) => reference(x, d, w.rows, w.cols, y),
+        WeightData::Bf16(d) => reference(x, d, w.rows, w.cols, y),
+    }
+    Ok(())
+}
+
+fn reference<E: Elem>(x: &[f32], w: &[E], n: usize, k: usize, y: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    for (xi, yi) in x.chunks_exact(k.max(1)).zip(y.chunks_exact_mut(n)) {
+        for (r, out) in yi.iter_mut().enumerate() {
+            let wr = &w[r * k..(r + 1) * k];
+            let mut acc = 0.0f32;
+            for (a, b) in xi.iter().zip(wr) {
+                acc += a * b.to_f32();
+            }
+            *out = if k == 0 { 0.0 } else { acc };
+        }
+    }
+    if k == 0 {
+        y.fill(0.0);
+    }
+}
+
+/// Fast `y (m, w.rows) = x (m, w.cols) · wᵀ`, multi-threaded on `pool` with its SIMD path.
+pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
+    check("matmul", x, m, w, y)?;
+    if w.cols == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    if m == 0 || w.rows == 0 {
+        return Ok(());
+    }
+    let shape = Shape { m, n: w.rows, k: w.cols };
+    match w.data {
+        WeightData::F32(d) => run(pool, x, d, shape, y),
+        WeightData::Bf16(d) => run(pool, x, d, shape, y),
+    }
+    Ok(())
+}
+
+/// Problem size: `m` tokens, `n` weight rows (outputs), `k` weight columns (inputs); all > 0.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+}
+
+/// One task: weight rows `r0..r1` against tokens `i0..i1`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Task {
+    pub(crate) r0: usize,
+    pub(crate) r1: usize,
+    pub(crate) i0: usize,
+    pub(crate) i1: usize,
+}
+
+/// Weight rows per task: about [`TASKS_PER_THREAD`] row blocks per thread, at least
+/// [`MIN_ROWS_PER_TASK`], rounded up to a multiple of the tile width.
+fn rows_per_task(n: usize, threads: usize) -> usize {
+    let per = n.div_ceil(threads.max(1) * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+    per.next_multiple_of(NR_GEMV)
+}
+
+fn run<E: Elem>(pool: &CpuPool, x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
+    let rows = rows_per_task(s.n, pool.threads());
+    let row_blocks = s.n.div_ceil(rows);
+    let token_blocks = s.m.div_ceil(TOKENS_PER_TASK);
+    let isa = pool.isa();
+    let out = SharedOut::new(y);
+    pool.install(|| {
+        (0..row_blocks * token_blocks).into_par_iter().for_each_init(Vec::new, |buf, t| {
+            let (rb, tb) = (t % row_blocks, t / row_blocks);
+            let task = Task {
+                r0: rb * rows,
+                r1: ((rb + 1) * rows).min(s.n),
+                i0: tb * TOKENS_PER_TASK,
+                i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
+            };
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the pool only holds `Avx2Fma` when the CPU supports it; tasks
+                // cover disjoint (token, weight row) rectangles, so their writes through
+                // `out` never overlap, and nothing reads `y` until `install` returns.
+                Isa::Avx2Fma => unsafe { avx2::task(x, w, s, task, &out) },
+                #[cfg(not(target_arch = "x86_64"))]
+                Isa::Avx2Fma => scalar_task(x, w, s, task, &out, buf),
+                Isa::Scalar => scalar_task(x, w, s, task, &out, buf),
+            }
+        });
+    });
+}
+
+/// Portable task: widen each weight row once, then dot it with every token row of the task.
+fn scalar_task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut, buf: &mut Vec<f32>) {
+    for r in t.r0..t.r1 {
+        let wr = E::widen(&w[r * s.k..(r + 1) * s.k], buf);
+        for i in t.i0..t.i1 {
+            let v = simd::dot(&x[i * s.k..(i + 1) * s.k], wr);
+            // SAFETY: (i, r) lies in this task's rectangle, which no other task writes.
+            unsafe { out.write(i * s.n + r, v) };
+        }
+    }
+}

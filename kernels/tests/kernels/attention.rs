@@ -1,0 +1,168 @@
+use rand::seq::SliceRandom;
+use tessera_kernels::attention::{AttentionQuery, PagedKvLayer, paged_attention, paged_attention_ref};
+
+use crate::{assert_close, pools, rng, uniform};
+
+/// A randomly filled cache plus, per sequence, a shuffled (non-contiguous) block table.
+struct Fixture {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    block_size: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    tables: Vec<Vec<u32>>,
+}
+
+impl Fixture {
+    fn new(seed: u64, seqs: usize, blocks_per_seq: usize, bs: usize, kvh: usize, hd: usize) -> Self {
+        let mut r = rng(seed);
+        // One spare block nobody uses, so tables really are a scattered subset.
+        let num_blocks = seqs * blocks_per_seq + 1;
+        let n = num_blocks * bs * kvh * hd;
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        ids.shuffle(&mut r);
+        let tables = ids[..seqs * blocks_per_seq].chunks(blocks_per_seq).map(<[u32]>::to_vec).collect();
+        Fixture {
+            k: uniform(&mut r, n, 1.0),
+            v: uniform(&mut r, n, 1.0),
+            block_size: bs,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            tables,
+        }
+    }
+
+    fn layer(&self) -> PagedKvLayer<'_> {
+        PagedKvLayer {
+            k: &self.k,
+            v: &self.v,
+            block_size: self.block_size,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// Row of K or V for (sequence, position, kv head), read through the block table.
+    fn row<'a>(&self, cache: &'a [f32], seq: usize, p: usize, kvh: usize) -> &'a [f32] {
+        let block = self.tables[seq][p / self.block_size] as usize;
+        let slot = block * self.block_size + p % self.block_size;
+        let off = (slot * self.n_kv_heads + kvh) * self.head_dim;
+        &cache[off..off + self.head_dim]
+    }
+}
+
+/// Dense f64 attention written independently of the kernels.
+fn dense(f: &Fixture, q: &[f32], qs: &[(usize, AttentionQuery)], n_heads: usize) -> Vec<f32> {
+    let hd = f.head_dim;
+    let group = n_heads / f.n_kv_heads;
+    let mut out = Vec::new();
+    for (t, (seq, qr)) in qs.iter().enumerate() {
+        for h in 0..n_heads {
+            let qh = &q[(t * n_heads + h) * hd..][..hd];
+            let ps: Vec<usize> = (qr.window_start..qr.context_len).collect();
+            let s: Vec<f64> = ps
+                .iter()
+                .map(|&p| {
+                    let k = f.row(&f.k, *seq, p, h / group);
+                    let d: f64 = qh.iter().zip(k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                    d / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for d in 0..hd {
+                let acc: f64 =
+                    ps.iter().zip(&e).map(|(&p, w)| w / z * f64::from(f.row(&f.v, *seq, p, h / group)[d])).sum();
+                out.push(acc as f32);
+            }
+        }
+    }
+    out
+}
+
+fn run_case(f: &Fixture, n_heads: usize, qs: &[(usize, AttentionQuery)], seed: u64) {
+    let row = n_heads * f.head_dim;
+    let q = uniform(&mut rng(seed), qs.len() * row, 1.0);
+    let queries: Vec<AttentionQuery> = qs.iter().map(|(_, q)| *q).collect();
+    let mut want = vec![0.0; q.len()];
+    paged_attention_ref(&q, &queries, &f.layer(), n_heads, &mut want).unwrap();
+    // Reference vs dense f64 maths: f32 rounding only.
+    assert_close("ref vs dense", &want, &dense(f, &q, qs, n_heads), 1e-4, 1e-5);
+    for pool in pools() {
+        let mut got = vec![f32::NAN; q.len()];
+        paged_attention(&pool, &q, &queries, &f.layer(), n_heads, &mut got).unwrap();
+        // Reordered dot products and polynomial exp: 1e-5 relative, 1e-6 absolute.
+        assert_close(&format!("fast {} x{}", pool.isa(), pool.threads()), &got, &want, 1e-5, 1e-6);
+    }
+}
+
+fn query(table: &[u32], context_len: usize, window_start: usize) -> AttentionQuery<'_> {
+    AttentionQuery { block_table: table, context_len, window_start }
+}
+
+#[test]
+fn gqa_shuffled_blocks_and_windows() {
+    for head_dim in [16, 12, 64] {
+        let f = Fixture::new(21, 3, 6, 4, 2, head_dim);
+        let t = &f.tables;
+        let qs = [
+            (0, query(&t[0], 1, 0)), // context_len 1
+            (0, query(&t[0], 2, 0)),
+            (1, query(&t[1], 23, 0)),  // ends mid-block
+            (1, query(&t[1], 24, 0)),  // all six blocks
+            (2, query(&t[2], 17, 9)),  // sliding window starting mid-block
+            (2, query(&t[2], 13, 12)), // window of one position
+        ];
+        run_case(&f, 6, &qs, 31);
+    }
+}
+
+#[test]
+fn context_len_one_returns_the_value_row() {
+    let f = Fixture::new(4, 1, 1, 8, 1, 33);
+    let qs = [(0, query(&f.tables[0], 1, 0))];
+    let q = uniform(&mut rng(5), 2 * 33, 1.0);
+    let want = f.row(&f.v, 0, 0, 0);
+    for pool in pools() {
+        let mut out = vec![0.0; 66];
+        paged_attention(&pool, &q, &[qs[0].1], &f.layer(), 2, &mut out).unwrap();
+        assert_close("head 0", &out[..33], want, 0.0, 1e-7);
+        assert_close("head 1", &out[33..], want, 0.0, 1e-7);
+    }
+}
+
+#[test]
+fn long_context() {
+    let f = Fixture::new(8, 2, 200, 16, 3, 64);
+    let t = &f.tables;
+    let qs = [(0, query(&t[0], 3200, 0)), (1, query(&t[1], 2999, 1000))];
+    run_case(&f, 9, &qs, 9);
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let f = Fixture::new(1, 1, 2, 4, 2, 8);
+    let pool = &pools()[0];
+    let kv = f.layer();
+    let q = vec![0.0; 4 * 8];
+    let mut out = vec![0.0; 4 * 8];
+    let num_blocks = (f.k.len() / (4 * 2 * 8)) as u32;
+    let check = |queries: &[AttentionQuery], n_heads: usize, out: &mut [f32]| {
+        let fast = paged_attention(pool, &q, queries, &kv, n_heads, out);
+        let slow = paged_attention_ref(&q, queries, &kv, n_heads, out);
+        fast.is_err() && slow.is_err()
+    };
+    let out_of_range = [0, num_blocks];
+    assert!(check(&[query(&out_of_range, 5, 0)], 4, &mut out));
+    assert!(!check(&[query(&out_of_range, 4, 0)], 4, &mut out), "second block unused");
+    assert!(check(&[query(&f.tables[0], 9, 0)], 4, &mut out), "table too short");
+    assert!(check(&[query(&f.tables[0], 0, 0)], 4, &mut out), "empty context");
+    assert!(check(&[query(&f.tables[0], 5, 5)], 4, &mut out), "empty window");
+    assert!(check(&[query(&f.tables[0], 5, 0)], 3, &mut out[..24]), "heads not a multiple");
+    assert!(check(&[query(&f.tables[0], 5, 0)], 4, &mut out[..31]), "out length");
+    let bad_kv = PagedKvLayer { k: &f.k[..f.k.len() - 1], ..kv };
+    let queries = [query(&f.tables[0], 5, 0)];
+    assert!(paged_attention(pool, &q, &queries, &bad_kv, 4, &mut out).is_err());
+    assert!(paged_attention_ref(&q, &queries, &bad_kv, 4, &mut out).is_err());
+}

@@ -1,0 +1,6 @@
+//! The Tessera router. For now it owns the text side every front end shares: rendering chat
+//! templates. Discovery, routing and the public APIs join it with the cluster work.
+
+pub mod chat_template;
+
+pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};

@@ -1,0 +1,125 @@
+//! `tessera generate`: one prompt in, text out on stdout (streamed as it is produced).
+
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tessera_router::{ChatMessage, ChatTemplate};
+use tessera_worker::GenerationRequest;
+use tessera_worker::engine::Engine;
+use tessera_worker::kv_cache::KvCacheConfig;
+use tessera_worker::sampler::SamplingParams;
+
+use super::model_args::ModelArgs;
+
+/// Arguments of `tessera generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Treat the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    kv_block_size: usize,
+}
+
+/// Streams UTF-8-safe text deltas from a growing list of token ids.
+struct Detokenizer<'a> {
+    tokenizer: &'a tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Detokenizer<'_> {
+    /// Adds a token and returns the newly completed text, holding back an incomplete UTF-8
+    /// sequence (decoded as U+FFFD) until the following tokens complete it.
+    fn push(&mut self, id: u32) -> anyhow::Result<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+            return Ok(String::new());
+        }
+        let delta = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(delta)
+    }
+}
+
+/// Runs the subcommand.
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let sampling =
+        SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    sampling.validate()?;
+    let (resolved, model, pool) = args.model.load()?;
+    let tokenizer = &resolved.text.tokenizer;
+    let prompt_ids: Vec<u32> = if args.chat {
+        let Some(t) = &resolved.text.chat_template else {
+            bail!("{} has no chat template; drop --chat", resolved.id);
+        };
+        let template = ChatTemplate::new(&t.source, t.bos_token.clone(), t.eos_token.clone())?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system.clone()));
+        }
+        messages.push(ChatMessage::new("user", args.prompt.clone()));
+        let text = template.render(&messages, true)?;
+        // The template already placed every special token, as transformers does.
+        tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec()
+    } else {
+        tokenizer.encode(args.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec()
+    };
+    let context = model.config().max_position_embeddings;
+    // Clamp to the room left in the context; a prompt that fills it is left for the engine to
+    // reject with a clear error.
+    let room = context.saturating_sub(prompt_ids.len());
+    let max_new = if room == 0 { args.max_tokens } else { args.max_tokens.min(room) };
+    let stop_token_ids = if args.ignore_eos { Vec::new() } else { model.config().eos_token_ids.clone() };
+    let request = GenerationRequest { prompt: prompt_ids, max_new_tokens: max_new, sampling, stop_token_ids };
+    let kv = KvCacheConfig::for_sequences(1, request.prompt.len() + request.max_new_tokens, args.kv_block_size);
+    let mut engine = Engine::new(model, pool, kv)?;
+    let mut detok = Detokenizer { tokenizer, ids: Vec::new(), printed: 0 };
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    engine.generate(std::slice::from_ref(&request), |_, id| {
+        let delta = detok.push(id);
+        let result = delta.and_then(|d| {
+            stdout.write_all(d.as_bytes())?;
+            stdout.flush()?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            write_error.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = write_error {
+        return Err(e).context("writing the output");
+    }
+    writeln!(stdout)?;
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! The `tessera` command line: parses arguments and calls the libraries.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tessera: a Rust-native serving cluster for large dense LLMs.
+#[derive(Parser)]
+#[command(name = "tessera", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt with a local model.
+    Generate(commands::generate::GenerateArgs),
+    /// Fetch the default model into the cache (if needed) and print its local path.
+    Pull(commands::pull::PullArgs),
+    /// Print weight and KV-cache memory per rank for a model on a GPU group.
+    Plan(commands::plan::PlanArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Plan(args) => commands::plan::run(args),
+        Command::Pull(args) => commands::pull::run(args),
+        Command::Bench(cmd) => commands::bench::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the whole cause chain, no backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

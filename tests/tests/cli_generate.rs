@@ -1,0 +1,104 @@
+//! `tessera generate`, `plan`, `pull` and `bench engine` as a user runs them.
+
+use tessera_tests::{shared_models, tessera};
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = tessera(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn stories260k_greedy_story() {
+    let model = shared_models().join("stories260K").display().to_string();
+    let text = stdout_of(&["generate", "--model", &model, "--prompt", "Once upon a time", "--max-tokens", "40"]);
+    // What llama2.c, transformers and llama.cpp all generate (shared/models/README.md).
+    assert!(
+        text.starts_with(", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn default_model_answers_chat() {
+    let text = stdout_of(&["generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "32"]);
+    assert_eq!(text.trim_end(), "The capital of France is Paris.");
+}
+
+#[test]
+fn bf16_weights_give_the_same_story_start() {
+    let model = shared_models().join("stories260K").display().to_string();
+    let text = stdout_of(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--weights-dtype",
+        "bf16",
+    ]);
+    assert!(text.starts_with(", there was a little girl named Lily."), "{text:?}");
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let args = [
+        "generate",
+        "--model",
+        "dummy:tiny",
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0.9",
+        "--seed",
+    ];
+    let a = stdout_of(&[&args[..], &["7"]].concat());
+    let b = stdout_of(&[&args[..], &["7"]].concat());
+    let c = stdout_of(&[&args[..], &["8"]].concat());
+    assert_eq!(a, b);
+    assert_ne!(a, c, "different seeds should sample differently");
+}
+
+#[test]
+fn plan_mistral_large_2() {
+    let text = stdout_of(&["plan", "--model", "dummy:mistral-large-2", "--tp", "8", "--gpu-mem", "80GiB"]);
+    assert!(text.contains("352.0 KiB whole model"), "{text}");
+    assert!(text.contains("44.0 KiB per rank"), "{text}");
+    let out = tessera(&["plan", "--model", "dummy:mistral-large-2", "--tp", "1", "--gpu-mem", "80GiB"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raise --tp"));
+}
+
+#[test]
+fn pull_prints_cached_path() {
+    let path = stdout_of(&["pull"]);
+    assert!(path.trim().ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"), "{path}");
+    assert!(std::path::Path::new(path.trim()).is_file());
+}
+
+#[test]
+fn bench_engine_reports_roofline() {
+    let text = stdout_of(&[
+        "bench",
+        "engine",
+        "--model",
+        "dummy:tiny",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "8",
+        "--runs",
+        "1",
+        "--bandwidth-mib",
+        "64",
+    ]);
+    for needle in ["prefill", "decode", "weights read per step", "read bandwidth", "decode / roofline"] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}

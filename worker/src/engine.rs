@@ -1,0 +1,246 @@
+//! A batch generator over one model: prefill every prompt, then decode all sequences in
+//! lock-step until each stops.
+//!
+//! This is the engine core that `tessera generate` and `tessera bench engine` drive; the
+//! continuous-batching scheduler of the serving engine replaces the fixed batch. Invariants:
+//! requests are validated (non-empty prompt, ids in the vocabulary, prompt + max_new_tokens
+//! within the context) before any KV block is taken; every block a request holds is released
+//! when `generate` returns, on success and on error alike.
+
+use std::time::{Duration, Instant};
+
+use tessera_kernels::CpuPool;
+
+use crate::error::EngineError;
+use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::model::{LlamaModel, SeqChunk};
+use crate::sampler::{Sampler, SamplingParams};
+
+/// Longest prompt slice run through the model in one forward call (bounds activation memory).
+const PREFILL_CHUNK: usize = 512;
+
+/// One generation request, in token ids.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt ids (non-empty).
+    pub prompt: Vec<u32>,
+    /// Upper bound on new tokens.
+    pub max_new_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Ids that end generation (included in the output, as the model produced them).
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was produced.
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+}
+
+/// The result of one request.
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// Generated ids.
+    pub tokens: Vec<u32>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+}
+
+/// Timings of one `generate` call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenerationStats {
+    /// Prompt tokens processed.
+    pub prefill_tokens: usize,
+    /// Wall time of prefill (including the first token's sampling).
+    pub prefill_time: Duration,
+    /// Tokens produced by decode steps (after the first).
+    pub decode_tokens: usize,
+    /// Decode steps run.
+    pub decode_steps: usize,
+    /// Wall time of the decode steps.
+    pub decode_time: Duration,
+}
+
+struct Active {
+    request: usize,
+    table: Vec<u32>,
+    len: usize,
+    sampler: Sampler,
+    output: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+/// A model with its thread pool and KV cache.
+pub struct Engine {
+    model: LlamaModel,
+    pool: CpuPool,
+    kv: KvCache,
+}
+
+impl Engine {
+    /// Wraps a loaded model, allocating a KV cache of `kv_config`.
+    pub fn new(model: LlamaModel, pool: CpuPool, kv_config: KvCacheConfig) -> Result<Self, EngineError> {
+        let kv = KvCache::new(model.config(), kv_config)?;
+        Ok(Engine { model, pool, kv })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// The thread pool.
+    pub fn pool(&self) -> &CpuPool {
+        &self.pool
+    }
+
+    /// The KV cache.
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.kv
+    }
+
+    fn validate(&self, r: &GenerationRequest) -> Result<(), EngineError> {
+        let c = self.model.config();
+        if r.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&id) = r.prompt.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
+        }
+        if r.prompt.len() + r.max_new_tokens > c.max_position_embeddings {
+            return Err(EngineError::ContextOverflow {
+                prompt: r.prompt.len(),
+                max_new: r.max_new_tokens,
+                context: c.max_position_embeddings,
+            });
+        }
+        r.sampling.validate()
+    }
+
+    /// The logits of the prompt's last position (the first generation step), `(vocab)`.
+    pub fn prompt_logits(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let request = GenerationRequest {
+            prompt: prompt.to_vec(),
+            max_new_tokens: 0,
+            sampling: SamplingParams::greedy(),
+            stop_token_ids: Vec::new(),
+        };
+        self.validate(&request)?;
+        let mut table = Vec::new();
+        let result = self.kv.reserve(&mut table, prompt.len()).and_then(|()| self.prefill(prompt, &table));
+        self.kv.release(&mut table);
+        result
+    }
+
+    /// Runs the prompt in chunks and returns the last position's logits.
+    fn prefill(&mut self, prompt: &[u32], table: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let mut logits = Vec::new();
+        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+            let seq = SeqChunk { tokens: chunk, start_pos: i * PREFILL_CHUNK, block_table: table };
+            logits = self.model.forward(&self.pool, &mut self.kv, &[seq])?;
+        }
+        Ok(logits)
+    }
+
+    /// Generates for every request; `on_token(request_index, token)` is called as each token is
+    /// produced (in step order).
+    pub fn generate(
+        &mut self,
+        requests: &[GenerationRequest],
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<(Vec<GenerationOutput>, GenerationStats), EngineError> {
+        for r in requests {
+            self.validate(r)?;
+        }
+        let mut active: Vec<Active> = Vec::with_capacity(requests.len());
+        let result = self.run(requests, &mut active, &mut on_token);
+        for a in &mut active {
+            self.kv.release(&mut a.table);
+        }
+        let stats = result?;
+        active.sort_by_key(|a| a.request);
+        let outputs = active
+            .into_iter()
+            .map(|a| GenerationOutput { tokens: a.output, finish_reason: a.finish.unwrap_or(FinishReason::Length) })
+            .collect();
+        Ok((outputs, stats))
+    }
+
+    fn run(
+        &mut self,
+        requests: &[GenerationRequest],
+        active: &mut Vec<Active>,
+        on_token: &mut impl FnMut(usize, u32),
+    ) -> Result<GenerationStats, EngineError> {
+        let mut stats = GenerationStats::default();
+        let start = Instant::now();
+        for (i, r) in requests.iter().enumerate() {
+            let mut table = Vec::new();
+            let reserved = self.kv.reserve(&mut table, r.prompt.len() + r.max_new_tokens);
+            active.push(Active {
+                request: i,
+                table,
+                len: r.prompt.len(),
+                sampler: Sampler::new(r.sampling.clone())?,
+                output: Vec::new(),
+                finish: None,
+            });
+            reserved?;
+        }
+        for a in active.iter_mut() {
+            let r = &requests[a.request];
+            let logits = self.prefill(&r.prompt, &a.table)?;
+            stats.prefill_tokens += r.prompt.len();
+            if r.max_new_tokens == 0 {
+                a.finish = Some(FinishReason::Length);
+                continue;
+            }
+            let token = a.sampler.sample(&logits);
+            accept(a, r, token, on_token);
+        }
+        stats.prefill_time = start.elapsed();
+
+        let decode_start = Instant::now();
+        loop {
+            let running: Vec<usize> = (0..active.len()).filter(|&i| active[i].finish.is_none()).collect();
+            if running.is_empty() {
+                break;
+            }
+            let last_tokens: Vec<[u32; 1]> =
+                running.iter().map(|&i| [active[i].output[active[i].output.len() - 1]]).collect();
+            let chunks: Vec<SeqChunk<'_>> = running
+                .iter()
+                .zip(&last_tokens)
+                .map(|(&i, tok)| SeqChunk { tokens: tok, start_pos: active[i].len - 1, block_table: &active[i].table })
+                .collect();
+            let logits = self.model.forward(&self.pool, &mut self.kv, &chunks)?;
+            let vocab = self.model.config().vocab_size;
+            for (row, &i) in logits.chunks_exact(vocab).zip(&running) {
+                let a = &mut active[i];
+                let r = &requests[a.request];
+                let token = a.sampler.sample(row);
+                accept(a, r, token, on_token);
+            }
+            stats.decode_steps += 1;
+            stats.decode_tokens += running.len();
+        }
+        stats.decode_time = decode_start.elapsed();
+        Ok(stats)
+    }
+}
+
+/// Records a sampled token and decides whether the sequence is done.
+fn accept(a: &mut Active, r: &GenerationRequest, token: u32, on_token: &mut impl FnMut(usize, u32)) {
+    a.output.push(token);
+    a.len += 1;
+    on_token(a.request, token);
+    if r.stop_token_ids.contains(&token) {
+        a.finish = Some(FinishReason::Stop);
+    } else if a.output.len() >= r.max_new_tokens {
+        a.finish = Some(FinishReason::Length);
+    }
+}

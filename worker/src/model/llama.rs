@@ -1,0 +1,233 @@
+//! The Llama / Mistral decoder (`LlamaForCausalLM`, `MistralForCausalLM`).
+//!
+//! Per layer: RMSNorm → q/k/v projections → RoPE → write K,V into the paged cache → paged
+//! causal attention (GQA, optional sliding window) → o_proj → residual; RMSNorm → SwiGLU MLP →
+//! residual. Final RMSNorm and the LM head run only on each sequence's last position.
+//! Tensor names are the Hugging Face checkpoint's; every source maps onto them.
+
+use tessera_kernels::activation::{add_assign, silu_mul};
+use tessera_kernels::attention::{AttentionQuery, paged_attention};
+use tessera_kernels::matmul::matmul;
+use tessera_kernels::norm::rms_norm;
+use tessera_kernels::rope::{RopeConfig, RopeTable, apply_rope};
+use tessera_kernels::{CpuPool, WeightMatrix};
+
+use super::SeqChunk;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, LoadError};
+use crate::kv_cache::KvCache;
+use crate::loader::WeightSource;
+use crate::tensor::{Tensor, WeightsDtype};
+
+struct Layer {
+    input_layernorm: Vec<f32>,          // (hidden)
+    q_proj: Tensor,                     // (n_heads * head_dim, hidden)
+    k_proj: Tensor,                     // (n_kv_heads * head_dim, hidden)
+    v_proj: Tensor,                     // (n_kv_heads * head_dim, hidden)
+    o_proj: Tensor,                     // (hidden, n_heads * head_dim)
+    post_attention_layernorm: Vec<f32>, // (hidden)
+    gate_proj: Tensor,                  // (intermediate, hidden)
+    up_proj: Tensor,                    // (intermediate, hidden)
+    down_proj: Tensor,                  // (hidden, intermediate)
+}
+
+/// A loaded Llama/Mistral model.
+pub struct LlamaModel {
+    config: ModelConfig,
+    embed_tokens: Tensor, // (vocab, hidden)
+    layers: Vec<Layer>,
+    norm: Vec<f32>,          // (hidden)
+    lm_head: Option<Tensor>, // (vocab, hidden); None = tied to embed_tokens
+    rope: RopeTable,
+    weights_dtype: WeightsDtype,
+}
+
+fn mat<'a>(t: &'a Tensor) -> Result<WeightMatrix<'a>, EngineError> {
+    // Only fails for a non-2-D tensor, which `load` rules out by checking every shape.
+    t.matrix().map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+impl LlamaModel {
+    /// Builds the model from `weights`, storing matrices as `dtype`. `on_layer` is called after
+    /// each layer is loaded (for progress reporting).
+    pub fn load(
+        config: &ModelConfig,
+        weights: &dyn WeightSource,
+        dtype: WeightsDtype,
+        mut on_layer: impl FnMut(usize),
+    ) -> Result<Self, LoadError> {
+        let c = config;
+        let (h, q, kv, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let norm = |name: &str| weights.load(name, &[h], WeightsDtype::F32).map(|t| t.to_f32_vec());
+        let embed_tokens = weights.load("model.embed_tokens.weight", &[c.vocab_size, h], dtype)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let m = |name: &str, shape: [usize; 2]| weights.load(&format!("{p}.{name}"), &shape, dtype);
+            layers.push(Layer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                q_proj: m("self_attn.q_proj.weight", [q, h])?,
+                k_proj: m("self_attn.k_proj.weight", [kv, h])?,
+                v_proj: m("self_attn.v_proj.weight", [kv, h])?,
+                o_proj: m("self_attn.o_proj.weight", [h, q])?,
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_proj: m("mlp.gate_proj.weight", [ffn, h])?,
+                up_proj: m("mlp.up_proj.weight", [ffn, h])?,
+                down_proj: m("mlp.down_proj.weight", [h, ffn])?,
+            });
+            on_layer(i);
+        }
+        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            None
+        } else {
+            Some(weights.load("lm_head.weight", &[c.vocab_size, h], dtype)?)
+        };
+        let rope = RopeTable::new(&RopeConfig {
+            head_dim: c.head_dim,
+            theta: c.rope_theta,
+            max_positions: c.max_position_embeddings,
+            scaling: c.rope_scaling.clone(),
+        })
+        .map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
+        Ok(LlamaModel {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            rope,
+            weights_dtype: dtype,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// How matrices are stored.
+    pub fn weights_dtype(&self) -> WeightsDtype {
+        self.weights_dtype
+    }
+
+    /// Bytes of all weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let layer_bytes: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .iter()
+                    .map(|t| t.bytes())
+                    .sum::<usize>()
+                    + 4 * (l.input_layernorm.len() + l.post_attention_layernorm.len())
+            })
+            .sum();
+        self.embed_tokens.bytes() + layer_bytes + 4 * self.norm.len() + self.lm_head.as_ref().map_or(0, Tensor::bytes)
+    }
+
+    /// Bytes of weights read to decode one token: every matrix once, plus one embedding row
+    /// (the LM head is read whole; a tied embedding counts once as the LM head).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let embed_row = self.embed_tokens.bytes() / self.config.vocab_size.max(1);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).bytes();
+        self.weight_bytes() - self.embed_tokens.bytes() - self.lm_head.as_ref().map_or(0, Tensor::bytes)
+            + head
+            + embed_row
+    }
+
+    /// Runs `chunks` through the model, writing their K/V into `kv`, and returns the logits of
+    /// each chunk's last token, `(chunks.len(), vocab)`.
+    pub fn forward(&self, pool: &CpuPool, kv: &mut KvCache, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError> {
+        let c = &self.config;
+        let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
+        let vocab = c.vocab_size;
+        let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // Token layout: chunks concatenated in order.
+        let mut positions = Vec::with_capacity(n);
+        for ch in chunks {
+            if ch.start_pos + ch.tokens.len() > c.max_position_embeddings {
+                return Err(EngineError::ContextOverflow {
+                    prompt: ch.start_pos + ch.tokens.len(),
+                    max_new: 0,
+                    context: c.max_position_embeddings,
+                });
+            }
+            positions.extend((ch.start_pos..ch.start_pos + ch.tokens.len()).map(|p| p as u32));
+        }
+        let queries: Vec<AttentionQuery<'_>> = chunks
+            .iter()
+            .flat_map(|ch| {
+                (ch.start_pos..ch.start_pos + ch.tokens.len()).map(move |p| AttentionQuery {
+                    block_table: ch.block_table,
+                    context_len: p + 1,
+                    window_start: c.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w)),
+                })
+            })
+            .collect();
+
+        // x: (n, hidden) residual stream.
+        let mut x = vec![0.0f32; n * h];
+        let embed = mat(&self.embed_tokens)?;
+        for (row, &tok) in x.chunks_exact_mut(h).zip(chunks.iter().flat_map(|ch| ch.tokens.iter())) {
+            if tok as usize >= vocab {
+                return Err(EngineError::TokenOutOfRange { id: tok, vocab });
+            }
+            embed.row_to_f32(tok as usize, row);
+        }
+
+        let mut normed = vec![0.0f32; n * h]; // (n, hidden)
+        let mut q = vec![0.0f32; n * qd]; // (n, n_heads * head_dim)
+        let mut k = vec![0.0f32; n * kvd]; // (n, n_kv_heads * head_dim)
+        let mut v = vec![0.0f32; n * kvd]; // (n, n_kv_heads * head_dim)
+        let mut attn = vec![0.0f32; n * qd]; // (n, n_heads * head_dim)
+        let mut proj = vec![0.0f32; n * h]; // (n, hidden)
+        let mut gate = vec![0.0f32; n * c.intermediate_size]; // (n, intermediate)
+        let mut up = vec![0.0f32; n * c.intermediate_size]; // (n, intermediate)
+        let mut act = vec![0.0f32; n * c.intermediate_size]; // (n, intermediate)
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(pool, &x, &layer.input_layernorm, c.rms_norm_eps, &mut normed)?;
+            matmul(pool, &normed, n, &mat(&layer.q_proj)?, &mut q)?;
+            matmul(pool, &normed, n, &mat(&layer.k_proj)?, &mut k)?;
+            matmul(pool, &normed, n, &mat(&layer.v_proj)?, &mut v)?;
+            apply_rope(pool, &self.rope, &mut q, &positions, c.num_heads)?;
+            apply_rope(pool, &self.rope, &mut k, &positions, c.num_kv_heads)?;
+            let mut offset = 0;
+            for ch in chunks {
+                let len = ch.tokens.len();
+                let rows = offset * kvd..(offset + len) * kvd;
+                kv.write(li, ch.block_table, &positions[offset..offset + len], &k[rows.clone()], &v[rows])?;
+                offset += len;
+            }
+            let layer_kv = kv.layer(li).ok_or_else(|| EngineError::Internal(format!("KV cache has no layer {li}")))?;
+            paged_attention(pool, &q, &queries, &layer_kv, c.num_heads, &mut attn)?;
+            matmul(pool, &attn, n, &mat(&layer.o_proj)?, &mut proj)?;
+            add_assign(&mut x, &proj)?;
+
+            rms_norm(pool, &x, &layer.post_attention_layernorm, c.rms_norm_eps, &mut normed)?;
+            matmul(pool, &normed, n, &mat(&layer.gate_proj)?, &mut gate)?;
+            matmul(pool, &normed, n, &mat(&layer.up_proj)?, &mut up)?;
+            silu_mul(pool, &gate, &up, &mut act)?;
+            matmul(pool, &act, n, &mat(&layer.down_proj)?, &mut proj)?;
+            add_assign(&mut x, &proj)?;
+        }
+
+        // Last position of each chunk → final norm → LM head.
+        let mut last = Vec::with_capacity(chunks.len() * h);
+        let mut end = 0;
+        for ch in chunks {
+            end += ch.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+        }
+        let mut last_normed = vec![0.0f32; last.len()]; // (chunks, hidden)
+        rms_norm(pool, &last, &self.norm, c.rms_norm_eps, &mut last_normed)?;
+        let head = mat(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?;
+        let mut logits = vec![0.0f32; chunks.len() * vocab]; // (chunks, vocab)
+        matmul(pool, &last_normed, chunks.len(), &head, &mut logits)?;
+        Ok(logits)
+    }
+}
