@@ -27,6 +27,8 @@ pub(crate) const MR: usize = 4;
 pub(crate) const NR: usize = 3;
 /// Weight rows per tile when `m == 1` (decode GEMV).
 pub(crate) const NR_GEMV: usize = 4;
+/// Row blocks are multiples of this (a multiple of both [`NR`] and [`NR_GEMV`]).
+pub(crate) const ROW_ALIGN: usize = 12;
 /// Tokens per parallel task; a multiple of [`MR`]. Larger `m` is split into more tasks.
 const TOKENS_PER_TASK: usize = 128;
 /// Lower bound on weight rows per task, so that scheduling overhead stays small.
@@ -44,29 +46,29 @@ fn check(kernel: &'static str, x: &[f32], m: usize, w: &WeightMatrix, y: &[f32])
 /// Reference: `y[i][r] = Σ_k x[i][k] · w[r][k]`, summed sequentially in f32.
 pub fn matmul_ref(x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
     check("matmul_ref", x, m, w, y)?;
+    let shape = Shape {
+        m,
+        n: w.rows,
+        k: w.cols,
+    };
     match w.data {
-        WeightData::F32(d) => reference(x, d, w.rows, w.cols, y),
-        WeightData::Bf16(d) => reference(x, d, w.rows, w.cols, y),
+        WeightData::F32(d) => reference(x, d, shape, y),
+        WeightData::Bf16(d) => reference(x, d, shape, y),
     }
     Ok(())
 }
 
-fn reference<E: Elem>(x: &[f32], w: &[E], n: usize, k: usize, y: &mut [f32]) {
-    if n == 0 {
-        return;
-    }
-    for (xi, yi) in x.chunks_exact(k.max(1)).zip(y.chunks_exact_mut(n)) {
-        for (r, out) in yi.iter_mut().enumerate() {
-            let wr = &w[r * k..(r + 1) * k];
+fn reference<E: Elem>(x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
+    for i in 0..s.m {
+        let xi = &x[i * s.k..(i + 1) * s.k];
+        for r in 0..s.n {
+            let wr = &w[r * s.k..(r + 1) * s.k];
             let mut acc = 0.0f32;
             for (a, b) in xi.iter().zip(wr) {
                 acc += a * b.to_f32();
             }
-            *out = if k == 0 { 0.0 } else { acc };
+            y[i * s.n + r] = acc;
         }
-    }
-    if k == 0 {
-        y.fill(0.0);
     }
 }
 
@@ -88,7 +90,7 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
     Ok(())
 }
 
-/// Problem size: `m` tokens, `n` weight rows (outputs), `k` weight columns (inputs); all > 0.
+/// Problem size: `m` tokens, `n` weight rows (outputs), `k` weight columns (inputs).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Shape {
     pub(crate) m: usize,

@@ -109,6 +109,10 @@ fn ggml_type_table() {
     assert_eq!(GgmlType::from_id(12), GgmlType::Other(12));
     assert_eq!(GgmlType::Other(12).name(), "Q4_K");
     assert_eq!(GgmlType::Other(4).name(), "unknown");
+    assert_eq!(GgmlType::Other(20).name(), "IQ4_NL");
+    assert_eq!(GgmlType::Other(39).name(), "MXFP4");
+    assert_eq!(GgmlType::Other(31).name(), "unknown");
+    assert_eq!(GgmlType::Other(12).to_string(), "Q4_K (ggml type 12)");
     assert_eq!(GgmlType::Other(9999).name(), "unknown");
     assert_eq!(GgmlType::Other(12).block_size(), None);
     assert_eq!(GgmlType::Q4_0.byte_len(64), Some(36));

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{MR, NR, NR_GEMV, Shape, Task};
+use super::{MR, NR, NR_GEMV, ROW_ALIGN, Shape, Task};
 use crate::simd::avx2::{hsum, load};
 use crate::simd::{Elem, SharedOut};
 

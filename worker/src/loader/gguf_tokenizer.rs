@@ -16,6 +16,8 @@
 //! - BOS/EOS are added by a `TemplateProcessing` post-processor exactly when
 //!   `tokenizer.ggml.add_bos_token` / `add_eos_token` say so; absent flags default as llama.cpp
 //!   does (BOS on for `llama`, off for `gpt2`; EOS off).
+//! - `tokenizer.ggml.add_space_prefix` (default true) shapes only `llama` vocabularies; like
+//!   llama.cpp, byte-level BPE ignores it.
 //! - Where a token string occurs twice, its first id is the one text encodes to.
 
 use std::collections::{BTreeMap, HashMap};
