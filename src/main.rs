@@ -22,6 +22,11 @@ enum Command {
     Pull(commands::pull::PullArgs),
     /// Print weight and KV-cache memory per rank for a model on a GPU group.
     Plan(commands::plan::PlanArgs),
+    /// Offline greedy generation over token ids from a JSON file.
+    Batch(commands::batch::BatchArgs),
+    /// On-device self-checks.
+    #[command(subcommand)]
+    Check(commands::check::CheckCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -34,6 +39,8 @@ fn main() -> ExitCode {
         Command::Plan(args) => commands::plan::run(args),
         Command::Pull(args) => commands::pull::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
+        Command::Batch(args) => commands::batch::run(args),
+        Command::Check(cmd) => commands::check::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

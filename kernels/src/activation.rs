@@ -43,8 +43,8 @@ pub fn silu_mul(pool: &CpuPool, gate: &[f32], up: &[f32], out: &mut [f32]) -> Re
 
 fn chunk(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
+    if isa.has_avx2() {
+        // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
         unsafe { avx2_chunk(gate, up, out) };
         return;
     }

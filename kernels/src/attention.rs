@@ -176,9 +176,8 @@ pub fn paged_attention(
         out.par_chunks_mut(g.head_dim).zip(q.par_chunks(g.head_dim)).enumerate().for_each_init(
             Vec::new,
             |scores, (task, (oh, qh))| {
-                let qr = &queries[task / g.n_heads];
-                let kvh = (task % g.n_heads) / g.group;
-                ctx.head(qr, kvh, qh, oh, scores);
+                let job = HeadJob { query: &queries[task / g.n_heads], kv_head: (task % g.n_heads) / g.group, q: qh };
+                ctx.head(&job, oh, scores);
             },
         );
     });
@@ -192,44 +191,59 @@ struct Ctx<'c, 'a> {
     kv: &'c PagedKvLayer<'a>,
 }
 
+/// One (query token, query head) of a fast call.
+struct HeadJob<'j> {
+    query: &'j AttentionQuery<'j>,
+    kv_head: usize,
+    /// The head's query vector, `head_dim` long.
+    q: &'j [f32],
+}
+
 impl Ctx<'_, '_> {
-    /// One (query, head): scores, softmax, weighted sum of values.
-    fn head(&self, qr: &AttentionQuery, kvh: usize, qh: &[f32], oh: &mut [f32], scores: &mut Vec<f32>) {
-        let (isa, g, kv) = (self.isa, &self.g, self.kv);
+    /// One (query, head): scores, softmax, weighted sum of values, on the pool's ISA.
+    fn head(&self, job: &HeadJob, oh: &mut [f32], scores: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.isa.has_avx2() {
+            // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
+            unsafe { self.head_avx2(job, oh, scores) };
+            return;
+        }
+        self.head_with(job, oh, scores, crate::simd::dot, |y, alpha, x| {
+            for (o, v) in y.iter_mut().zip(x) {
+                *o += alpha * v;
+            }
+        });
+    }
+
+    /// [`Ctx::head`] with AVX2 dot products and value accumulation inlined.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn head_avx2(&self, job: &HeadJob, oh: &mut [f32], scores: &mut Vec<f32>) {
+        use crate::simd::avx2;
+        self.head_with(job, oh, scores, |a, b| avx2::dot(a, b), |y, alpha, x| avx2::axpy(y, alpha, x));
+    }
+
+    #[inline(always)]
+    fn head_with(
+        &self,
+        job: &HeadJob,
+        oh: &mut [f32],
+        scores: &mut Vec<f32>,
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+        axpy: impl Fn(&mut [f32], f32, &[f32]),
+    ) {
+        let (g, kv, qr) = (&self.g, self.kv, job.query);
         let hd = g.head_dim;
         scores.clear();
         for p in qr.window_start..qr.context_len {
-            let off = g.offset(qr.block_table, p, kvh);
-            scores.push(dot(isa, qh, &kv.k[off..off + hd]) * g.scale);
+            let off = g.offset(qr.block_table, p, job.kv_head);
+            scores.push(dot(job.q, &kv.k[off..off + hd]) * g.scale);
         }
-        softmax_isa(isa, scores);
+        softmax_isa(self.isa, scores);
         oh.fill(0.0);
         for (p, &w) in (qr.window_start..qr.context_len).zip(scores.iter()) {
-            let off = g.offset(qr.block_table, p, kvh);
-            axpy(isa, oh, w, &kv.v[off..off + hd]);
+            let off = g.offset(qr.block_table, p, job.kv_head);
+            axpy(oh, w, &kv.v[off..off + hd]);
         }
-    }
-}
-
-fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
-        return unsafe { crate::simd::avx2::dot(a, b) };
-    }
-    let _ = isa;
-    crate::simd::dot(a, b)
-}
-
-fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
-        unsafe { crate::simd::avx2::axpy(y, alpha, x) };
-        return;
-    }
-    let _ = isa;
-    for (o, v) in y.iter_mut().zip(x) {
-        *o += alpha * v;
     }
 }

@@ -57,8 +57,8 @@ pub fn measure_read_bandwidth(pool: &CpuPool, bytes: usize, iters: usize) -> Ban
 
 fn sum(isa: Isa, s: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
+    if isa.has_avx2() {
+        // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
         return unsafe { simd::avx2::sum(s) };
     }
     let _ = isa;

@@ -9,6 +9,12 @@ use std::fmt;
 /// A SIMD code path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// x86-64 AVX-512 (F, BW, VL) plus AVX2+FMA: matmul uses 16-lane tiles with masked column
+    /// tails; the other kernels use their AVX2 code. Opt-in through [`crate::CpuPool::with_isa`]:
+    /// on AMD Zen 4, which executes 512-bit FMAs as two 256-bit halves, it measured within ±10%
+    /// of AVX2 (neither reliably faster), so [`Isa::detect`] keeps AVX2. Cores with full-width
+    /// AVX-512 FMA units may gain on prefill.
+    Avx512,
     /// x86-64 AVX2 with fused multiply-add, 8 f32 lanes.
     Avx2Fma,
     /// Portable scalar code (written so the compiler can auto-vectorise the inner loops).
@@ -16,7 +22,8 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best path the running CPU supports.
+    /// The best path the running CPU supports, by measurement: AVX2+FMA when present, else
+    /// scalar. [`Isa::Avx512`] is opt-in (see its docs) and never chosen here.
     pub fn detect() -> Isa {
         if Isa::Avx2Fma.is_supported() { Isa::Avx2Fma } else { Isa::Scalar }
     }
@@ -26,12 +33,21 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             Isa::Avx2Fma => avx2_fma_detected(),
+            Isa::Avx512 => avx2_fma_detected() && avx512_detected(),
         }
     }
 
-    /// Every path the running CPU supports, best first (for tests and benches).
+    /// Whether this path may run the AVX2+FMA kernels (true for every x86 SIMD path).
+    pub fn has_avx2(self) -> bool {
+        match self {
+            Isa::Avx512 | Isa::Avx2Fma => true,
+            Isa::Scalar => false,
+        }
+    }
+
+    /// Every path the running CPU supports, widest first (for tests and benches).
     pub fn available() -> Vec<Isa> {
-        [Isa::Avx2Fma, Isa::Scalar].into_iter().filter(|isa| isa.is_supported()).collect()
+        [Isa::Avx512, Isa::Avx2Fma, Isa::Scalar].into_iter().filter(|isa| isa.is_supported()).collect()
     }
 }
 
@@ -45,9 +61,20 @@ fn avx2_fma_detected() -> bool {
     false
 }
 
+#[cfg(target_arch = "x86_64")]
+fn avx512_detected() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_detected() -> bool {
+    false
+}
+
 impl fmt::Display for Isa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Isa::Avx512 => "avx512",
             Isa::Avx2Fma => "avx2+fma",
             Isa::Scalar => "scalar",
         })
@@ -63,8 +90,16 @@ mod tests {
         let isa = Isa::detect();
         assert!(isa.is_supported());
         assert!(Isa::available().contains(&isa));
+        if Isa::Avx2Fma.is_supported() {
+            assert_eq!(isa, Isa::Avx2Fma);
+        }
         assert!(Isa::available().contains(&Isa::Scalar));
         assert_eq!(Isa::Scalar.to_string(), "scalar");
         assert_eq!(Isa::Avx2Fma.to_string(), "avx2+fma");
+        assert_eq!(Isa::Avx512.to_string(), "avx512");
+        // Every SIMD path implies the one below it.
+        if Isa::Avx512.is_supported() {
+            assert!(Isa::Avx2Fma.is_supported());
+        }
     }
 }

@@ -25,3 +25,5 @@ pub use error::KernelError;
 pub use isa::Isa;
 pub use pool::CpuPool;
 pub use weights::{WeightData, WeightMatrix};
+#[cfg(feature = "cuda")]
+pub mod cuda;

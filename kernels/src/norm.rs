@@ -63,8 +63,8 @@ pub fn rms_norm(pool: &CpuPool, x: &[f32], weight: &[f32], eps: f32, out: &mut [
 
 fn row(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
+    if isa.has_avx2() {
+        // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
         unsafe { avx2_row(x, weight, eps, out) };
         return;
     }

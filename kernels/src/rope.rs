@@ -243,13 +243,18 @@ impl RopeTable {
 fn rotate(isa: Isa, head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = head.len() / 2;
     let (a, b) = head.split_at_mut(half);
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: a pool only holds `Avx2Fma` when the CPU supports it.
-        done = unsafe { rotate_avx2(a, b, cos, sin) };
-    }
-    let _ = isa;
+    let done = if isa.has_avx2() {
+        // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
+        unsafe { rotate_avx2(a, b, cos, sin) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = {
+        let _ = isa;
+        0
+    };
     for j in done..half {
         let (x1, x2) = (a[j], b[j]);
         a[j] = x1 * cos[j] - x2 * sin[j];

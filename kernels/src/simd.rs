@@ -3,7 +3,8 @@
 //! The portable functions here are written with eight independent lanes so the compiler can
 //! vectorise them on any target; [`avx2`] holds the hand-written AVX2+FMA versions. Every
 //! function in [`avx2`] is `#[target_feature(enable = "avx2,fma")]`: callers must only reach it
-//! when [`crate::Isa::Avx2Fma`] is supported, which a [`crate::CpuPool`] guarantees.
+//! when the pool's [`crate::Isa`] is an x86 SIMD one (every such ISA includes AVX2 and FMA),
+//! which a [`crate::CpuPool`] guarantees. [`Elem`] also has AVX-512 loads for the matmul.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -27,6 +28,15 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// `p` must be valid for reading 8 elements and the CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Loads the elements `i < 16` with bit `i` of `mask` set, widened to f32; other lanes are
+    /// zero and their memory is not touched.
+    ///
+    /// # Safety
+    /// `p.add(i)` must be valid for reading for every set bit `i` of `mask`, and the CPU must
+    /// support AVX-512 F, BW and VL.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
 }
 
 impl Elem for f32 {
@@ -45,6 +55,15 @@ impl Elem for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees `p` is readable for 8 f32; `loadu` has no alignment need.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees the masked-in elements are readable; masked-out lanes
+        // are neither read nor faulted on.
+        unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p) }
     }
 }
 
@@ -70,6 +89,17 @@ impl Elem for bf16 {
         // `repr(transparent)` over `u16`, and `loadu` has no alignment requirement.
         let raw = unsafe { _mm_loadu_si128(p.cast::<__m128i>()) };
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees the masked-in elements are readable; masked-out lanes
+        // are neither read nor faulted on. `bf16` is `repr(transparent)` over `u16`.
+        let raw = unsafe { _mm256_maskz_loadu_epi16(mask, p.cast::<i16>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
     }
 }
 

@@ -34,7 +34,7 @@ pub fn softmax_isa(isa: Isa, x: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma && isa.is_supported() {
+    if isa.has_avx2() && isa.is_supported() {
         // SAFETY: AVX2 and FMA support was just checked.
         unsafe { avx2(x) };
         return;

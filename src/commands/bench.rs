@@ -5,19 +5,20 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tessera_kernels::CpuPool;
 use tessera_kernels::bandwidth::measure_read_bandwidth;
 use tessera_worker::engine::{Engine, GenerationRequest, GenerationStats};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::plan::human_bytes;
 use tessera_worker::sampler::SamplingParams;
 
-use super::model_args::ModelArgs;
+use super::model_args::{Device, ModelArgs};
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Prefill and decode throughput of the CPU engine, with decode compared to the
-    /// memory-bandwidth roofline (read bandwidth ÷ bytes read per decoded token).
+    /// Prefill and decode throughput of the engine, with decode compared to the memory-bandwidth
+    /// roofline (read bandwidth ÷ bytes read per decoded token) on the CPU.
     Engine(EngineBenchArgs),
 }
 
@@ -26,21 +27,24 @@ pub enum BenchCommand {
 pub struct EngineBenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Sequences decoded together; a comma-separated list runs each size in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// Prompt tokens per sequence (random ids).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     /// Tokens generated per sequence (end-of-sequence is ignored).
     #[arg(long, default_value_t = 128)]
     gen_len: usize,
-    /// Timed runs; the median is reported.
+    /// Timed runs per batch size; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Buffer size of the read-bandwidth measurement, in MiB (well above the last-level cache).
+    /// Buffer size of the CPU read-bandwidth measurement, in MiB (well above the last-level cache).
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// Print one JSON object per batch size instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -64,71 +68,91 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
+    let max_batch = args.batch.iter().copied().max().unwrap_or(0);
     anyhow::ensure!(
-        args.batch > 0 && args.gen_len > 0 && args.prompt_len > 0 && args.runs > 0,
-        "batch, lengths and runs must be positive"
+        args.batch.iter().all(|&b| b > 0) && args.gen_len > 0 && args.prompt_len > 0 && args.runs > 0,
+        "batch sizes, lengths and runs must be positive"
     );
-    let (resolved, model, pool) = args.model.load()?;
-    let config = model.config().clone();
-    let weights_per_step = model.weight_bytes_per_token() as f64;
-    let kv_per_token = config.kv_bytes_per_token(4) as f64; // f32 KV cache
-    let kv = KvCacheConfig::for_sequences(args.batch, args.prompt_len + args.gen_len, 16);
-    let mut engine = Engine::new(model, pool, kv)?;
+    let resolved = args.model.resolve()?;
+    let config = resolved.config.clone();
+    anyhow::ensure!(
+        args.prompt_len + args.gen_len <= config.max_position_embeddings,
+        "prompt + generation ({}) exceeds the model's context of {}",
+        args.prompt_len + args.gen_len,
+        config.max_position_embeddings
+    );
+    let kv = KvCacheConfig::for_sequences(max_batch, args.prompt_len + args.gen_len, 16);
+    let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
+    let info = engine.backend().info();
+    // The CPU ceiling: read bandwidth with as many threads as the engine uses, in this run.
+    let bandwidth = match args.model.device {
+        Device::Cpu => {
+            let pool = CpuPool::new(args.model.threads)?;
+            Some(measure_read_bandwidth(&pool, args.bandwidth_mib << 20, 10))
+        }
+        Device::Cuda => None,
+    };
 
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let vocab = config.vocab_size as u32;
-    let requests: Vec<GenerationRequest> = (0..args.batch)
-        .map(|_| GenerationRequest {
-            prompt: (0..args.prompt_len).map(|_| rng.random_range(3..vocab.max(4))).collect(),
-            max_new_tokens: args.gen_len,
-            sampling: SamplingParams::greedy(),
-            stop_token_ids: Vec::new(),
-        })
-        .collect();
-
-    // Warm-up (page in weights, spin up threads), then the bandwidth ceiling, then timed runs.
-    let warm: Vec<GenerationRequest> =
-        requests.iter().map(|r| GenerationRequest { max_new_tokens: 4, ..r.clone() }).collect();
-    engine.generate(&warm, |_, _| {})?;
-    let bw = measure_read_bandwidth(engine.pool(), args.bandwidth_mib << 20, 10);
-    let mut runs: Vec<GenerationStats> = Vec::with_capacity(args.runs);
-    for _ in 0..args.runs {
-        runs.push(engine.generate(&requests, |_, _| {})?.1);
+    for &batch in &args.batch {
+        let requests: Vec<GenerationRequest> = (0..batch)
+            .map(|_| GenerationRequest {
+                prompt: (0..args.prompt_len).map(|_| rng.random_range(3..vocab.max(4))).collect(),
+                max_new_tokens: args.gen_len,
+                sampling: SamplingParams::greedy(),
+                stop_token_ids: Vec::new(),
+            })
+            .collect();
+        // Warm-up: page in weights, start threads, compile and cache kernels.
+        let warm: Vec<GenerationRequest> =
+            requests.iter().map(|r| GenerationRequest { max_new_tokens: args.gen_len.min(4), ..r.clone() }).collect();
+        engine.generate(&warm, |_, _| {})?;
+        let mut runs: Vec<GenerationStats> = Vec::with_capacity(args.runs);
+        for _ in 0..args.runs {
+            runs.push(engine.generate(&requests, |_, _| {})?.1);
+        }
+        let prefill = median(runs.iter().map(|s| per_second(s.prefill_tokens, s.prefill_time)).collect());
+        let decode = median(runs.iter().map(|s| per_second(s.decode_tokens, s.decode_time)).collect());
+        // KV read per decode step: every sequence reads its whole context; the mean context over
+        // the decode steps is prompt_len + gen_len / 2.
+        let mean_context = args.prompt_len as f64 + args.gen_len as f64 / 2.0;
+        let kv_per_step = batch as f64 * mean_context * info.kv_bytes_per_token as f64;
+        let weights_per_step = info.weight_bytes_per_step as f64;
+        let bytes_per_token = (weights_per_step + kv_per_step) / batch as f64;
+        if args.json {
+            let line = serde_json::json!({
+                "model": resolved.id, "device": info.device, "weights_dtype": info.weights_dtype,
+                "batch": batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
+                "prefill_tok_s": prefill, "decode_tok_s": decode,
+                "weight_bytes_per_step": weights_per_step, "kv_bytes_per_step_mean": kv_per_step,
+                "read_bandwidth_gb_s": bandwidth.map(|b| b.best_gb_per_s),
+            });
+            println!("{line}");
+            continue;
+        }
+        println!("model                 {} ({} weights, {})", resolved.id, info.weights_dtype, info.device);
+        println!(
+            "shape                 batch {batch} × prompt {} + gen {}, {} runs (median)",
+            args.prompt_len, args.gen_len, args.runs
+        );
+        println!("prefill               {prefill:.1} tok/s");
+        println!("decode                {decode:.1} tok/s (output tokens, all sequences)");
+        println!("weights read per step {} ({weights_per_step:.0} bytes)", human_bytes(weights_per_step as u64));
+        println!(
+            "bytes read per token  {} (weights ÷ batch + KV at mean context {mean_context:.0})",
+            human_bytes(bytes_per_token as u64)
+        );
+        if let Some(bw) = bandwidth {
+            let roofline = bw.best_gb_per_s * 1e9 / bytes_per_token;
+            println!(
+                "read bandwidth        {:.1} GB/s best, {:.1} GB/s median ({} MiB buffer, same run)",
+                bw.best_gb_per_s, bw.median_gb_per_s, args.bandwidth_mib
+            );
+            println!("roofline decode       {roofline:.1} tok/s (bandwidth ÷ bytes per token)");
+            println!("decode / roofline     {:.3}", decode / roofline);
+        }
+        println!();
     }
-
-    let prefill = median(runs.iter().map(|s| per_second(s.prefill_tokens, s.prefill_time)).collect());
-    let decode = median(runs.iter().map(|s| per_second(s.decode_tokens, s.decode_time)).collect());
-    // Average context during decode: the KV read per step grows from prompt_len to prompt_len + gen_len.
-    let avg_context = args.prompt_len as f64 + args.gen_len as f64 / 2.0;
-    let bytes_per_step = weights_per_step + args.batch as f64 * avg_context * kv_per_token;
-    let bytes_per_token = bytes_per_step / args.batch as f64;
-    let bw_bytes = bw.best_gb_per_s * 1e9;
-    let roofline = bw_bytes / bytes_per_token;
-
-    println!(
-        "model                 {} ({} weights, {} threads, {})",
-        resolved.id,
-        format!("{:?}", engine.model().weights_dtype()).to_lowercase(),
-        engine.pool().threads(),
-        engine.pool().isa()
-    );
-    println!(
-        "shape                 batch {} × prompt {} + gen {}, {} runs (median)",
-        args.batch, args.prompt_len, args.gen_len, args.runs
-    );
-    println!("prefill               {prefill:.1} tok/s");
-    println!("decode                {decode:.1} tok/s (output tokens, all sequences)");
-    println!("weights read per step {} ({:.0} bytes)", human_bytes(weights_per_step as u64), weights_per_step);
-    println!(
-        "bytes read per token  {} (weights ÷ batch + KV at mean context {:.0})",
-        human_bytes(bytes_per_token as u64),
-        avg_context
-    );
-    println!(
-        "read bandwidth        {:.1} GB/s best, {:.1} GB/s median ({} MiB buffer, same run)",
-        bw.best_gb_per_s, bw.median_gb_per_s, args.bandwidth_mib
-    );
-    println!("roofline decode       {roofline:.1} tok/s (bandwidth ÷ bytes per token)");
-    println!("decode / roofline     {:.3}", decode / roofline);
     Ok(())
 }

@@ -5,10 +5,10 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use clap::Args;
 use tessera_router::{ChatMessage, ChatTemplate};
-use tessera_worker::GenerationRequest;
 use tessera_worker::engine::Engine;
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::sampler::SamplingParams;
+use tessera_worker::{EngineError, GenerationRequest};
 
 use super::model_args::ModelArgs;
 
@@ -76,7 +76,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling =
         SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
     sampling.validate()?;
-    let (resolved, model, pool) = args.model.load()?;
+    let resolved = args.model.resolve()?;
     let tokenizer = &resolved.text.tokenizer;
     let prompt_ids: Vec<u32> = if args.chat {
         let Some(t) = &resolved.text.chat_template else {
@@ -94,15 +94,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         tokenizer.encode(args.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec()
     };
-    let context = model.config().max_position_embeddings;
-    // Clamp to the room left in the context; a prompt that fills it is left for the engine to
-    // reject with a clear error.
-    let room = context.saturating_sub(prompt_ids.len());
-    let max_new = if room == 0 { args.max_tokens } else { args.max_tokens.min(room) };
-    let stop_token_ids = if args.ignore_eos { Vec::new() } else { model.config().eos_token_ids.clone() };
+    let config = &resolved.config;
+    let context = config.max_position_embeddings;
+    if prompt_ids.len() >= context {
+        return Err(EngineError::ContextOverflow { prompt: prompt_ids.len(), max_new: args.max_tokens, context }.into());
+    }
+    // Clamp to the room left in the context.
+    let max_new = args.max_tokens.min(context - prompt_ids.len());
+    let stop_token_ids = if args.ignore_eos { Vec::new() } else { config.eos_token_ids.clone() };
     let request = GenerationRequest { prompt: prompt_ids, max_new_tokens: max_new, sampling, stop_token_ids };
     let kv = KvCacheConfig::for_sequences(1, request.prompt.len() + request.max_new_tokens, args.kv_block_size);
-    let mut engine = Engine::new(model, pool, kv)?;
+    let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
     let mut detok = Detokenizer { tokenizer, ids: Vec::new(), printed: 0 };
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;

@@ -1,6 +1,8 @@
 //! One module per subcommand, plus the model-loading options they share.
 
+pub mod batch;
 pub mod bench;
+pub mod check;
 pub mod generate;
 pub mod model_args;
 pub mod plan;

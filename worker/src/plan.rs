@@ -78,19 +78,19 @@ pub fn plan(c: &ModelConfig, r: &PlanRequest) -> Result<MemoryPlan, LoadError> {
     if !(r.memory_utilization > 0.0 && r.memory_utilization <= 1.0) {
         return bad(format!("memory utilization must be in (0, 1], got {}", r.memory_utilization));
     }
-    if c.num_heads % tp != 0 {
+    if !c.num_heads.is_multiple_of(tp) {
         return bad(format!("{} attention heads do not split over tp={tp}", c.num_heads));
     }
-    if c.intermediate_size % tp != 0 {
+    if !c.intermediate_size.is_multiple_of(tp) {
         return bad(format!("intermediate size {} does not split over tp={tp}", c.intermediate_size));
     }
     let (kv_heads_per_rank, kv_replicated) = if c.num_kv_heads >= tp {
-        if c.num_kv_heads % tp != 0 {
+        if !c.num_kv_heads.is_multiple_of(tp) {
             return bad(format!("{} KV heads do not split over tp={tp}", c.num_kv_heads));
         }
         (c.num_kv_heads / tp, false)
     } else {
-        if tp % c.num_kv_heads != 0 {
+        if !tp.is_multiple_of(c.num_kv_heads) {
             return bad(format!("tp={tp} is not a multiple of the {} KV heads", c.num_kv_heads));
         }
         (1, true)

@@ -88,6 +88,14 @@ impl Tensor {
         }
     }
 
+    /// The values as bf16 (moved when already bf16, rounded to nearest even otherwise).
+    pub fn into_bf16(self) -> Vec<bf16> {
+        match self.data {
+            TensorData::Bf16(v) => v,
+            TensorData::F32(v) => v.into_iter().map(bf16::from_f32).collect(),
+        }
+    }
+
     /// A view for the kernels; the tensor must be 2-D.
     pub fn matrix(&self) -> Result<WeightMatrix<'_>, LoadError> {
         let [rows, cols] = self.shape[..] else {

@@ -5,11 +5,14 @@
 //! with the weights rounded to bf16. Acceptance: f32 ids identical for all 48 steps and first
 //! logits within max-abs 1e-3; bf16 ids identical for at least the first 16 steps.
 
+#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tessera_kernels::CpuPool;
 use tessera_worker::WeightsDtype;
+use tessera_worker::backend::cpu::CpuBackend;
 use tessera_worker::engine::{Engine, GenerationRequest};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::loader::{self, ModelSpec, ResolveOptions, WeightSource};
@@ -64,7 +67,8 @@ fn cases(model: &str, dtype: &str) -> Vec<Case> {
 fn engine(weights: &dyn WeightSource, config: &tessera_worker::ModelConfig, dtype: WeightsDtype) -> Engine {
     let model = LlamaModel::load(config, weights, dtype, |_| {}).unwrap();
     let pool = CpuPool::new(2).unwrap();
-    Engine::new(model, pool, KvCacheConfig { num_blocks: 64, block_size: 16 }).unwrap()
+    let kv = KvCacheConfig { num_blocks: 64, block_size: 16 };
+    Engine::new(Box::new(CpuBackend::new(model, pool, kv).unwrap()), kv).unwrap()
 }
 
 /// Checks every case; `exact_steps` is how many leading greedy ids must match.

@@ -19,7 +19,7 @@ use crate::simd::{Elem, SharedOut};
 pub(super) unsafe fn task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
     // Walk the task's weight rows in sub-blocks that stay in L2 while every token tile of the
     // task streams past them.
-    let sub = (W_BLOCK_BYTES / (s.k * std::mem::size_of::<E>())).max(1).next_multiple_of(NR_GEMV);
+    let sub = (W_BLOCK_BYTES / (s.k * std::mem::size_of::<E>())).max(1).next_multiple_of(ROW_ALIGN);
     let mut r0 = t.r0;
     while r0 < t.r1 {
         let r1 = (r0 + sub).min(t.r1);

@@ -13,9 +13,9 @@ use tessera_kernels::rope::{RopeConfig, RopeTable, apply_rope};
 use tessera_kernels::{CpuPool, WeightMatrix};
 
 use super::SeqChunk;
+use crate::backend::cpu::CpuKvStorage;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, LoadError};
-use crate::kv_cache::KvCache;
 use crate::loader::WeightSource;
 use crate::tensor::{Tensor, WeightsDtype};
 
@@ -138,7 +138,12 @@ impl LlamaModel {
 
     /// Runs `chunks` through the model, writing their K/V into `kv`, and returns the logits of
     /// each chunk's last token, `(chunks.len(), vocab)`.
-    pub fn forward(&self, pool: &CpuPool, kv: &mut KvCache, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError> {
+    pub fn forward(
+        &self,
+        pool: &CpuPool,
+        kv: &mut CpuKvStorage,
+        chunks: &[SeqChunk<'_>],
+    ) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
         let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         let vocab = c.vocab_size;
@@ -203,7 +208,8 @@ impl LlamaModel {
                 kv.write(li, ch.block_table, &positions[offset..offset + len], &k[rows.clone()], &v[rows])?;
                 offset += len;
             }
-            let layer_kv = kv.layer(li).ok_or_else(|| EngineError::Internal(format!("KV cache has no layer {li}")))?;
+            let layer_kv =
+                kv.layer(li).ok_or_else(|| EngineError::Internal(format!("KV storage has no layer {li}")))?;
             paged_attention(pool, &q, &queries, &layer_kv, c.num_heads, &mut attn)?;
             matmul(pool, &attn, n, &mat(&layer.o_proj)?, &mut proj)?;
             add_assign(&mut x, &proj)?;

@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""Tests every kernel in kernels/cuda/*.cu against a plain PyTorch (CPU, f32) reference on random
+data of awkward sizes.
+
+Backends:
+  cupy  (default, on a GPU machine): each file is compiled with cupy.RawModule from prelude.cuh +
+        the .cu source (as the engine compiles it) and run on the GPU.
+  emu   (no GPU needed): the same sources are compiled by g++ against emu/emu_cuda.h, which runs
+        each block's threads as fibers, with AddressSanitizer and UBSan; sizes are reduced.
+
+Criteria: relative error ||a - b|| / ||b|| (f32 copies) <= 1e-2 for bf16 outputs; exact for
+gathers, copies, kv_write and argmax (inputs without near-ties); no NaN in any output.
+Prints one line per test and a summary; --out writes the results as JSON; exit 1 on a failure.
+
+    python3 kernels/gpu/test_kernels.py [--backend cupy|emu] [--out results.json] [--only NAME]
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_DIR = os.path.join(os.path.dirname(HERE), "cuda")
+REL_TOL = 1e-2
+NAN_BF16 = np.uint16(0x7FC0)
+
+# ---------------------------------------------------------------------------------------------
+# bf16 helpers: bf16 data travels as uint16 numpy arrays (numpy has no bf16).
+
+
+def bf16_from(t):
+    """A torch tensor -> (uint16 numpy bits, f32 torch tensor of the rounded values)."""
+    b = t.to(torch.bfloat16)
+    return b.view(torch.int16).numpy().view(np.uint16).copy(), b.float()
+
+
+def f32_of_bits(a):
+    """uint16 numpy bf16 bits -> f32 torch tensor."""
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+
+
+def rel_err(got, want):
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = torch.as_tensor(want, dtype=torch.float64)
+    den = torch.linalg.vector_norm(want).item()
+    num = torch.linalg.vector_norm(got - want).item()
+    return num / den if den > 0 else num
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. Arguments are numpy arrays (device buffers are made from them), None (a null
+# pointer) or numpy scalars of the C type (np.int32, np.uint32, np.float32, np.int64).
+
+
+def read_source(fname):
+    with open(os.path.join(CUDA_DIR, "prelude.cuh")) as f:
+        prelude = f.read()
+    with open(os.path.join(CUDA_DIR, fname)) as f:
+        return prelude + "\n" + f.read()
+
+
+class CupyBackend:
+    name = "cupy"
+    quick = False
+
+    def __init__(self):
+        import cupy
+
+        self.cp = cupy
+        self.mods = {}
+
+    def describe(self):
+        props = self.cp.cuda.runtime.getDeviceProperties(0)
+        return f"cupy {self.cp.__version__}, {props['name'].decode()}, cc {props['major']}.{props['minor']}"
+
+    def module(self, fname):
+        if fname not in self.mods:
+            self.mods[fname] = self.cp.RawModule(code=read_source(fname), options=("--std=c++17",))
+        return self.mods[fname]
+
+    def to_dev(self, a):
+        return self.cp.asarray(a)
+
+    def to_host(self, d):
+        return self.cp.asnumpy(d)
+
+    def launch(self, fname, kernel, grid, block, args):
+        fn = self.module(fname).get_function(kernel)
+        conv = []
+        for a in args:
+            if a is None:
+                conv.append(np.uint64(0))
+            else:
+                conv.append(a)
+        fn(tuple(grid), tuple(block), tuple(conv))
+        self.cp.cuda.Device().synchronize()
+
+
+class EmuBackend:
+    name = "emu"
+    quick = True
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="tessera-emu-")
+        self.libs = {}
+        self.keep = []
+
+    def describe(self):
+        return "CPU emulation (g++ + emu/emu_cuda.h, ASan + UBSan)"
+
+    def module(self, fname):
+        if fname not in self.libs:
+            src = read_source(fname)
+            names = re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(', src)
+            src += "\n" + "\n".join(f"EMU_KERNEL({n})" for n in names) + "\n"
+            cc = os.path.join(self.dir, fname + ".cc")
+            so = os.path.join(self.dir, fname + ".so")
+            with open(cc, "w") as f:
+                f.write(src)
+            cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-fsanitize=address,undefined",
+                   "-fno-sanitize-recover=undefined", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
+                   "-Wno-unused-parameter", "-include", os.path.join(HERE, "emu", "emu_cuda.h"), cc, "-o", so]
+            subprocess.run(cmd, check=True)
+            self.libs[fname] = ctypes.CDLL(so)
+        return self.libs[fname]
+
+    def to_dev(self, a):
+        return np.ascontiguousarray(a).copy()
+
+    def to_host(self, d):
+        return d.copy()
+
+    def launch(self, fname, kernel, grid, block, args):
+        fn = getattr(self.module(fname), "emu_launch_" + kernel)
+        objs = []
+        for a in args:
+            if a is None:
+                objs.append(ctypes.c_void_p(0))
+            elif isinstance(a, np.ndarray):
+                objs.append(ctypes.c_void_p(a.ctypes.data))
+            elif isinstance(a, np.int32):
+                objs.append(ctypes.c_int32(int(a)))
+            elif isinstance(a, np.uint32):
+                objs.append(ctypes.c_uint32(int(a)))
+            elif isinstance(a, np.int64):
+                objs.append(ctypes.c_int64(int(a)))
+            elif isinstance(a, np.float32):
+                objs.append(ctypes.c_float(float(a)))
+            else:
+                raise TypeError(f"unsupported kernel argument {type(a)}")
+        ptrs = (ctypes.c_void_p * len(objs))(*[ctypes.cast(ctypes.pointer(o), ctypes.c_void_p) for o in objs])
+        g = list(grid) + [1] * (3 - len(grid))
+        b = list(block) + [1] * (3 - len(block))
+        fn(*[ctypes.c_uint(v) for v in g + b], ptrs)
+
+
+i32, u32, f32, i64 = np.int32, np.uint32, np.float32, np.int64
+
+# ---------------------------------------------------------------------------------------------
+# Tests. Each returns a list of (name, ok, detail dict).
+
+
+class Ctx:
+    def __init__(self, be, seed=1234):
+        self.be = be
+        self.g = torch.Generator().manual_seed(seed)
+        self.results = []
+
+    def randn(self, *shape, scale=1.0):
+        return torch.randn(*shape, generator=self.g) * scale
+
+    def randint(self, lo, hi, shape):
+        return torch.randint(lo, hi, shape, generator=self.g)
+
+    def record(self, name, ok, **detail):
+        line = "ok  " if ok else "FAIL"
+        extras = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
+        print(f"{line}  {name:58} {extras}", flush=True)
+        self.results.append({"test": name, "ok": bool(ok), **detail})
+
+    def check_close(self, name, got, want, **extra):
+        got = torch.as_tensor(got, dtype=torch.float32)
+        nan = bool(torch.isnan(got).any().item())
+        e = rel_err(got, want)
+        self.record(name, (not nan) and e <= REL_TOL, rel_err=e, nan=nan, **extra)
+
+    def check_exact(self, name, got, want, **extra):
+        got_t = torch.as_tensor(np.asarray(got))
+        want_t = torch.as_tensor(np.asarray(want))
+        same = got_t.shape == want_t.shape and bool(torch.equal(got_t, want_t))
+        nan = got_t.is_floating_point() and bool(torch.isnan(got_t).any().item())
+        mism = int((got_t != want_t).sum().item()) if got_t.shape == want_t.shape else -1
+        self.record(name, same and not nan, mismatches=mism, nan=nan, **extra)
+
+
+def test_embedding(c):
+    be = c.be
+    vocab = 1000 if be.quick else 32768
+    for hidden in (576, 4096, 100):
+        for n in (1, 7, 33):
+            bits, _ = bf16_from(c.randn(vocab, hidden))
+            ids = c.randint(0, vocab, (n,)).numpy().astype(np.uint32)
+            ids[0] = vocab - 1
+            x = be.to_dev(np.full((n, hidden), np.nan, np.float32))
+            gy = 2 if n == 1 else 1
+            be.launch("embedding.cu", "embedding_gather", (n, gy), (256,), [be.to_dev(bits), be.to_dev(ids), x, i32(n), i32(hidden)])
+            want = f32_of_bits(bits)[torch.from_numpy(ids.astype(np.int64))]
+            c.check_exact(f"embedding_gather n={n} hidden={hidden} gy={gy}", torch.from_numpy(be.to_host(x)), want)
+
+
+def test_norm(c):
+    be = c.be
+    for hidden in (576, 4096, 100):
+        for n in (1, 7, 33):
+            for with_delta in (True, False):
+                x0 = c.randn(n, hidden, scale=3.0)
+                dbits, dval = bf16_from(c.randn(n, hidden))
+                wbits, wval = bf16_from(1.0 + 0.1 * c.randn(hidden))
+                x = be.to_dev(x0.numpy())
+                out = be.to_dev(np.full((n, hidden), NAN_BF16))
+                eps = 1e-5
+                be.launch("norm.cu", "add_rmsnorm", (n,), (256,),
+                          [x, be.to_dev(dbits) if with_delta else None, be.to_dev(wbits), out, i32(n), i32(hidden), f32(eps)])
+                xs = x0 + dval if with_delta else x0
+                want = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * wval
+                tag = f"n={n} hidden={hidden} delta={'y' if with_delta else 'n'}"
+                c.check_exact(f"add_rmsnorm residual {tag}", torch.from_numpy(be.to_host(x)), xs)
+                c.check_close(f"add_rmsnorm out {tag}", f32_of_bits(be.to_host(out)), want)
+    for hidden in (4096, 100, 6):
+        n_src, n_out = 33, 7
+        src = c.randn(n_src, hidden)
+        rows = c.randint(0, n_src, (n_out,)).numpy().astype(np.int32)
+        out = be.to_dev(np.full((n_out, hidden), np.nan, np.float32))
+        be.launch("norm.cu", "gather_rows", (n_out, 2), (128,), [be.to_dev(src.numpy()), be.to_dev(rows), out, i32(n_out), i32(hidden)])
+        c.check_exact(f"gather_rows n_out={n_out} hidden={hidden}", torch.from_numpy(be.to_host(out)), src[torch.from_numpy(rows).long()])
+
+
+def rope_tables(max_pos, head_dim, theta=1e6):
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cos(freqs).float(), torch.sin(freqs).float()
+
+
+def test_rope(c):
+    be = c.be
+    max_pos = 4096
+    for (nq, nkv, hd) in ((32, 8, 128), (9, 3, 64)):
+        cos, sin = rope_tables(max_pos, hd)
+        for n in (1, 7, 33):
+            stride = (nq + 2 * nkv) * hd
+            bits, val = bf16_from(c.randn(n, stride))
+            pos = c.randint(0, max_pos, (n,)).numpy().astype(np.uint32)
+            d = be.to_dev(bits)
+            be.launch("rope.cu", "rope_inplace", (n,), (128,),
+                      [d, be.to_dev(pos), be.to_dev(cos.numpy()), be.to_dev(sin.numpy()), i32(n), i32(nq + nkv), i32(stride), i32(hd)])
+            got = f32_of_bits(be.to_host(d))
+            rot = val[:, : (nq + nkv) * hd].reshape(n, nq + nkv, hd)
+            p = torch.from_numpy(pos.astype(np.int64))
+            cc, ss = cos[p][:, None, :], sin[p][:, None, :]
+            x1, x2 = rot[..., : hd // 2], rot[..., hd // 2:]
+            want = torch.cat([x1 * cc - x2 * ss, x2 * cc + x1 * ss], -1).reshape(n, -1)
+            tag = f"n={n} heads={nq}+{nkv} hd={hd}"
+            c.check_close(f"rope_inplace rotated {tag}", got[:, : (nq + nkv) * hd], want)
+            c.check_exact(f"rope_inplace untouched v {tag}", got[:, (nq + nkv) * hd:], val[:, (nq + nkv) * hd:])
+
+
+def test_silu(c):
+    be = c.be
+    for ffn in (5632, 14336, 100):
+        for n in (1, 7, 33):
+            bits, val = bf16_from(c.randn(n, 2 * ffn, scale=2.0))
+            out = be.to_dev(np.full((n, ffn), NAN_BF16))
+            gy = 4 if n == 1 else 1
+            be.launch("activation.cu", "silu_mul", (n, gy), (256,), [be.to_dev(bits), out, i32(n), i32(ffn)])
+            g, u = val[:, :ffn], val[:, ffn:]
+            c.check_close(f"silu_mul n={n} ffn={ffn} gy={gy}", f32_of_bits(be.to_host(out)), torch.nn.functional.silu(g) * u)
+
+
+def test_kv_write(c):
+    be = c.be
+    for (nq, nkv, hd) in ((32, 8, 128), (9, 3, 64), (5, 1, 36)):
+        kv_dim = nkv * hd
+        stride = (nq + 2 * nkv) * hd
+        n_slots = 16 * 12
+        for n in (1, 7, 33):
+            bits, _ = bf16_from(c.randn(n, stride))
+            kbits, _ = bf16_from(c.randn(n_slots, kv_dim))
+            vbits, _ = bf16_from(c.randn(n_slots, kv_dim))
+            slots = torch.randperm(n_slots, generator=c.g)[:n].numpy().astype(np.int32)
+            if n > 1:
+                slots[1] = -1
+            kd, vd = be.to_dev(kbits), be.to_dev(vbits)
+            be.launch("kv_cache.cu", "kv_write", (n,), (128,),
+                      [be.to_dev(bits), kd, vd, be.to_dev(slots), i32(n), i32(stride), i32(nq * hd), i32((nq + nkv) * hd), i32(kv_dim)])
+            kw, vw = kbits.copy(), vbits.copy()
+            for r in range(n):
+                if slots[r] >= 0:
+                    kw[slots[r]] = bits[r, nq * hd: nq * hd + kv_dim]
+                    vw[slots[r]] = bits[r, (nq + nkv) * hd: (nq + nkv) * hd + kv_dim]
+            tag = f"n={n} heads={nq}+{nkv} hd={hd}"
+            c.check_exact(f"kv_write k {tag}", be.to_host(kd).astype(np.int32), kw.astype(np.int32))
+            c.check_exact(f"kv_write v {tag}", be.to_host(vd).astype(np.int32), vw.astype(np.int32))
+
+
+class PagedCache:
+    """A paged KV cache holding random K/V for each sequence's positions [0, length), laid out
+    as (num_blocks, block_size, n_kv, hd) with shuffled physical blocks; every other slot is NaN,
+    as is physical block 0, which pads the block tables, so a read out of range shows as NaN."""
+
+    def __init__(self, c, lengths, n_kv, hd, block_size):
+        self.bs, self.n_kv, self.hd = block_size, n_kv, hd
+        need = [math.ceil(L / block_size) for L in lengths]
+        self.max_blocks = max(need) + 1
+        num_blocks = sum(need) + 5
+        perm = (torch.randperm(num_blocks - 1, generator=c.g) + 1).tolist()  # block 0 never used
+        self.tables = np.zeros((len(lengths), self.max_blocks), np.int32)
+        kbits = np.full((num_blocks, block_size, n_kv, hd), NAN_BF16)
+        vbits = np.full_like(kbits, NAN_BF16)
+        self.k, self.v = [], []  # per sequence: (L, n_kv, hd) f32 of the rounded values
+        for s, L in enumerate(lengths):
+            kb, kval = bf16_from(c.randn(L, n_kv, hd))
+            vb, vval = bf16_from(c.randn(L, n_kv, hd))
+            for b in range(need[s]):
+                phys = perm.pop()
+                self.tables[s, b] = phys
+                lo, hi = b * block_size, min(L, (b + 1) * block_size)
+                kbits[phys, : hi - lo] = kb[lo:hi]
+                vbits[phys, : hi - lo] = vb[lo:hi]
+            self.k.append(kval)
+            self.v.append(vval)
+        self.kbits, self.vbits = kbits, vbits
+
+
+def attention_ref(qv, seq_of, ctx, ws, cache, n_heads, scale):
+    """qv: (nq, n_heads, hd) f32. Plain softmax attention over [ws, ctx) of each query's sequence."""
+    group = n_heads // cache.n_kv
+    out = torch.zeros_like(qv)
+    for i in range(qv.shape[0]):
+        s, lo, hi = int(seq_of[i]), int(max(ws[i], 0)), int(ctx[i])
+        if hi <= lo:
+            continue
+        k = cache.k[s][lo:hi].repeat_interleave(group, dim=1)  # (len, n_heads, hd)
+        v = cache.v[s][lo:hi].repeat_interleave(group, dim=1)
+        sc = torch.einsum("hd,lhd->hl", qv[i], k) * scale
+        out[i] = torch.einsum("hl,lhd->hd", torch.softmax(sc, -1), v)
+    return out
+
+
+def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, ctx, ws, n_parts_list, reduce_blocks):
+    be = c.be
+    cache = PagedCache(c, lengths, n_kv, hd, block_size)
+    nq = len(seq_of)
+    q_stride = (n_heads + 2 * n_kv) * hd  # q inside a fused qkv row
+    qbits, qrow = bf16_from(c.randn(nq, q_stride))
+    qv = qrow[:, : n_heads * hd].reshape(nq, n_heads, hd)
+    scale = 1.0 / math.sqrt(hd)
+    want = attention_ref(qv, seq_of, ctx, ws, cache, n_heads, scale).reshape(nq, -1)
+    d_q, d_k, d_v = be.to_dev(qbits), be.to_dev(cache.kbits), be.to_dev(cache.vbits)
+    d_tab = be.to_dev(cache.tables)
+    d_seq = be.to_dev(np.asarray(seq_of, np.int32))
+    d_ctx = be.to_dev(np.asarray(ctx, np.int32))
+    d_ws = be.to_dev(np.asarray(ws, np.int32))
+    span = max(int(cx) - max(int(w), 0) for cx, w in zip(ctx, ws))
+    for n_parts in n_parts_list:
+        psize = max(1, math.ceil(span / n_parts))
+        out = be.to_dev(np.full((nq, n_heads * hd), NAN_BF16))
+        if n_parts > 1:
+            pa = be.to_dev(np.full((nq, n_heads, n_parts, hd), np.nan, np.float32))
+            pm = be.to_dev(np.full((nq, n_heads, n_parts), np.nan, np.float32))
+            ps = be.to_dev(np.full((nq, n_heads, n_parts), np.nan, np.float32))
+        else:
+            pa = pm = ps = None
+        t0 = time.time()
+        be.launch("attention.cu", "paged_attention", (nq, n_heads, n_parts), (32,),
+                  [d_q, i32(q_stride), d_k, d_v, d_tab, i32(cache.max_blocks), d_seq, d_ctx, d_ws, out, pa, pm, ps,
+                   i32(nq), i32(n_heads), i32(n_kv), i32(hd), i32(block_size), i32(psize), i32(n_parts), f32(scale)])
+        for rb in (reduce_blocks if n_parts > 1 else [None]):
+            if rb is not None:
+                be.launch("attention.cu", "paged_attention_reduce", (nq, n_heads), (rb,),
+                          [pa, pm, ps, out, i32(nq), i32(n_heads), i32(hd), i32(n_parts)])
+            tag = f"{name} parts={n_parts}" + (f" reduce_block={rb}" if rb else "")
+            c.check_close(f"attention {tag}", f32_of_bits(be.to_host(out)), want,
+                          secs=round(time.time() - t0, 2))
+
+
+def test_attention(c):
+    quick = c.be.quick
+    shapes = [(32, 8, 128), (9, 3, 64)] if not quick else [(4, 2, 128), (9, 3, 64)]
+    extra = [(4, 1, 96), (2, 1, 256)]  # D = 3 (scalar chunk path) and D = 8 (16-byte loads)
+    dec_lens = [1, 17, 300, 2500] if not quick else [1, 17, 75, 300]
+    prefix, rows = (100, 33) if not quick else (40, 9)
+    window = 256 if not quick else 50
+    for (nh, nkv, hd) in shapes:
+        heads = f"heads={nh}/{nkv} hd={hd}"
+        # decode: one query per sequence, at its last position
+        n = len(dec_lens)
+        ctx = dec_lens
+        run_attention_case(c, f"decode {heads} ctx={dec_lens}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, [0] * n,
+                           [1, 4], [32, hd])
+        ws = [max(0, L - window) for L in dec_lens]
+        run_attention_case(c, f"decode window={window} {heads}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, ws,
+                           [1, 4], [hd])
+        # prefill: `rows` new tokens of sequence 1 after `prefix` cached ones; sequence 0 is a
+        # bystander whose blocks must not be read.
+        total = prefix + rows
+        pos = list(range(prefix, total))
+        ctx = [p + 1 for p in pos]
+        run_attention_case(c, f"prefill {heads} prefix={prefix} rows={rows}", nh, nkv, hd, 16, [37, total],
+                           [1] * rows, ctx, [0] * rows, [1, 4], [32])
+        ws = [max(0, p - window // 4 + 1) for p in pos]
+        run_attention_case(c, f"prefill window={window // 4} {heads}", nh, nkv, hd, 16, [37, total],
+                           [1] * rows, ctx, ws, [1, 3], [hd])
+    for (nh, nkv, hd) in extra:
+        lens = [5, 130] if quick else [5, 130, 1000]
+        n = len(lens)
+        run_attention_case(c, f"decode heads={nh}/{nkv} hd={hd} ctx={lens}", nh, nkv, hd, 16, lens, list(range(n)), lens,
+                           [0] * n, [1, 2], [32])
+    # block sizes off the fast path (not a power of two >= 4), and a large block
+    for bs in (6, 2, 32):
+        lens = [1, 23, 130]
+        run_attention_case(c, f"decode block_size={bs} heads=4/2 hd=64 ctx={lens}", 4, 2, 64, bs, lens, [0, 1, 2], lens,
+                           [0, 0, 0], [1, 3], [64])
+
+
+def test_sampling(c):
+    be = c.be
+    for vocab in (32768, 100, 50257):
+        for n in (1, 7, 33):
+            x = c.randn(n, vocab, scale=3.0)
+            bits, val = bf16_from(x)
+            val = val.numpy().copy()
+            # a unique maximum per row, clear of every other value
+            arg = c.randint(0, vocab, (n,)).numpy()
+            for r in range(n):
+                val[r, arg[r]] = np.nanmax(val[r]) + 1.0
+            if n >= 7:
+                val[1, :] = np.nan  # all NaN: 0
+                val[2, (arg[2] + 1) % vocab] = np.nan  # NaN never wins
+                m = np.nanmax(val[3]) + 2.0  # a tie: lowest index wins
+                val[3, vocab // 2] = m
+                val[3, vocab // 3] = m
+            bits, _ = bf16_from(torch.from_numpy(val))
+            want = np.argmax(np.where(np.isnan(val), -np.inf, val), axis=1).astype(np.uint32)
+            if n >= 7:
+                want[1] = 0
+            out = be.to_dev(np.full(n, 0xFFFFFFFF, np.uint32))
+            be.launch("sampling.cu", "argmax_rows", (n,), (256,), [be.to_dev(bits), i32(vocab), out])
+            c.check_exact(f"argmax_rows n={n} vocab={vocab}", be.to_host(out).astype(np.int64), want.astype(np.int64))
+    for count in (12345, 33 * 32768):
+        bits, val = bf16_from(c.randn(count))
+        out = be.to_dev(np.full(count, np.nan, np.float32))
+        be.launch("sampling.cu", "bf16_rows_to_f32", (min(1024, (count + 255) // 256),), (256,), [be.to_dev(bits), out, i64(count)])
+        c.check_exact(f"bf16_rows_to_f32 n={count}", torch.from_numpy(be.to_host(out)), val)
+
+
+TESTS = {
+    "embedding": test_embedding,
+    "norm": test_norm,
+    "rope": test_rope,
+    "silu": test_silu,
+    "kv_write": test_kv_write,
+    "attention": test_attention,
+    "sampling": test_sampling,
+}
+
+
+def main():
+    global CUDA_DIR
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["cupy", "emu"], default="cupy")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--only", action="append", choices=sorted(TESTS), help="run only these groups")
+    ap.add_argument("--cuda-dir", default=CUDA_DIR, help="folder of prelude.cuh and the .cu files")
+    args = ap.parse_args()
+    CUDA_DIR = args.cuda_dir
+
+    if args.backend == "emu" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        # The ASan-built kernels need the ASan runtime loaded first: re-run under it.
+        asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+        env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    be = CupyBackend() if args.backend == "cupy" else EmuBackend()
+    print(f"test_kernels: backend {be.describe()}; tolerance {REL_TOL}", flush=True)
+    c = Ctx(be)
+    t0 = time.time()
+    errors = []
+    for name, fn in TESTS.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            fn(c)
+        except Exception as e:  # a compile error or launch failure: record it, go on
+            traceback.print_exc()
+            c.record(f"{name}: exception", False, error=f"{type(e).__name__}: {e}"[:2000])
+            errors.append(name)
+    n_ok = sum(r["ok"] for r in c.results)
+    n_fail = len(c.results) - n_ok
+    secs = time.time() - t0
+    print(f"test_kernels: {n_ok} passed, {n_fail} failed, {secs:.1f} s", flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"backend": be.describe(), "tolerance": REL_TOL, "passed": n_ok, "failed": n_fail,
+                       "seconds": secs, "results": c.results}, f, indent=1)
+    return 0 if n_fail == 0 and n_ok > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+//! One GPU: its context and stream, and the kernels compiled for its architecture.
+//!
+//! Kernel sources are `kernels/cuda/*.cu`, each compiled with `prelude.cuh` prepended by NVRTC
+//! for the device's compute capability (e.g. `compute_90` on Hopper; the driver turns the PTX
+//! into `sm_90` code when loading it). The PTX is cached on disk under
+//! `<cache>/cuda-kernels/<hash>.ptx`, the hash covering the source, the architecture and the
+//! compile options, so an edited kernel or another GPU never reuses a stale build.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::libs::{self, CudaLibraries};
+use super::{CudaError, guard};
+
+const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
+
+/// Kernel sources, by file.
+const SOURCES: &[(&str, &str)] = &[
+    ("embedding.cu", include_str!("../../cuda/embedding.cu")),
+    ("norm.cu", include_str!("../../cuda/norm.cu")),
+    ("rope.cu", include_str!("../../cuda/rope.cu")),
+    ("activation.cu", include_str!("../../cuda/activation.cu")),
+    ("kv_cache.cu", include_str!("../../cuda/kv_cache.cu")),
+    ("attention.cu", include_str!("../../cuda/attention.cu")),
+    ("sampling.cu", include_str!("../../cuda/sampling.cu")),
+];
+
+/// How to open a device.
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Folders searched first for the CUDA libraries.
+    pub lib_dirs: Vec<PathBuf>,
+    /// Where compiled kernels are cached.
+    pub cache_dir: PathBuf,
+}
+
+/// Every kernel function, loaded.
+pub struct Kernels {
+    pub(crate) embedding_gather: CudaFunction,
+    pub(crate) add_rmsnorm: CudaFunction,
+    pub(crate) gather_rows: CudaFunction,
+    pub(crate) rope_inplace: CudaFunction,
+    pub(crate) silu_mul: CudaFunction,
+    pub(crate) kv_write: CudaFunction,
+    pub(crate) paged_attention: CudaFunction,
+    pub(crate) paged_attention_reduce: CudaFunction,
+    pub(crate) argmax_rows: CudaFunction,
+    pub(crate) bf16_rows_to_f32: CudaFunction,
+}
+
+/// An opened GPU.
+pub struct GpuDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: usize,
+    pub(crate) kernels: Kernels,
+    libs: CudaLibraries,
+}
+
+fn arch_option(cc: (i32, i32)) -> Result<&'static str, CudaError> {
+    Ok(match cc {
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (major, minor) => {
+            return Err(CudaError::Driver(format!(
+                "compute capability {major}.{minor} is not supported (need 8.0, 8.6, 8.7, 8.9, 9.0, 10.0 or 12.0)"
+            )));
+        }
+    })
+}
+
+fn compile_cached(file: &'static str, source: &str, arch: &'static str, cache: &Path) -> Result<Ptx, CudaError> {
+    let full = format!("{PRELUDE}\n{source}");
+    let options = vec!["--std=c++17".to_string()];
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{arch}\n{options:?}\n{full}").as_bytes());
+    let path = cache.join(format!("{}-{key:016x}.ptx", file.trim_end_matches(".cu")));
+    if let Ok(ptx) = std::fs::read_to_string(&path) {
+        return Ok(Ptx::from_src(ptx));
+    }
+    let opts = CompileOptions { arch: Some(arch), options, name: Some(file.to_string()), ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&full, opts)
+        .map_err(|e| CudaError::Compile { file, log: format!("{e:?}") })?;
+    // Best effort: a cache that cannot be written only costs a recompile next time.
+    if std::fs::create_dir_all(cache).is_ok() {
+        let tmp = path.with_extension(format!("ptx.{}", std::process::id()));
+        if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(ptx)
+}
+
+impl GpuDevice {
+    /// Loads the libraries, opens device `options.device`, and compiles (or loads from the cache)
+    /// every kernel.
+    pub fn open(options: &GpuOptions) -> Result<Self, CudaError> {
+        let libs = libs::load(&options.lib_dirs)?;
+        guard(|| {
+            let ctx = CudaContext::new(options.device)?;
+            let stream = ctx.default_stream();
+            let name = ctx.name()?;
+            let compute_capability = ctx.compute_capability()?;
+            let sm_count = ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as usize;
+            let arch = arch_option(compute_capability)?;
+            let cache = options.cache_dir.join("cuda-kernels");
+            let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
+            for (file, source) in SOURCES {
+                let ptx = compile_cached(file, source, arch, &cache)?;
+                modules.push((file, ctx.load_module(ptx)?));
+            }
+            let f = |file: &str, name: &str| -> Result<CudaFunction, CudaError> {
+                let module = modules
+                    .iter()
+                    .find(|(f, _)| *f == file)
+                    .map(|(_, m)| m)
+                    .ok_or_else(|| CudaError::Driver(format!("no module {file}")))?;
+                module.load_function(name).map_err(|e| CudaError::Driver(format!("{file}: {name}: {e}")))
+            };
+            let kernels = Kernels {
+                embedding_gather: f("embedding.cu", "embedding_gather")?,
+                add_rmsnorm: f("norm.cu", "add_rmsnorm")?,
+                gather_rows: f("norm.cu", "gather_rows")?,
+                rope_inplace: f("rope.cu", "rope_inplace")?,
+                silu_mul: f("activation.cu", "silu_mul")?,
+                kv_write: f("kv_cache.cu", "kv_write")?,
+                paged_attention: f("attention.cu", "paged_attention")?,
+                paged_attention_reduce: f("attention.cu", "paged_attention_reduce")?,
+                argmax_rows: f("sampling.cu", "argmax_rows")?,
+                bf16_rows_to_f32: f("sampling.cu", "bf16_rows_to_f32")?,
+            };
+            Ok(GpuDevice { ctx, stream, name, compute_capability, sm_count, kernels, libs })
+        })
+    }
+
+    /// The stream every operation is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn describe(&self) -> String {
+        format!("{} (sm_{}{})", self.name, self.compute_capability.0, self.compute_capability.1)
+    }
+
+    /// The loaded libraries.
+    pub fn libraries(&self) -> &CudaLibraries {
+        &self.libs
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        guard(|| Ok(self.stream.synchronize()?))
+    }
+}

@@ -1,0 +1,387 @@
+//! Typed launches of the NVRTC kernels (`kernels/cuda/*.cu`), one method per kernel.
+//!
+//! Each method checks that every slice covers what the kernel will touch, then enqueues the
+//! kernel on the device's stream. Integer metadata (token ids, positions, slots, block tables)
+//! travels as `i32`/`u32` views into one per-step buffer.
+
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::device::GpuDevice;
+use super::{CudaError, guard};
+
+fn need(kernel: &'static str, what: &str, have: usize, want: usize) -> Result<(), CudaError> {
+    if have < want {
+        return Err(CudaError::Shape { kernel, detail: format!("{what} has {have} elements, needs {want}") });
+    }
+    Ok(())
+}
+
+fn to_i32(kernel: &'static str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::Shape { kernel, detail: format!("{v} does not fit in an int") })
+}
+
+fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn elementwise_config(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Arguments of [`GpuDevice::rope`].
+pub struct RopeArgs<'a> {
+    /// Token positions, `(n)`.
+    pub positions: &'a CudaView<'a, i32>,
+    /// `cos` table, `(max_positions, head_dim / 2)`.
+    pub cos: &'a CudaSlice<f32>,
+    /// `sin` table, same shape.
+    pub sin: &'a CudaSlice<f32>,
+    /// Tokens.
+    pub n: usize,
+    /// Heads rotated, counted from the start of each row (query heads then key heads).
+    pub n_rot_heads: usize,
+    /// Elements per row of `qkv`.
+    pub row_stride: usize,
+    /// Head width.
+    pub head_dim: usize,
+}
+
+/// Arguments of [`GpuDevice::kv_write`].
+pub struct KvWriteArgs<'a> {
+    /// Flat cache slot of each token (`block * block_size + offset`), `(n)`; negative = skip.
+    pub slots: &'a CudaView<'a, i32>,
+    /// Tokens.
+    pub n: usize,
+    /// Elements per row of `qkv`.
+    pub row_stride: usize,
+    /// Offset of K within a row.
+    pub k_offset: usize,
+    /// Offset of V within a row.
+    pub v_offset: usize,
+    /// `n_kv_heads * head_dim`.
+    pub kv_dim: usize,
+}
+
+/// Arguments of [`GpuDevice::attention`].
+pub struct AttentionArgs<'a> {
+    /// Elements per row of the query buffer (queries start each row).
+    pub q_stride: usize,
+    /// Block tables, `(n_seqs, max_blocks_per_seq)`.
+    pub block_tables: &'a CudaView<'a, i32>,
+    /// Row length of `block_tables`.
+    pub max_blocks_per_seq: usize,
+    /// Sequence of each query, `(n_queries)`.
+    pub query_seq: &'a CudaView<'a, i32>,
+    /// Visible context end of each query, `(n_queries)`.
+    pub context_lens: &'a CudaView<'a, i32>,
+    /// Visible context start of each query, `(n_queries)`.
+    pub window_starts: &'a CudaView<'a, i32>,
+    /// Longest context of any query (sizes the split over the KV length).
+    pub max_context: usize,
+    /// Queries.
+    pub n_queries: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads.
+    pub n_kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+/// Partition length of the split over the KV length.
+pub const ATTENTION_PARTITION: usize = 512;
+
+/// Scratch for the split-KV attention, grown on demand.
+#[derive(Default)]
+pub struct AttentionScratch {
+    acc: Option<CudaSlice<f32>>,
+    max: Option<CudaSlice<f32>>,
+    sum: Option<CudaSlice<f32>>,
+}
+
+impl GpuDevice {
+    /// `x[r, :] = table[ids[r], :]` as f32.
+    pub fn embedding(
+        &self,
+        table: &CudaSlice<bf16>,
+        ids: &CudaView<'_, i32>,
+        x: &mut CudaSlice<f32>,
+        n: usize,
+        hidden: usize,
+    ) -> Result<(), CudaError> {
+        const K: &str = "embedding_gather";
+        need(K, "ids", ids.len(), n)?;
+        need(K, "x", x.len(), n * hidden)?;
+        let (n_i, h_i) = (to_i32(K, n)?, to_i32(K, hidden)?);
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.embedding_gather);
+            b.arg(table).arg(ids).arg(x).arg(&n_i).arg(&h_i);
+            // SAFETY: lengths checked above; ids are validated against the vocabulary on the host.
+            unsafe { b.launch(rows_config(n, 256)) }?;
+            Ok(())
+        })
+    }
+
+    /// `x += delta` (if given), then `out = rmsnorm(x) * weight`, per row.
+    #[expect(clippy::too_many_arguments, reason = "mirrors the kernel's signature one to one")]
+    pub fn add_rmsnorm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        delta: Option<&CudaSlice<bf16>>,
+        weight: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const K: &str = "add_rmsnorm";
+        need(K, "x", x.len(), n * hidden)?;
+        need(K, "out", out.len(), n * hidden)?;
+        need(K, "weight", weight.len(), hidden)?;
+        if let Some(d) = delta {
+            need(K, "delta", d.len(), n * hidden)?;
+        }
+        let (n_i, h_i) = (to_i32(K, n)?, to_i32(K, hidden)?);
+        let null: u64 = 0;
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.add_rmsnorm);
+            b.arg(x);
+            match delta {
+                Some(d) => b.arg(d),
+                None => b.arg(&null),
+            };
+            b.arg(weight).arg(out).arg(&n_i).arg(&h_i).arg(&eps);
+            // SAFETY: lengths checked above.
+            unsafe { b.launch(rows_config(n, 256)) }?;
+            Ok(())
+        })
+    }
+
+    /// `out[i] = x[rows[i]]` for f32 rows of `hidden`.
+    pub fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: &CudaView<'_, i32>,
+        out: &mut CudaSlice<f32>,
+        n_out: usize,
+        hidden: usize,
+    ) -> Result<(), CudaError> {
+        const K: &str = "gather_rows";
+        need(K, "rows", rows.len(), n_out)?;
+        need(K, "out", out.len(), n_out * hidden)?;
+        let (n_i, h_i) = (to_i32(K, n_out)?, to_i32(K, hidden)?);
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.gather_rows);
+            b.arg(x).arg(rows).arg(out).arg(&n_i).arg(&h_i);
+            // SAFETY: lengths checked above; row indices are produced by the backend (< n rows of x).
+            unsafe { b.launch(rows_config(n_out, 256)) }?;
+            Ok(())
+        })
+    }
+
+    /// RoPE (rotate-half) on the first `n_rot_heads` heads of each row, in place.
+    pub fn rope(&self, qkv: &mut CudaSlice<bf16>, a: &RopeArgs<'_>) -> Result<(), CudaError> {
+        const K: &str = "rope_inplace";
+        need(K, "qkv", qkv.len(), a.n * a.row_stride)?;
+        need(K, "positions", a.positions.len(), a.n)?;
+        let args = [to_i32(K, a.n)?, to_i32(K, a.n_rot_heads)?, to_i32(K, a.row_stride)?, to_i32(K, a.head_dim)?];
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.rope_inplace);
+            b.arg(qkv).arg(a.positions).arg(a.cos).arg(a.sin);
+            for v in &args {
+                b.arg(v);
+            }
+            // SAFETY: lengths checked above; positions were checked against the table on the host.
+            unsafe { b.launch(rows_config(a.n, 128)) }?;
+            Ok(())
+        })
+    }
+
+    /// `out = silu(gate) * up` with `gate_up` rows `[gate | up]` of `2 * ffn`.
+    pub fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+        n: usize,
+        ffn: usize,
+    ) -> Result<(), CudaError> {
+        const K: &str = "silu_mul";
+        need(K, "gate_up", gate_up.len(), n * 2 * ffn)?;
+        need(K, "out", out.len(), n * ffn)?;
+        let (n_i, f_i) = (to_i32(K, n)?, to_i32(K, ffn)?);
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.silu_mul);
+            b.arg(gate_up).arg(out).arg(&n_i).arg(&f_i);
+            // SAFETY: lengths checked above.
+            // Split each row over blockIdx.y so a decode step (few rows) still fills the GPU.
+            let per_row = ffn.div_ceil(8 * 256).clamp(1, 16) as u32;
+            let cfg = LaunchConfig { grid_dim: (n as u32, per_row, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        })
+    }
+
+    /// Copies each token's K and V from `qkv` into the paged caches at its slot.
+    pub fn kv_write(
+        &self,
+        qkv: &CudaSlice<bf16>,
+        k_cache: &mut CudaSlice<bf16>,
+        v_cache: &mut CudaSlice<bf16>,
+        a: &KvWriteArgs<'_>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "kv_write";
+        need(K, "qkv", qkv.len(), a.n * a.row_stride)?;
+        need(K, "slots", a.slots.len(), a.n)?;
+        let args = [
+            to_i32(K, a.n)?,
+            to_i32(K, a.row_stride)?,
+            to_i32(K, a.k_offset)?,
+            to_i32(K, a.v_offset)?,
+            to_i32(K, a.kv_dim)?,
+        ];
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.kv_write);
+            b.arg(qkv).arg(k_cache).arg(v_cache).arg(a.slots);
+            for v in &args {
+                b.arg(v);
+            }
+            // SAFETY: lengths checked above; slots come from block tables the engine allocated
+            // within the cache's capacity.
+            unsafe { b.launch(rows_config(a.n, 128)) }?;
+            Ok(())
+        })
+    }
+
+    /// Paged attention (decode and prefill alike), split over the KV length when few
+    /// (query, head) pairs would leave the GPU idle.
+    pub fn attention(
+        &self,
+        q: &CudaSlice<bf16>,
+        k_cache: &CudaSlice<bf16>,
+        v_cache: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+        scratch: &mut AttentionScratch,
+        a: &AttentionArgs<'_>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "paged_attention";
+        let q_dim = a.n_heads * a.head_dim;
+        need(K, "q", q.len(), a.n_queries.saturating_sub(1) * a.q_stride + q_dim)?;
+        need(K, "out", out.len(), a.n_queries * q_dim)?;
+        need(K, "query_seq", a.query_seq.len(), a.n_queries)?;
+        need(K, "context_lens", a.context_lens.len(), a.n_queries)?;
+        need(K, "window_starts", a.window_starts.len(), a.n_queries)?;
+        let pairs = a.n_queries * a.n_heads;
+        let n_parts = if pairs < 2 * self.sm_count() && a.max_context > 2 * ATTENTION_PARTITION {
+            a.max_context.div_ceil(ATTENTION_PARTITION)
+        } else {
+            1
+        };
+        let scale = 1.0 / (a.head_dim as f32).sqrt();
+        let ints = [
+            to_i32(K, a.n_queries)?,
+            to_i32(K, a.n_heads)?,
+            to_i32(K, a.n_kv_heads)?,
+            to_i32(K, a.head_dim)?,
+            to_i32(K, a.block_size)?,
+            to_i32(K, ATTENTION_PARTITION)?,
+            to_i32(K, n_parts)?,
+        ];
+        let (q_stride, max_blocks) = (to_i32(K, a.q_stride)?, to_i32(K, a.max_blocks_per_seq)?);
+        guard(|| {
+            let stream = self.stream();
+            let need_parts = pairs * n_parts;
+            if n_parts > 1 {
+                let grow = |buf: &mut Option<CudaSlice<f32>>, len: usize| -> Result<(), CudaError> {
+                    if buf.as_ref().is_none_or(|b| b.len() < len) {
+                        *buf = Some(stream.alloc_zeros::<f32>(len)?);
+                    }
+                    Ok(())
+                };
+                grow(&mut scratch.acc, need_parts * a.head_dim)?;
+                grow(&mut scratch.max, need_parts)?;
+                grow(&mut scratch.sum, need_parts)?;
+            }
+            let null: u64 = 0;
+            let mut b = stream.launch_builder(&self.kernels.paged_attention);
+            b.arg(q).arg(&q_stride).arg(k_cache).arg(v_cache).arg(a.block_tables).arg(&max_blocks);
+            b.arg(a.query_seq).arg(a.context_lens).arg(a.window_starts).arg(&mut *out);
+            match (&mut scratch.acc, &mut scratch.max, &mut scratch.sum) {
+                (Some(acc), Some(max), Some(sum)) if n_parts > 1 => {
+                    b.arg(acc).arg(max).arg(sum);
+                }
+                _ => {
+                    b.arg(&null).arg(&null).arg(&null);
+                }
+            }
+            for v in &ints {
+                b.arg(v);
+            }
+            b.arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (a.n_queries as u32, a.n_heads as u32, n_parts as u32),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: lengths checked above; block tables and context lengths are built by the
+            // backend from the engine's allocations.
+            unsafe { b.launch(cfg) }?;
+            if n_parts > 1 {
+                let (Some(acc), Some(max), Some(sum)) = (&scratch.acc, &scratch.max, &scratch.sum) else {
+                    return Err(CudaError::Shape { kernel: K, detail: "missing scratch".into() });
+                };
+                let mut r = stream.launch_builder(&self.kernels.paged_attention_reduce);
+                let (nq, nh, hd, np) = (ints[0], ints[1], ints[3], ints[6]);
+                r.arg(acc).arg(max).arg(sum).arg(out).arg(&nq).arg(&nh).arg(&hd).arg(&np);
+                let cfg = LaunchConfig {
+                    grid_dim: (a.n_queries as u32, a.n_heads as u32, 1),
+                    block_dim: (a.head_dim as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the partial buffers were sized above for exactly this launch.
+                unsafe { r.launch(cfg) }?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Arg-max of each bf16 row of `vocab` logits.
+    pub fn argmax(
+        &self,
+        logits: &CudaSlice<bf16>,
+        rows: usize,
+        vocab: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "argmax_rows";
+        need(K, "logits", logits.len(), rows * vocab)?;
+        need(K, "out", out.len(), rows)?;
+        let v = to_i32(K, vocab)?;
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.argmax_rows);
+            b.arg(logits).arg(&v).arg(out);
+            // SAFETY: lengths checked above.
+            unsafe { b.launch(rows_config(rows, 256)) }?;
+            Ok(())
+        })
+    }
+
+    /// Widens `n` bf16 values to f32.
+    pub fn bf16_to_f32(&self, input: &CudaSlice<bf16>, out: &mut CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+        const K: &str = "bf16_rows_to_f32";
+        need(K, "input", input.len(), n)?;
+        need(K, "out", out.len(), n)?;
+        let n_i = n as i64;
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.bf16_rows_to_f32);
+            b.arg(input).arg(out).arg(&n_i);
+            // SAFETY: lengths checked above.
+            unsafe { b.launch(elementwise_config(n)) }?;
+            Ok(())
+        })
+    }
+}

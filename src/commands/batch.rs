@@ -1,0 +1,63 @@
+//! `tessera batch`: offline generation over token ids from a JSON file (for scripts and
+//! correctness checks against other implementations).
+//!
+//! Input: `{"prompts": [[ids…], …], "max_new_tokens": N}`. Output: `{"outputs": [{"tokens":
+//! [ids…], "first_logits": [vocab floats]}, …]}`, greedy, each prompt run on its own (batch 1)
+//! so results do not depend on what else is in the batch.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+use tessera_worker::engine::{Engine, GenerationRequest};
+use tessera_worker::kv_cache::KvCacheConfig;
+use tessera_worker::sampler::SamplingParams;
+
+use super::model_args::ModelArgs;
+
+/// Arguments of `tessera batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The input JSON file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the output JSON.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct Input {
+    prompts: Vec<Vec<u32>>,
+    max_new_tokens: usize,
+}
+
+/// Runs the subcommand.
+pub fn run(args: BatchArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let input: Input = serde_json::from_str(&text).with_context(|| format!("parsing {}", args.input.display()))?;
+    let resolved = args.model.resolve()?;
+    let longest = input.prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let kv = KvCacheConfig::for_sequences(1, longest + input.max_new_tokens, 16);
+    let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
+    let mut outputs = Vec::with_capacity(input.prompts.len());
+    for (i, prompt) in input.prompts.iter().enumerate() {
+        let first_logits = engine.prompt_logits(prompt).with_context(|| format!("prompt {i}"))?;
+        let request = GenerationRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: input.max_new_tokens,
+            sampling: SamplingParams::greedy(),
+            stop_token_ids: Vec::new(),
+        };
+        let (out, _) =
+            engine.generate(std::slice::from_ref(&request), |_, _| {}).with_context(|| format!("prompt {i}"))?;
+        let tokens = out.into_iter().next().map(|o| o.tokens).unwrap_or_default();
+        outputs.push(serde_json::json!({ "tokens": tokens, "first_logits": first_logits }));
+    }
+    let out = serde_json::json!({ "model": resolved.id, "device": engine.backend().info().device, "outputs": outputs });
+    std::fs::write(&args.output, out.to_string()).with_context(|| format!("writing {}", args.output.display()))?;
+    Ok(())
+}

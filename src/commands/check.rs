@@ -1,0 +1,104 @@
+//! `tessera check …`: on-device self-checks (kernels against the CPU reference, NCCL).
+
+use clap::{Args, Subcommand};
+
+use super::model_args::ModelArgs;
+
+/// Device self-checks.
+#[derive(Debug, Subcommand)]
+pub enum CheckCommand {
+    /// Runs every CUDA kernel against the CPU reference on random data; prints one JSON line per
+    /// case and fails if any exceeds the tolerance.
+    Kernels(CheckArgs),
+    /// Initialises a one-rank NCCL communicator and checks an all-reduce.
+    Nccl(CheckArgs),
+}
+
+/// Arguments shared by the checks (device selection and library folders).
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// Runs a check.
+pub fn run(cmd: CheckCommand) -> anyhow::Result<()> {
+    match cmd {
+        CheckCommand::Kernels(a) => imp::kernels(&a.model),
+        CheckCommand::Nccl(a) => imp::nccl(&a.model),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use tessera_kernels::cuda::nccl::{Communicator, unique_id};
+    use tessera_kernels::cuda::{GpuDevice, GpuOptions, selftest};
+    use tessera_worker::loader::fetch;
+
+    use super::ModelArgs;
+
+    fn open(m: &ModelArgs) -> anyhow::Result<GpuDevice> {
+        anyhow::ensure!(m.device == super::super::model_args::Device::Cuda, "checks run on --device cuda");
+        Ok(GpuDevice::open(&GpuOptions {
+            device: m.cuda_device,
+            lib_dirs: m.cuda_lib_dir.clone(),
+            cache_dir: m.cache_dir.clone().unwrap_or_else(fetch::default_cache_dir),
+        })?)
+    }
+
+    pub fn kernels(m: &ModelArgs) -> anyhow::Result<()> {
+        let dev = open(m)?;
+        let mut results = selftest::run(&dev)?;
+        results.push(selftest::kv_write_case(&dev)?);
+        for r in &results {
+            println!(
+                "{}",
+                serde_json::json!({ "kernel": r.kernel, "rel_err": r.rel_err, "ok": r.ok, "device": dev.describe() })
+            );
+        }
+        let failed: Vec<&str> = results.iter().filter(|r| !r.ok).map(|r| r.kernel.as_str()).collect();
+        anyhow::ensure!(failed.is_empty(), "kernels over tolerance: {}", failed.join(", "));
+        Ok(())
+    }
+
+    pub fn nccl(m: &ModelArgs) -> anyhow::Result<()> {
+        let dev = open(m)?;
+        let path = dev
+            .libraries()
+            .nccl_path()
+            .ok_or_else(|| anyhow::anyhow!("NCCL (libnccl.so.2) not found; pass --cuda-lib-dir"))?
+            .to_path_buf();
+        let stream = dev.stream().clone();
+        let id = unique_id(&path)?;
+        let mut comm = Communicator::init(&path, id, 0, 1)?;
+        let values: Vec<f32> = (0..4096).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let mut buf = stream.clone_htod(&values)?;
+        comm.all_reduce_sum(&mut buf, &stream)?;
+        let back = stream.clone_dtoh(&buf)?;
+        // One rank: the sum over the group is the buffer itself.
+        let ok = back == values;
+        comm.abort()?;
+        println!(
+            "{}",
+            serde_json::json!({ "ok": ok, "ranks": comm.world(), "elements": values.len(), "nccl": path.display().to_string(), "device": dev.describe() })
+        );
+        anyhow::ensure!(ok, "NCCL all-reduce returned wrong values");
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use super::ModelArgs;
+
+    const NO_CUDA: &str =
+        "this tessera was built without CUDA support; rebuild with `cargo build --release --features cuda`";
+
+    pub fn kernels(_m: &ModelArgs) -> anyhow::Result<()> {
+        anyhow::bail!(NO_CUDA)
+    }
+
+    pub fn nccl(_m: &ModelArgs) -> anyhow::Result<()> {
+        anyhow::bail!(NO_CUDA)
+    }
+}

@@ -1,0 +1,392 @@
+//! The CUDA backend: bf16 weights and activations, f32 residual stream and accumulation.
+//!
+//! Weights are uploaded once with the projections fused (`q|k|v` rows in one matrix,
+//! `gate|up` in another) so a layer runs four GEMMs. KV storage per layer is
+//! `(num_blocks, block_size, n_kv_heads, head_dim)` bf16, the layout the paged-attention kernel
+//! reads. Each step uploads one packed metadata buffer (ids, positions, slots, block tables),
+//! runs every layer on the device's stream, and copies back only the logits or, for greedy
+//! decoding, one token id per sequence. Invariant: activations live in a workspace that only
+//! grows, so steady-state decoding allocates nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use half::bf16;
+use tessera_kernels::cuda::gemm::Gemm;
+use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs};
+use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
+use tessera_kernels::rope::{RopeConfig, RopeTable};
+
+use super::{BackendInfo, ModelBackend};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, LoadError};
+use crate::kv_cache::KvCacheConfig;
+use crate::loader::ResolvedModel;
+use crate::model::SeqChunk;
+use crate::tensor::WeightsDtype;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+
+/// How to open the GPU.
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Extra library folders.
+    pub lib_dirs: Vec<PathBuf>,
+    /// Cache root (compiled kernels go under it).
+    pub cache_dir: PathBuf,
+}
+
+struct Layer {
+    input_layernorm: CudaSlice<bf16>,          // (hidden)
+    qkv_proj: CudaSlice<bf16>,                 // (q_dim + 2 * kv_dim, hidden)
+    o_proj: CudaSlice<bf16>,                   // (hidden, q_dim)
+    post_attention_layernorm: CudaSlice<bf16>, // (hidden)
+    gate_up_proj: CudaSlice<bf16>,             // (2 * intermediate, hidden)
+    down_proj: CudaSlice<bf16>,                // (hidden, intermediate)
+}
+
+/// Activations for up to `tokens` rows and `seqs` sequences.
+struct Workspace {
+    tokens: usize,
+    seqs: usize,
+    x: CudaSlice<f32>,            // (tokens, hidden) residual stream
+    normed: CudaSlice<bf16>,      // (tokens, hidden)
+    qkv: CudaSlice<bf16>,         // (tokens, q_dim + 2 * kv_dim)
+    attn: CudaSlice<bf16>,        // (tokens, q_dim)
+    proj: CudaSlice<bf16>,        // (tokens, hidden)
+    gate_up: CudaSlice<bf16>,     // (tokens, 2 * intermediate)
+    act: CudaSlice<bf16>,         // (tokens, intermediate)
+    last_x: CudaSlice<f32>,       // (seqs, hidden)
+    last_normed: CudaSlice<bf16>, // (seqs, hidden)
+    logits: CudaSlice<bf16>,      // (seqs, vocab)
+    logits_f32: CudaSlice<f32>,   // (seqs, vocab)
+    next_tokens: CudaSlice<u32>,  // (seqs)
+}
+
+impl Workspace {
+    fn new(stream: &Arc<CudaStream>, c: &ModelConfig, tokens: usize, seqs: usize) -> Result<Self, CudaError> {
+        let qkv_dim = c.q_dim() + 2 * c.kv_dim();
+        let h = c.hidden_size;
+        Ok(Workspace {
+            tokens,
+            seqs,
+            x: stream.alloc_zeros(tokens * h)?,
+            normed: stream.alloc_zeros(tokens * h)?,
+            qkv: stream.alloc_zeros(tokens * qkv_dim)?,
+            attn: stream.alloc_zeros(tokens * c.q_dim())?,
+            proj: stream.alloc_zeros(tokens * h)?,
+            gate_up: stream.alloc_zeros(tokens * 2 * c.intermediate_size)?,
+            act: stream.alloc_zeros(tokens * c.intermediate_size)?,
+            last_x: stream.alloc_zeros(seqs * h)?,
+            last_normed: stream.alloc_zeros(seqs * h)?,
+            logits: stream.alloc_zeros(seqs * c.vocab_size)?,
+            logits_f32: stream.alloc_zeros(seqs * c.vocab_size)?,
+            next_tokens: stream.alloc_zeros(seqs)?,
+        })
+    }
+}
+
+/// A model on one NVIDIA GPU.
+pub struct CudaBackend {
+    dev: GpuDevice,
+    gemm: Gemm,
+    config: ModelConfig,
+    kv: KvCacheConfig,
+    embed_tokens: CudaSlice<bf16>,    // (vocab, hidden)
+    lm_head: Option<CudaSlice<bf16>>, // (vocab, hidden); None = tied
+    norm: CudaSlice<bf16>,            // (hidden)
+    layers: Vec<Layer>,
+    k_cache: Vec<CudaSlice<bf16>>, // per layer (blocks, block_size, n_kv_heads, head_dim)
+    v_cache: Vec<CudaSlice<bf16>>,
+    rope_cos: CudaSlice<f32>, // (max_positions, head_dim / 2)
+    rope_sin: CudaSlice<f32>,
+    workspace: Option<Workspace>,
+    scratch: AttentionScratch,
+    weight_bytes_per_step: usize,
+}
+
+fn dev_err(e: CudaError) -> LoadError {
+    LoadError::Device(e.to_string())
+}
+
+fn run_err(e: CudaError) -> EngineError {
+    EngineError::Device(e.to_string())
+}
+
+impl CudaBackend {
+    /// Opens the GPU, uploads the weights (bf16) and allocates KV storage for `kv`.
+    pub fn new(
+        model: &ResolvedModel,
+        options: &CudaOptions,
+        kv: KvCacheConfig,
+        mut on_layer: impl FnMut(usize),
+    ) -> Result<Self, LoadError> {
+        kv.validate().map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
+        let c = model.config.clone();
+        let dev = GpuDevice::open(&GpuOptions {
+            device: options.device,
+            lib_dirs: options.lib_dirs.clone(),
+            cache_dir: options.cache_dir.clone(),
+        })
+        .map_err(dev_err)?;
+        let stream = dev.stream().clone();
+        let gemm = Gemm::new(stream.clone()).map_err(dev_err)?;
+        let w = model.weights.as_ref();
+        let (h, q, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let upload = |v: &[bf16]| stream.clone_htod(v).map_err(|e| dev_err(e.into()));
+        let load = |name: &str, shape: &[usize]| w.load(name, shape, WeightsDtype::Bf16).map(|t| t.into_bf16());
+        let mut weight_bytes = 0usize;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut qkv = load(&format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
+            qkv.extend(load(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?);
+            qkv.extend(load(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?);
+            let o = load(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?;
+            let mut gate_up = load(&format!("{p}.mlp.gate_proj.weight"), &[ffn, h])?;
+            gate_up.extend(load(&format!("{p}.mlp.up_proj.weight"), &[ffn, h])?);
+            let down = load(&format!("{p}.mlp.down_proj.weight"), &[h, ffn])?;
+            weight_bytes += 2 * (qkv.len() + o.len() + gate_up.len() + down.len());
+            layers.push(Layer {
+                input_layernorm: upload(&load(&format!("{p}.input_layernorm.weight"), &[h])?)?,
+                qkv_proj: upload(&qkv)?,
+                o_proj: upload(&o)?,
+                post_attention_layernorm: upload(&load(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?,
+                gate_up_proj: upload(&gate_up)?,
+                down_proj: upload(&down)?,
+            });
+            on_layer(i);
+        }
+        let embed_tokens = upload(&load("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
+        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(upload(&load("lm_head.weight", &[c.vocab_size, h])?)?)
+        };
+        // One embedding row plus the whole LM head per step.
+        weight_bytes += 2 * (h + c.vocab_size * h);
+        let norm = upload(&load("model.norm.weight", &[h])?)?;
+
+        let rope = RopeTable::new(&RopeConfig {
+            head_dim: c.head_dim,
+            theta: c.rope_theta,
+            max_positions: c.max_position_embeddings,
+            scaling: c.rope_scaling.clone(),
+        })
+        .map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
+        let half = c.head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(c.max_position_embeddings * half), Vec::new());
+        sin.reserve(c.max_position_embeddings * half);
+        for p in 0..c.max_position_embeddings {
+            let (cs, sn) =
+                rope.cos_sin(p).ok_or_else(|| LoadError::InvalidConfig(format!("RoPE table lacks position {p}")))?;
+            cos.extend_from_slice(cs);
+            sin.extend_from_slice(sn);
+        }
+        let rope_cos = stream.clone_htod(&cos).map_err(|e| dev_err(e.into()))?;
+        let rope_sin = stream.clone_htod(&sin).map_err(|e| dev_err(e.into()))?;
+
+        let per_layer = kv.num_blocks * kv.block_size * kvd;
+        let mut k_cache = Vec::with_capacity(c.num_layers);
+        let mut v_cache = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            k_cache.push(stream.alloc_zeros::<bf16>(per_layer).map_err(|e| dev_err(e.into()))?);
+            v_cache.push(stream.alloc_zeros::<bf16>(per_layer).map_err(|e| dev_err(e.into()))?);
+        }
+        dev.synchronize().map_err(dev_err)?;
+        Ok(CudaBackend {
+            dev,
+            gemm,
+            config: c,
+            kv,
+            embed_tokens,
+            lm_head,
+            norm,
+            layers,
+            k_cache,
+            v_cache,
+            rope_cos,
+            rope_sin,
+            workspace: None,
+            scratch: AttentionScratch::default(),
+            weight_bytes_per_step: weight_bytes,
+        })
+    }
+
+    /// Runs every layer and the LM head; leaves bf16 logits `(chunks, vocab)` in the workspace.
+    fn run(&mut self, chunks: &[SeqChunk<'_>]) -> Result<usize, EngineError> {
+        let c = &self.config;
+        let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
+        let nseq = chunks.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let qkv_dim = qd + 2 * kvd;
+        let max_blocks = chunks.iter().map(|ch| ch.block_table.len()).max().unwrap_or(1).max(1);
+        let mut max_context = 0;
+
+        // Packed metadata: ids | positions | slots | query_seq | context_lens | window_starts |
+        // last_rows | block_tables.
+        let mut meta: Vec<i32> = Vec::with_capacity(6 * n + nseq + nseq * max_blocks);
+        let cols: [Vec<i32>; 6] = {
+            let mut cols: [Vec<i32>; 6] = Default::default();
+            for (si, ch) in chunks.iter().enumerate() {
+                if ch.start_pos + ch.tokens.len() > c.max_position_embeddings {
+                    return Err(EngineError::ContextOverflow {
+                        prompt: ch.start_pos + ch.tokens.len(),
+                        max_new: 0,
+                        context: c.max_position_embeddings,
+                    });
+                }
+                for (i, &tok) in ch.tokens.iter().enumerate() {
+                    if tok as usize >= c.vocab_size {
+                        return Err(EngineError::TokenOutOfRange { id: tok, vocab: c.vocab_size });
+                    }
+                    let pos = ch.start_pos + i;
+                    if self.kv.slot(ch.block_table, pos)? >= self.kv.num_blocks * self.kv.block_size {
+                        return Err(EngineError::InvalidKvConfig("block table points past the cache".into()));
+                    }
+                    cols[0].push(tok as i32);
+                    cols[1].push(pos as i32);
+                    cols[2].push(self.kv.slot(ch.block_table, pos)? as i32);
+                    cols[3].push(si as i32);
+                    cols[4].push(pos as i32 + 1);
+                    cols[5].push(c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)) as i32);
+                }
+                max_context = max_context.max(ch.start_pos + ch.tokens.len());
+            }
+            cols
+        };
+        for col in &cols {
+            meta.extend_from_slice(col);
+        }
+        let mut end = 0;
+        for ch in chunks {
+            end += ch.tokens.len();
+            meta.push(end as i32 - 1);
+        }
+        for ch in chunks {
+            meta.extend(ch.block_table.iter().map(|&b| b as i32));
+            meta.extend(std::iter::repeat_n(0, max_blocks - ch.block_table.len()));
+        }
+
+        let stream = self.dev.stream().clone();
+        if self.workspace.as_ref().is_none_or(|ws| ws.tokens < n || ws.seqs < nseq) {
+            let (tokens, seqs) = self.workspace.as_ref().map_or((n, nseq), |ws| (ws.tokens.max(n), ws.seqs.max(nseq)));
+            self.workspace = None; // free before allocating the larger one
+            self.workspace = Some(Workspace::new(&stream, c, tokens, seqs).map_err(run_err)?);
+        }
+        let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
+        let meta_dev = stream.clone_htod(&meta).map_err(|e| run_err(e.into()))?;
+        let view = |k: usize, len: usize| meta_dev.slice(k..k + len);
+        let (ids, positions, slots) = (view(0, n), view(n, n), view(2 * n, n));
+        let (query_seq, context_lens, window_starts) = (view(3 * n, n), view(4 * n, n), view(5 * n, n));
+        let last_rows = view(6 * n, nseq);
+        let block_tables = view(6 * n + nseq, nseq * max_blocks);
+
+        let dev = &self.dev;
+        let gemm = &self.gemm;
+        dev.embedding(&self.embed_tokens, &ids, &mut ws.x, n, h).map_err(run_err)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let delta = if li == 0 { None } else { Some(&ws.proj) };
+            dev.add_rmsnorm(&mut ws.x, delta, &layer.input_layernorm, &mut ws.normed, n, h, c.rms_norm_eps)
+                .map_err(run_err)?;
+            gemm.matmul(&ws.normed, &layer.qkv_proj, &mut ws.qkv, n, qkv_dim, h).map_err(run_err)?;
+            let rope = RopeArgs {
+                positions: &positions,
+                cos: &self.rope_cos,
+                sin: &self.rope_sin,
+                n,
+                n_rot_heads: c.num_heads + c.num_kv_heads,
+                row_stride: qkv_dim,
+                head_dim: c.head_dim,
+            };
+            dev.rope(&mut ws.qkv, &rope).map_err(run_err)?;
+            let write =
+                KvWriteArgs { slots: &slots, n, row_stride: qkv_dim, k_offset: qd, v_offset: qd + kvd, kv_dim: kvd };
+            dev.kv_write(&ws.qkv, &mut self.k_cache[li], &mut self.v_cache[li], &write).map_err(run_err)?;
+            let attn = AttentionArgs {
+                q_stride: qkv_dim,
+                block_tables: &block_tables,
+                max_blocks_per_seq: max_blocks,
+                query_seq: &query_seq,
+                context_lens: &context_lens,
+                window_starts: &window_starts,
+                max_context,
+                n_queries: n,
+                n_heads: c.num_heads,
+                n_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                block_size: self.kv.block_size,
+            };
+            dev.attention(&ws.qkv, &self.k_cache[li], &self.v_cache[li], &mut ws.attn, &mut self.scratch, &attn)
+                .map_err(run_err)?;
+            gemm.matmul(&ws.attn, &layer.o_proj, &mut ws.proj, n, h, qd).map_err(run_err)?;
+            dev.add_rmsnorm(
+                &mut ws.x,
+                Some(&ws.proj),
+                &layer.post_attention_layernorm,
+                &mut ws.normed,
+                n,
+                h,
+                c.rms_norm_eps,
+            )
+            .map_err(run_err)?;
+            gemm.matmul(&ws.normed, &layer.gate_up_proj, &mut ws.gate_up, n, 2 * ffn, h).map_err(run_err)?;
+            dev.silu_mul(&ws.gate_up, &mut ws.act, n, ffn).map_err(run_err)?;
+            gemm.matmul(&ws.act, &layer.down_proj, &mut ws.proj, n, h, ffn).map_err(run_err)?;
+        }
+        // Final residual add (the norm of every row is a by-product), then the last rows only.
+        dev.add_rmsnorm(&mut ws.x, Some(&ws.proj), &self.norm, &mut ws.normed, n, h, c.rms_norm_eps)
+            .map_err(run_err)?;
+        dev.gather_rows(&ws.x, &last_rows, &mut ws.last_x, nseq, h).map_err(run_err)?;
+        dev.add_rmsnorm(&mut ws.last_x, None, &self.norm, &mut ws.last_normed, nseq, h, c.rms_norm_eps)
+            .map_err(run_err)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        gemm.matmul(&ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
+        Ok(nseq)
+    }
+}
+
+impl ModelBackend for CudaBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            device: format!("cuda ({})", self.dev.describe()),
+            weights_dtype: "bf16".into(),
+            weight_bytes_per_step: self.weight_bytes_per_step,
+            kv_bytes_per_token: self.config.kv_bytes_per_token(2) as usize,
+        }
+    }
+
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError> {
+        let nseq = self.run(chunks)?;
+        let len = nseq * self.config.vocab_size;
+        let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
+        if nseq == 0 {
+            return Ok(Vec::new());
+        }
+        self.dev.bf16_to_f32(&ws.logits, &mut ws.logits_f32, len).map_err(run_err)?;
+        let mut host = self.dev.stream().clone_dtoh(&ws.logits_f32).map_err(|e| run_err(e.into()))?;
+        host.truncate(len);
+        Ok(host)
+    }
+
+    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
+        let nseq = self.run(chunks)?;
+        if nseq == 0 {
+            return Ok(Vec::new());
+        }
+        let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
+        self.dev.argmax(&ws.logits, nseq, self.config.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
+        let mut host = self.dev.stream().clone_dtoh(&ws.next_tokens).map_err(|e| run_err(e.into()))?;
+        host.truncate(nseq);
+        Ok(host)
+    }
+}

@@ -1,0 +1,48 @@
+//! Backends: where the forward pass runs and where KV storage lives.
+//!
+//! The engine owns scheduling and block bookkeeping (`kv_cache::BlockAllocator`); a backend owns
+//! the weights, the KV storage for every block, and the compute. Invariant: a backend writes
+//! K/V only at the slots of the block tables it is given, so the engine's allocator is the single
+//! authority over which sequence owns which block.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::config::ModelConfig;
+use crate::error::EngineError;
+use crate::model::SeqChunk;
+use crate::sampler::argmax;
+
+/// What a backend reports about itself (for benchmarks and logs).
+#[derive(Debug, Clone)]
+pub struct BackendInfo {
+    /// "cpu (avx2+fma, 2 threads)", "cuda (NVIDIA H100 80GB HBM3, sm_90)", …
+    pub device: String,
+    /// How weight matrices are stored ("f32", "bf16").
+    pub weights_dtype: String,
+    /// Bytes of weights read to decode one step (every matrix once, one embedding row).
+    pub weight_bytes_per_step: usize,
+    /// Bytes of K+V stored per token (all layers).
+    pub kv_bytes_per_token: usize,
+}
+
+/// A model ready to run on some device.
+pub trait ModelBackend: Send {
+    /// The model's shape.
+    fn config(&self) -> &ModelConfig;
+
+    /// Describes the device and storage.
+    fn info(&self) -> BackendInfo;
+
+    /// Runs `chunks`, storing their K/V at the slots of their block tables, and returns the logits
+    /// of each chunk's last token, `(chunks.len(), vocab)`.
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError>;
+
+    /// Like [`forward`](Self::forward) but returns only each chunk's arg-max token. Backends
+    /// override it to avoid moving logits (a GPU picks the token on the device).
+    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
+        let vocab = self.config().vocab_size;
+        Ok(self.forward(chunks)?.chunks_exact(vocab).map(argmax).collect())
+    }
+}
