@@ -145,8 +145,12 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
         for (;;) {
             const int next = p0 + 4;
             const bool more = next < end;
+            // Prefetch the next group (head_dim <= 128; above that the extra registers would
+            // cost more occupancy than the overlap gains, so the load is issued after use).
+            constexpr bool kPrefetch = D <= 4;
             KvChunk<D> kn[4], vn[4];
-            if (more) fetch_group<D>(next, start, end, table, block_size, bs_shift, k_base, v_base, kv_dim, kn, vn);
+            if (kPrefetch && more)
+                fetch_group<D>(next, start, end, table, block_size, bs_shift, k_base, v_base, kv_dim, kn, vn);
 
             float dot[4];
 #pragma unroll
@@ -180,10 +184,14 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
             m = m_new;
             if (!more) break;
             p0 = next;
+            if (kPrefetch) {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                kc[k] = kn[k];
-                vc[k] = vn[k];
+                for (int k = 0; k < 4; ++k) {
+                    kc[k] = kn[k];
+                    vc[k] = vn[k];
+                }
+            } else {
+                fetch_group<D>(p0, start, end, table, block_size, bs_shift, k_base, v_base, kv_dim, kc, vc);
             }
         }
     }
@@ -205,7 +213,7 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32, 16)
+extern "C" __global__ void __launch_bounds__(32, 24)
     paged_attention(const bf16_t* __restrict__ q, int q_stride, const bf16_t* __restrict__ k_cache,
                     const bf16_t* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks_per_seq,
                     const int* __restrict__ query_seq, const int* __restrict__ context_lens,

@@ -85,7 +85,16 @@ class CupyBackend:
 
     def module(self, fname):
         if fname not in self.mods:
-            self.mods[fname] = self.cp.RawModule(code=read_source(fname), options=("--std=c++17",))
+            src = read_source(fname)
+            try:
+                mod = self.cp.RawModule(code=src, options=("--std=c++17",))
+                mod.get_function(KERNEL_OF_FILE[fname])  # compiles now, so errors surface here
+            except Exception as first:  # noqa: BLE001 -- retry once with CuPy's default options
+                print(f"note: {fname} with --std=c++17 failed ({type(first).__name__}: {first}); retrying with "
+                      "CuPy's default options", flush=True)
+                mod = self.cp.RawModule(code=src)
+                mod.get_function(KERNEL_OF_FILE[fname])
+            self.mods[fname] = mod
         return self.mods[fname]
 
     def to_dev(self, a):
@@ -165,6 +174,9 @@ class EmuBackend:
 
 
 i32, u32, f32, i64 = np.int32, np.uint32, np.float32, np.int64
+KERNEL_OF_FILE = {"embedding.cu": "embedding_gather", "norm.cu": "add_rmsnorm", "rope.cu": "rope_inplace",
+                  "activation.cu": "silu_mul", "kv_cache.cu": "kv_write", "attention.cu": "paged_attention",
+                  "sampling.cu": "argmax_rows"}
 
 # ---------------------------------------------------------------------------------------------
 # Tests. Each returns a list of (name, ok, detail dict).
@@ -207,8 +219,8 @@ def test_embedding(c):
     be = c.be
     vocab = 1000 if be.quick else 32768
     for hidden in (576, 4096, 100):
+        bits, _ = bf16_from(c.randn(vocab, hidden))
         for n in (1, 7, 33):
-            bits, _ = bf16_from(c.randn(vocab, hidden))
             ids = c.randint(0, vocab, (n,)).numpy().astype(np.uint32)
             ids[0] = vocab - 1
             x = be.to_dev(np.full((n, hidden), np.nan, np.float32))
