@@ -169,6 +169,16 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The RoPE table's configuration (every backend builds its table from this).
+    pub fn rope_config(&self) -> tessera_kernels::rope::RopeConfig {
+        tessera_kernels::rope::RopeConfig {
+            head_dim: self.head_dim,
+            theta: self.rope_theta,
+            max_positions: self.max_position_embeddings,
+            scaling: self.rope_scaling.clone(),
+        }
+    }
+
     /// Width of all query heads together.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim

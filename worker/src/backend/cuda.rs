@@ -15,7 +15,7 @@ use half::bf16;
 use tessera_kernels::cuda::gemm::Gemm;
 use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs};
 use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
-use tessera_kernels::rope::{RopeConfig, RopeTable};
+use tessera_kernels::rope::RopeTable;
 
 use super::{BackendInfo, ModelBackend};
 use crate::config::ModelConfig;
@@ -160,7 +160,7 @@ impl CudaBackend {
             on_layer(i);
         }
         let embed_tokens = upload(&load("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
-        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let lm_head = if crate::loader::weights::lm_head_is_tied(&c, w) {
             None
         } else {
             Some(upload(&load("lm_head.weight", &[c.vocab_size, h])?)?)
@@ -169,13 +169,7 @@ impl CudaBackend {
         weight_bytes += 2 * (h + c.vocab_size * h);
         let norm = upload(&load("model.norm.weight", &[h])?)?;
 
-        let rope = RopeTable::new(&RopeConfig {
-            head_dim: c.head_dim,
-            theta: c.rope_theta,
-            max_positions: c.max_position_embeddings,
-            scaling: c.rope_scaling.clone(),
-        })
-        .map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
+        let rope = RopeTable::new(&c.rope_config()).map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
         let half = c.head_dim / 2;
         let (mut cos, mut sin) = (Vec::with_capacity(c.max_position_embeddings * half), Vec::new());
         sin.reserve(c.max_position_embeddings * half);

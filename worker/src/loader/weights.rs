@@ -17,6 +17,12 @@ pub trait WeightSource: Send + Sync {
     fn contains(&self, name: &str) -> bool;
 }
 
+/// Whether the LM head reuses the embedding: the config says so and the checkpoint has no
+/// separate `lm_head.weight` (some tied checkpoints still ship one; then it is used).
+pub fn lm_head_is_tied(config: &crate::config::ModelConfig, weights: &dyn WeightSource) -> bool {
+    config.tie_word_embeddings && !weights.contains("lm_head.weight")
+}
+
 /// Fails with `ShapeMismatch` unless `actual == expected`.
 pub(crate) fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<(), LoadError> {
     if actual == expected {

@@ -9,7 +9,7 @@ use tessera_kernels::activation::{add_assign, silu_mul};
 use tessera_kernels::attention::{AttentionQuery, paged_attention};
 use tessera_kernels::matmul::matmul;
 use tessera_kernels::norm::rms_norm;
-use tessera_kernels::rope::{RopeConfig, RopeTable, apply_rope};
+use tessera_kernels::rope::{RopeTable, apply_rope};
 use tessera_kernels::{CpuPool, WeightMatrix};
 
 use super::SeqChunk;
@@ -77,18 +77,12 @@ impl LlamaModel {
             });
             on_layer(i);
         }
-        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+        let lm_head = if crate::loader::weights::lm_head_is_tied(c, weights) {
             None
         } else {
             Some(weights.load("lm_head.weight", &[c.vocab_size, h], dtype)?)
         };
-        let rope = RopeTable::new(&RopeConfig {
-            head_dim: c.head_dim,
-            theta: c.rope_theta,
-            max_positions: c.max_position_embeddings,
-            scaling: c.rope_scaling.clone(),
-        })
-        .map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
+        let rope = RopeTable::new(&c.rope_config()).map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
         Ok(LlamaModel {
             config: c.clone(),
             embed_tokens,
