@@ -5,6 +5,9 @@
 #
 #   bash kernels/gpu/check.sh
 #
+# Environment: OUT (output folder), TESSERA_BIN, PYTHON (default python3), CHECK_TOTAL_S (budget,
+# default 470), CHECK_INIT (random-weight recipe of check.py: stable | hf). See README.md.
+#
 # Steps, each tee'd to $OUT/<step>.log and bounded by `timeout`:
 #   setup         GPU, driver, CUDA libraries found (ldconfig + pip nvidia wheels), versions
 #   test_kernels  every kernels/cuda/*.cu against PyTorch (CuPy, NVRTC)   -> test_kernels.json
@@ -70,11 +73,12 @@ step() {
 }
 
 step setup 120 bash -c "$(declare -f setup); $(declare -p LIB_DIRS BIN PY); setup"
-step test_kernels 150 "$PY" kernels/gpu/test_kernels.py --backend cupy --out "$OUT_DIR/test_kernels.json"
+step test_kernels 150 "$PY" kernels/gpu/test_kernels.py --backend cupy --bench --out "$OUT_DIR/test_kernels.json"
 left=$((TOTAL_S - SECONDS - 15))
 [ "$left" -gt 60 ] || left=60
 step check $((left + 30)) "$PY" kernels/gpu/check.py --bin "$BIN" --out "$OUT_DIR" --budget-s "$left" \
-    --test-kernels-json "$OUT_DIR/test_kernels.json" "${CUDA_ARGS[@]}"
+    --init "${CHECK_INIT:-stable}" \
+    --test-kernels-json "$OUT_DIR/test_kernels.json" ${CUDA_ARGS[@]+"${CUDA_ARGS[@]}"}
 
 echo "check.sh: $([ "$status" = 0 ] && echo PASSED || echo FAILED) in ${SECONDS} s; logs and JSON in $OUT_DIR"
 exit "$status"

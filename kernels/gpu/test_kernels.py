@@ -15,22 +15,19 @@ Prints one line per test and a summary; --out writes the results as JSON; exit 1
     python3 kernels/gpu/test_kernels.py [--backend cupy|emu] [--out results.json] [--only NAME]
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CUDA_DIR = os.path.join(os.path.dirname(HERE), "cuda")
+from kernel_backends import CUDA_DIR, CupyBackend, EmuBackend
+
 REL_TOL = 1e-2
 NAN_BF16 = np.uint16(0x7FC0)
 
@@ -57,129 +54,10 @@ def rel_err(got, want):
     return num / den if den > 0 else num
 
 
-# ---------------------------------------------------------------------------------------------
-# Backends. Arguments are numpy arrays (device buffers are made from them), None (a null
-# pointer) or numpy scalars of the C type (np.int32, np.uint32, np.float32, np.int64).
-
-
-def read_source(fname):
-    with open(os.path.join(CUDA_DIR, "prelude.cuh")) as f:
-        prelude = f.read()
-    with open(os.path.join(CUDA_DIR, fname)) as f:
-        return prelude + "\n" + f.read()
-
-
-class CupyBackend:
-    name = "cupy"
-    quick = False
-
-    def __init__(self):
-        import cupy
-
-        self.cp = cupy
-        self.mods = {}
-
-    def describe(self):
-        props = self.cp.cuda.runtime.getDeviceProperties(0)
-        return f"cupy {self.cp.__version__}, {props['name'].decode()}, cc {props['major']}.{props['minor']}"
-
-    def module(self, fname):
-        if fname not in self.mods:
-            src = read_source(fname)
-            try:
-                mod = self.cp.RawModule(code=src, options=("--std=c++17",))
-                mod.get_function(KERNEL_OF_FILE[fname])  # compiles now, so errors surface here
-            except Exception as first:  # noqa: BLE001 -- retry once with CuPy's default options
-                print(f"note: {fname} with --std=c++17 failed ({type(first).__name__}: {first}); retrying with "
-                      "CuPy's default options", flush=True)
-                mod = self.cp.RawModule(code=src)
-                mod.get_function(KERNEL_OF_FILE[fname])
-            self.mods[fname] = mod
-        return self.mods[fname]
-
-    def to_dev(self, a):
-        return self.cp.asarray(a)
-
-    def to_host(self, d):
-        return self.cp.asnumpy(d)
-
-    def launch(self, fname, kernel, grid, block, args):
-        fn = self.module(fname).get_function(kernel)
-        conv = []
-        for a in args:
-            if a is None:
-                conv.append(np.uint64(0))
-            else:
-                conv.append(a)
-        fn(tuple(grid), tuple(block), tuple(conv))
-        self.cp.cuda.Device().synchronize()
-
-
-class EmuBackend:
-    name = "emu"
-    quick = True
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="tessera-emu-")
-        self.libs = {}
-        self.keep = []
-
-    def describe(self):
-        return "CPU emulation (g++ + emu/emu_cuda.h, ASan + UBSan)"
-
-    def module(self, fname):
-        if fname not in self.libs:
-            src = read_source(fname)
-            names = re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(', src)
-            src += "\n" + "\n".join(f"EMU_KERNEL({n})" for n in names) + "\n"
-            cc = os.path.join(self.dir, fname + ".cc")
-            so = os.path.join(self.dir, fname + ".so")
-            with open(cc, "w") as f:
-                f.write(src)
-            cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-fsanitize=address,undefined",
-                   "-fno-sanitize-recover=undefined", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-                   "-Wno-unused-parameter", "-include", os.path.join(HERE, "emu", "emu_cuda.h"), cc, "-o", so]
-            subprocess.run(cmd, check=True)
-            self.libs[fname] = ctypes.CDLL(so)
-        return self.libs[fname]
-
-    def to_dev(self, a):
-        return np.ascontiguousarray(a).copy()
-
-    def to_host(self, d):
-        return d.copy()
-
-    def launch(self, fname, kernel, grid, block, args):
-        fn = getattr(self.module(fname), "emu_launch_" + kernel)
-        objs = []
-        for a in args:
-            if a is None:
-                objs.append(ctypes.c_void_p(0))
-            elif isinstance(a, np.ndarray):
-                objs.append(ctypes.c_void_p(a.ctypes.data))
-            elif isinstance(a, np.int32):
-                objs.append(ctypes.c_int32(int(a)))
-            elif isinstance(a, np.uint32):
-                objs.append(ctypes.c_uint32(int(a)))
-            elif isinstance(a, np.int64):
-                objs.append(ctypes.c_int64(int(a)))
-            elif isinstance(a, np.float32):
-                objs.append(ctypes.c_float(float(a)))
-            else:
-                raise TypeError(f"unsupported kernel argument {type(a)}")
-        ptrs = (ctypes.c_void_p * len(objs))(*[ctypes.cast(ctypes.pointer(o), ctypes.c_void_p) for o in objs])
-        g = list(grid) + [1] * (3 - len(grid))
-        b = list(block) + [1] * (3 - len(block))
-        fn(*[ctypes.c_uint(v) for v in g + b], ptrs)
-
-
 i32, u32, f32, i64 = np.int32, np.uint32, np.float32, np.int64
-KERNEL_OF_FILE = {"embedding.cu": "embedding_gather", "norm.cu": "add_rmsnorm", "rope.cu": "rope_inplace",
-                  "activation.cu": "silu_mul", "kv_cache.cu": "kv_write", "attention.cu": "paged_attention",
-                  "sampling.cu": "argmax_rows"}
 
 # ---------------------------------------------------------------------------------------------
-# Tests. Each returns a list of (name, ok, detail dict).
+# Tests: each records one result per case through Ctx.record.
 
 
 class Ctx:
@@ -475,6 +353,68 @@ def test_sampling(c):
         c.check_exact(f"bf16_rows_to_f32 n={count}", torch.from_numpy(be.to_host(out)), val)
 
 
+def bench_attention(be):
+    """Timings (not pass/fail) of paged_attention at the 8B shape (32/8 heads, head_dim 128,
+    block 16): decode at several partition counts, and a 2048-token causal prefill."""
+    cp = be.cp
+    nh, nkv, hd, bs = 32, 8, 128, 16
+    kv_dim = nkv * hd
+    q_stride = (nh + 2 * nkv) * hd
+    out_rows = []
+
+    def bf16_bits(n):
+        return (cp.random.standard_normal(n, dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+
+    def case(label, ctx_lens, seq_of, n_parts_list):
+        n_seqs = max(seq_of) + 1
+        per_seq = [max(c for c, s in zip(ctx_lens, seq_of) if s == q) for q in range(n_seqs)]
+        need = [math.ceil(L / bs) for L in per_seq]
+        max_blocks = max(need)
+        total = sum(need)
+        perm = cp.random.permutation(total).astype(cp.int32)
+        tables = cp.zeros((n_seqs, max_blocks), cp.int32)
+        o = 0
+        for q in range(n_seqs):
+            tables[q, : need[q]] = perm[o: o + need[q]]
+            o += need[q]
+        kc, vc = bf16_bits(total * bs * kv_dim), bf16_bits(total * bs * kv_dim)
+        nq = len(ctx_lens)
+        qd = bf16_bits(nq * q_stride)
+        d_seq = cp.asarray(np.asarray(seq_of, np.int32))
+        d_ctx = cp.asarray(np.asarray(ctx_lens, np.int32))
+        d_ws = cp.zeros(nq, cp.int32)
+        out = cp.empty(nq * nh * hd, cp.uint16)
+        kv_bytes = sum(per_seq) * kv_dim * 2 * 2
+        for n_parts in n_parts_list:
+            psize = math.ceil(max(ctx_lens) / n_parts)
+            pa = cp.empty(nq * nh * n_parts * hd, cp.float32) if n_parts > 1 else None
+            pm = cp.empty(nq * nh * n_parts, cp.float32) if n_parts > 1 else None
+            ps = cp.empty(nq * nh * n_parts, cp.float32) if n_parts > 1 else None
+
+            def run():
+                be.launch("attention.cu", "paged_attention", (nq, nh, n_parts), (32,),
+                          [qd, i32(q_stride), kc, vc, tables, i32(max_blocks), d_seq, d_ctx, d_ws, out, pa, pm, ps,
+                           i32(nq), i32(nh), i32(nkv), i32(hd), i32(bs), i32(psize), i32(n_parts),
+                           f32(1.0 / math.sqrt(hd))], sync=False)
+                if n_parts > 1:
+                    be.launch("attention.cu", "paged_attention_reduce", (nq, nh), (hd,),
+                              [pa, pm, ps, out, i32(nq), i32(nh), i32(hd), i32(n_parts)], sync=False)
+
+            ms = be.time_ms(run)
+            row = {"case": label, "n_parts": n_parts, "partition": psize, "us": round(ms * 1e3, 1),
+                   "kv_gb_s": round(kv_bytes / (ms * 1e-3) / 1e9, 1)}
+            print(f"bench attention {label:34} parts={n_parts:<3} partition={psize:<5} {row['us']:9.1f} us  "
+                  f"KV read {row['kv_gb_s']:7.1f} GB/s (unique bytes)", flush=True)
+            out_rows.append(row)
+
+    case("decode batch 1 ctx 256", [256], [0], [1, 4, 8])
+    case("decode batch 1 ctx 2048", [2048], [0], [1, 4, 16, 32])
+    case("decode batch 32 ctx 256", [256] * 32, list(range(32)), [1, 2])
+    case("decode batch 128 ctx 256", [256] * 128, list(range(128)), [1])
+    case("prefill 2048 causal (one layer)", list(range(1, 2049)), [0] * 2048, [1])
+    return out_rows
+
+
 TESTS = {
     "embedding": test_embedding,
     "norm": test_norm,
@@ -487,14 +427,14 @@ TESTS = {
 
 
 def main():
-    global CUDA_DIR
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["cupy", "emu"], default="cupy")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--only", action="append", choices=sorted(TESTS), help="run only these groups")
     ap.add_argument("--cuda-dir", default=CUDA_DIR, help="folder of prelude.cuh and the .cu files")
+    ap.add_argument("--bench", action="store_true", help="also time paged_attention at 8B shapes (cupy only; "
+                    "reported, never pass/fail)")
     args = ap.parse_args()
-    CUDA_DIR = args.cuda_dir
 
     if args.backend == "emu" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # The ASan-built kernels need the ASan runtime loaded first: re-run under it.
@@ -503,7 +443,7 @@ def main():
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
-    be = CupyBackend() if args.backend == "cupy" else EmuBackend()
+    be = CupyBackend(args.cuda_dir) if args.backend == "cupy" else EmuBackend(args.cuda_dir)
     print(f"test_kernels: backend {be.describe()}; tolerance {REL_TOL}", flush=True)
     c = Ctx(be)
     t0 = time.time()
@@ -517,6 +457,13 @@ def main():
             traceback.print_exc()
             c.record(f"{name}: exception", False, error=f"{type(e).__name__}: {e}"[:2000])
             errors.append(name)
+    bench = None
+    if args.bench and be.name == "cupy" and not errors:
+        try:
+            bench = bench_attention(be)
+        except Exception as e:  # noqa: BLE001 -- timings are informative only
+            traceback.print_exc()
+            bench = [{"error": f"{type(e).__name__}: {e}"[:1000]}]
     n_ok = sum(r["ok"] for r in c.results)
     n_fail = len(c.results) - n_ok
     secs = time.time() - t0
@@ -525,7 +472,7 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"backend": be.describe(), "tolerance": REL_TOL, "passed": n_ok, "failed": n_fail,
-                       "seconds": secs, "results": c.results}, f, indent=1)
+                       "seconds": secs, "results": c.results, "bench": bench}, f, indent=1)
     return 0 if n_fail == 0 and n_ok > 0 else 1
 
 

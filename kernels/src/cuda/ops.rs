@@ -93,8 +93,21 @@ pub struct AttentionArgs<'a> {
     pub block_size: usize,
 }
 
-/// Partition length of the split over the KV length.
-pub const ATTENTION_PARTITION: usize = 512;
+/// Shortest partition of the split over the KV length (shorter ones cost more to reduce than
+/// they save).
+pub const MIN_ATTENTION_PARTITION: usize = 64;
+
+/// How to split attention over the KV length: `(n_parts, partition_size)`. Enough warps to
+/// keep every SM busy (about four per SM) when the (query, head) pairs alone are too few,
+/// as in small-batch decode; one partition otherwise (prefill, large batches).
+pub fn attention_split(pairs: usize, max_context: usize, sm_count: usize) -> (usize, usize) {
+    let target_warps = 4 * sm_count.max(1);
+    let max_parts = max_context.div_ceil(MIN_ATTENTION_PARTITION).max(1);
+    let n_parts = if pairs >= target_warps { 1 } else { target_warps.div_ceil(pairs.max(1)).min(max_parts) };
+    // Multiples of 4 keep the kernel's four-key groups inside one partition.
+    let partition = max_context.div_ceil(n_parts).next_multiple_of(4).max(4);
+    (n_parts, partition)
+}
 
 /// Scratch for the split-KV attention, grown on demand.
 #[derive(Default)]
@@ -275,12 +288,7 @@ impl GpuDevice {
         need(K, "query_seq", a.query_seq.len(), a.n_queries)?;
         need(K, "context_lens", a.context_lens.len(), a.n_queries)?;
         need(K, "window_starts", a.window_starts.len(), a.n_queries)?;
-        let pairs = a.n_queries * a.n_heads;
-        let n_parts = if pairs < 2 * self.sm_count() && a.max_context > 2 * ATTENTION_PARTITION {
-            a.max_context.div_ceil(ATTENTION_PARTITION)
-        } else {
-            1
-        };
+        let (n_parts, partition) = attention_split(a.n_queries * a.n_heads, a.max_context, self.sm_count());
         let scale = 1.0 / (a.head_dim as f32).sqrt();
         let ints = [
             to_i32(K, a.n_queries)?,
@@ -288,13 +296,13 @@ impl GpuDevice {
             to_i32(K, a.n_kv_heads)?,
             to_i32(K, a.head_dim)?,
             to_i32(K, a.block_size)?,
-            to_i32(K, ATTENTION_PARTITION)?,
+            to_i32(K, partition)?,
             to_i32(K, n_parts)?,
         ];
         let (q_stride, max_blocks) = (to_i32(K, a.q_stride)?, to_i32(K, a.max_blocks_per_seq)?);
         guard(|| {
             let stream = self.stream();
-            let need_parts = pairs * n_parts;
+            let need_parts = a.n_queries * a.n_heads * n_parts;
             if n_parts > 1 {
                 let grow = |buf: &mut Option<CudaSlice<f32>>, len: usize| -> Result<(), CudaError> {
                     if buf.as_ref().is_none_or(|b| b.len() < len) {
@@ -383,5 +391,23 @@ impl GpuDevice {
             unsafe { b.launch(elementwise_config(n)) }?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention_split;
+
+    #[test]
+    fn split_fills_the_gpu_only_when_needed() {
+        // Batch-1 decode of a 32-head model at 256 context on 132 SMs: split into 4 partitions of 64.
+        assert_eq!(attention_split(32, 256, 132), (4, 64));
+        // Long context: up to the warp target.
+        assert_eq!(attention_split(32, 8192, 132), (17, 484));
+        // Prefill or large batches: one partition.
+        assert_eq!(attention_split(2048 * 32, 2048, 132).0, 1);
+        assert_eq!(attention_split(128 * 32, 300, 132).0, 1);
+        // Tiny contexts never split below one partition of at least 4 keys.
+        assert_eq!(attention_split(1, 1, 132), (1, 4));
     }
 }
