@@ -125,7 +125,7 @@ impl CudaBackend {
     ) -> Result<Self, LoadError> {
         kv.validate().map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
         let c = model.config.clone();
-        if c.head_dim % 32 != 0 || c.head_dim > 256 {
+        if !c.head_dim.is_multiple_of(32) || c.head_dim > 256 {
             return Err(LoadError::InvalidConfig(format!(
                 "the CUDA attention kernel needs head_dim a multiple of 32 up to 256, this model has {}",
                 c.head_dim
