@@ -109,7 +109,11 @@ impl GpuDevice {
         let libs = libs::load(&options.lib_dirs)?;
         guard(|| {
             let ctx = CudaContext::new(options.device)?;
-            let stream = ctx.default_stream();
+            // A stream of our own: the legacy default stream cannot be captured into a graph.
+            let stream = ctx.new_stream()?;
+            // SAFETY: every operation of this device is queued on this one stream, so stream
+            // order alone orders all reads and writes; cudarc's cross-stream events are not needed.
+            unsafe { ctx.disable_event_tracking() };
             let name = ctx.name()?;
             let compute_capability = ctx.compute_capability()?;
             let sm_count = ctx
@@ -174,5 +178,42 @@ impl GpuDevice {
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         guard(|| Ok(self.stream.synchronize()?))
+    }
+}
+
+/// A captured sequence of launches, replayed as one.
+pub struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: a CUDA graph exec may be launched from any thread as long as launches of the same
+// exec are not concurrent; `Graph` is only launched through `&mut`-exclusive owners (the backend
+// that captured it), and the driver objects carry no thread affinity.
+unsafe impl Send for Graph {}
+
+impl Graph {
+    /// Replays the graph on the stream it was captured from.
+    pub fn launch(&self) -> Result<(), CudaError> {
+        guard(|| Ok(self.0.launch()?))
+    }
+}
+
+impl GpuDevice {
+    /// Records everything `enqueue` queues on this device's stream into a graph instead of
+    /// running it. The capture is ended whatever `enqueue` returns.
+    pub fn capture<E>(&self, enqueue: impl FnOnce() -> Result<(), E>) -> Result<Result<Graph, CudaError>, E> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let begun =
+            guard(|| Ok(self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?));
+        if let Err(e) = begun {
+            return Ok(Err(e));
+        }
+        let queued = enqueue();
+        let ended = guard(|| {
+            self.stream
+                .end_capture(CUgraphInstantiate_flags(0))?
+                .map(Graph)
+                .ok_or_else(|| CudaError::Driver("stream capture produced no graph".into()))
+        });
+        queued?;
+        Ok(ended)
     }
 }

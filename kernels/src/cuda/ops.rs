@@ -4,7 +4,9 @@
 //! kernel on the device's stream. Integer metadata (token ids, positions, slots, block tables)
 //! travels as `i32`/`u32` views into one per-step buffer.
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::device::GpuDevice;
@@ -79,8 +81,6 @@ pub struct AttentionArgs<'a> {
     pub context_lens: &'a CudaView<'a, i32>,
     /// Visible context start of each query, `(n_queries)`.
     pub window_starts: &'a CudaView<'a, i32>,
-    /// Longest context of any query (sizes the split over the KV length).
-    pub max_context: usize,
     /// Queries.
     pub n_queries: usize,
     /// Query heads.
@@ -91,6 +91,9 @@ pub struct AttentionArgs<'a> {
     pub head_dim: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// `(n_parts, partition_size)` of the split over the KV length, from [`attention_split`];
+    /// the last partition of each query always runs to its context end.
+    pub split: (usize, usize),
 }
 
 /// Shortest partition of the split over the KV length (shorter ones cost more to reduce than
@@ -109,12 +112,40 @@ pub fn attention_split(pairs: usize, max_context: usize, sm_count: usize) -> (us
     (n_parts, partition)
 }
 
-/// Scratch for the split-KV attention, grown on demand.
+/// Scratch for the split-KV attention, grown on demand. `generation` changes whenever the
+/// buffers move, so captured graphs that point at them know to re-capture.
 #[derive(Default)]
 pub struct AttentionScratch {
     acc: Option<CudaSlice<f32>>,
     max: Option<CudaSlice<f32>>,
     sum: Option<CudaSlice<f32>>,
+    generation: u64,
+}
+
+impl AttentionScratch {
+    /// Grows the buffers to hold `partials` partial results of `head_dim` (no-op when big enough).
+    pub fn reserve(&mut self, stream: &Arc<CudaStream>, partials: usize, head_dim: usize) -> Result<(), CudaError> {
+        if self.max.as_ref().is_some_and(|m| m.len() >= partials)
+            && self.acc.as_ref().is_some_and(|a| a.len() >= partials * head_dim)
+        {
+            return Ok(());
+        }
+        guard(|| {
+            self.acc = None;
+            self.max = None;
+            self.sum = None;
+            self.acc = Some(stream.alloc_zeros::<f32>(partials * head_dim)?);
+            self.max = Some(stream.alloc_zeros::<f32>(partials)?);
+            self.sum = Some(stream.alloc_zeros::<f32>(partials)?);
+            self.generation += 1;
+            Ok(())
+        })
+    }
+
+    /// Changes whenever the buffers are reallocated.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
 }
 
 impl GpuDevice {
@@ -288,7 +319,13 @@ impl GpuDevice {
         need(K, "query_seq", a.query_seq.len(), a.n_queries)?;
         need(K, "context_lens", a.context_lens.len(), a.n_queries)?;
         need(K, "window_starts", a.window_starts.len(), a.n_queries)?;
-        let (n_parts, partition) = attention_split(a.n_queries * a.n_heads, a.max_context, self.sm_count());
+        let (n_parts, partition) = a.split;
+        if n_parts == 0 || partition == 0 {
+            return Err(CudaError::Shape { kernel: K, detail: format!("invalid split {:?}", a.split) });
+        }
+        if n_parts > 1 {
+            scratch.reserve(self.stream(), a.n_queries * a.n_heads * n_parts, a.head_dim)?;
+        }
         let scale = 1.0 / (a.head_dim as f32).sqrt();
         let ints = [
             to_i32(K, a.n_queries)?,
@@ -302,18 +339,6 @@ impl GpuDevice {
         let (q_stride, max_blocks) = (to_i32(K, a.q_stride)?, to_i32(K, a.max_blocks_per_seq)?);
         guard(|| {
             let stream = self.stream();
-            let need_parts = a.n_queries * a.n_heads * n_parts;
-            if n_parts > 1 {
-                let grow = |buf: &mut Option<CudaSlice<f32>>, len: usize| -> Result<(), CudaError> {
-                    if buf.as_ref().is_none_or(|b| b.len() < len) {
-                        *buf = Some(stream.alloc_zeros::<f32>(len)?);
-                    }
-                    Ok(())
-                };
-                grow(&mut scratch.acc, need_parts * a.head_dim)?;
-                grow(&mut scratch.max, need_parts)?;
-                grow(&mut scratch.sum, need_parts)?;
-            }
             let null: u64 = 0;
             let mut b = stream.launch_builder(&self.kernels.paged_attention);
             b.arg(q).arg(&q_stride).arg(k_cache).arg(v_cache).arg(a.block_tables).arg(&max_blocks);

@@ -9,7 +9,7 @@ use half::bf16;
 
 use super::device::GpuDevice;
 use super::gemm::Gemm;
-use super::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs};
+use super::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, attention_split};
 use super::{CudaError, guard};
 use crate::attention::{AttentionQuery, PagedKvLayer, paged_attention_ref};
 use crate::rope::{RopeConfig, RopeTable, apply_rope_ref};
@@ -192,7 +192,9 @@ pub fn run(dev: &GpuDevice) -> Result<Vec<SelfTestResult>, CudaError> {
         let exact = got.iter().zip(peaks).all(|(&g, p)| g as usize == p);
         out.push(SelfTestResult { kernel: "argmax_rows".into(), rel_err: if exact { 0.0 } else { 1.0 }, ok: exact });
 
-        for case in [AttnCase::decode_long(), AttnCase::decode_batch(), AttnCase::prefill()] {
+        for case in
+            [AttnCase::decode_long(), AttnCase::decode_batch(), AttnCase::prefill(), AttnCase::decode_stale_split()]
+        {
             out.push(attention_case(dev, &mut rng, &case)?);
         }
         Ok(out)
@@ -208,6 +210,9 @@ struct AttnCase {
     /// Per sequence: (context length, number of query rows at its end).
     seqs: Vec<(usize, usize)>,
     window: Option<usize>,
+    /// A split sized for a shorter context than the real one (as a captured decode graph
+    /// replays): the last partition must stretch to each query's end.
+    stale_split_for: Option<usize>,
 }
 
 impl AttnCase {
@@ -221,6 +226,19 @@ impl AttnCase {
             block_size: 16,
             seqs: vec![(2500, 1)],
             window: None,
+            stale_split_for: None,
+        }
+    }
+    fn decode_stale_split() -> Self {
+        AttnCase {
+            name: "attention decode 2 seqs, split sized for 256 at context 700",
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![(700, 1), (300, 1)],
+            window: None,
+            stale_split_for: Some(256),
         }
     }
     fn decode_batch() -> Self {
@@ -232,6 +250,7 @@ impl AttnCase {
             block_size: 16,
             seqs: vec![(1, 1), (17, 1), (300, 1), (33, 1), (64, 1)],
             window: None,
+            stale_split_for: None,
         }
     }
     fn prefill() -> Self {
@@ -244,6 +263,7 @@ impl AttnCase {
             block_size: 16,
             seqs: vec![(65, 40)],
             window: Some(32),
+            stale_split_for: None,
         }
     }
 }
@@ -289,12 +309,16 @@ fn attention_case(dev: &GpuDevice, rng: &mut Rng, c: &AttnCase) -> Result<SelfTe
         query_seq: &sv,
         context_lens: &cv,
         window_starts: &wv,
-        max_context: c.seqs.iter().map(|&(ctx, _)| ctx).max().unwrap_or(0),
         n_queries: nq,
         n_heads: c.n_heads,
         n_kv_heads: c.n_kv_heads,
         head_dim: c.head_dim,
         block_size: c.block_size,
+        split: attention_split(
+            nq * c.n_heads,
+            c.stale_split_for.unwrap_or_else(|| c.seqs.iter().map(|&(ctx, _)| ctx).max().unwrap_or(1)),
+            dev.sm_count(),
+        ),
     };
     dev.attention(&dq, &dk, &dv, &mut dout, &mut AttentionScratch::default(), &args)?;
     let got = f32s(&s.clone_dtoh(&dout)?);

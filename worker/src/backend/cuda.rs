@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use half::bf16;
 use tessera_kernels::cuda::gemm::Gemm;
-use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs};
+use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, attention_split};
 use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
 use tessera_kernels::rope::RopeTable;
 
@@ -25,7 +25,10 @@ use crate::loader::ResolvedModel;
 use crate::model::SeqChunk;
 use crate::tensor::WeightsDtype;
 
+use std::collections::HashMap;
+
 use cudarc::driver::{CudaSlice, CudaStream};
+use tessera_kernels::cuda::device::Graph;
 
 /// How to open the GPU.
 #[derive(Debug, Clone)]
@@ -90,7 +93,7 @@ impl Workspace {
 
 /// A model on one NVIDIA GPU.
 pub struct CudaBackend {
-    dev: GpuDevice,
+    dev: Arc<GpuDevice>,
     gemm: Gemm,
     config: ModelConfig,
     kv: KvCacheConfig,
@@ -103,7 +106,10 @@ pub struct CudaBackend {
     rope_cos: CudaSlice<f32>, // (max_positions, head_dim / 2)
     rope_sin: CudaSlice<f32>,
     workspace: Option<Workspace>,
+    /// Bumped whenever the workspace is reallocated.
+    workspace_generation: u64,
     scratch: AttentionScratch,
+    graphs: HashMap<StepShape, DecodeGraph>,
     weight_bytes_per_step: usize,
 }
 
@@ -197,7 +203,7 @@ impl CudaBackend {
         }
         dev.synchronize().map_err(dev_err)?;
         Ok(CudaBackend {
-            dev,
+            dev: Arc::new(dev),
             gemm,
             config: c,
             kv,
@@ -210,56 +216,53 @@ impl CudaBackend {
             rope_cos,
             rope_sin,
             workspace: None,
+            workspace_generation: 0,
             scratch: AttentionScratch::default(),
+            graphs: HashMap::new(),
             weight_bytes_per_step: weight_bytes,
         })
     }
 
-    /// Runs every layer and the LM head; leaves bf16 logits `(chunks, vocab)` in the workspace.
-    fn run(&mut self, chunks: &[SeqChunk<'_>]) -> Result<usize, EngineError> {
+    /// The per-step metadata of `chunks`, packed as ids | positions | slots | query_seq |
+    /// context_lens | window_starts | last_rows | block_tables (rows padded to `min_blocks`).
+    fn build_meta(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        min_blocks: usize,
+    ) -> Result<(Vec<i32>, StepShape, usize), EngineError> {
         let c = &self.config;
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         let nseq = chunks.len();
-        if n == 0 {
-            return Ok(0);
-        }
-        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let qkv_dim = qd + 2 * kvd;
-        let max_blocks = chunks.iter().map(|ch| ch.block_table.len()).max().unwrap_or(1).max(1);
+        let max_blocks = chunks.iter().map(|ch| ch.block_table.len()).max().unwrap_or(1).max(min_blocks).max(1);
+        let mut cols: [Vec<i32>; 6] = Default::default();
         let mut max_context = 0;
-
-        // Packed metadata: ids | positions | slots | query_seq | context_lens | window_starts |
-        // last_rows | block_tables.
-        let mut meta: Vec<i32> = Vec::with_capacity(6 * n + nseq + nseq * max_blocks);
-        let cols: [Vec<i32>; 6] = {
-            let mut cols: [Vec<i32>; 6] = Default::default();
-            for (si, ch) in chunks.iter().enumerate() {
-                if ch.start_pos + ch.tokens.len() > c.max_position_embeddings {
-                    return Err(EngineError::ContextOverflow {
-                        prompt: ch.start_pos + ch.tokens.len(),
-                        max_new: 0,
-                        context: c.max_position_embeddings,
-                    });
-                }
-                for (i, &tok) in ch.tokens.iter().enumerate() {
-                    if tok as usize >= c.vocab_size {
-                        return Err(EngineError::TokenOutOfRange { id: tok, vocab: c.vocab_size });
-                    }
-                    let pos = ch.start_pos + i;
-                    if self.kv.slot(ch.block_table, pos)? >= self.kv.num_blocks * self.kv.block_size {
-                        return Err(EngineError::InvalidKvConfig("block table points past the cache".into()));
-                    }
-                    cols[0].push(tok as i32);
-                    cols[1].push(pos as i32);
-                    cols[2].push(self.kv.slot(ch.block_table, pos)? as i32);
-                    cols[3].push(si as i32);
-                    cols[4].push(pos as i32 + 1);
-                    cols[5].push(c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)) as i32);
-                }
-                max_context = max_context.max(ch.start_pos + ch.tokens.len());
+        for (si, ch) in chunks.iter().enumerate() {
+            if ch.start_pos + ch.tokens.len() > c.max_position_embeddings {
+                return Err(EngineError::ContextOverflow {
+                    prompt: ch.start_pos + ch.tokens.len(),
+                    max_new: 0,
+                    context: c.max_position_embeddings,
+                });
             }
-            cols
-        };
+            for (i, &tok) in ch.tokens.iter().enumerate() {
+                if tok as usize >= c.vocab_size {
+                    return Err(EngineError::TokenOutOfRange { id: tok, vocab: c.vocab_size });
+                }
+                let pos = ch.start_pos + i;
+                let slot = self.kv.slot(ch.block_table, pos)?;
+                if slot >= self.kv.num_blocks * self.kv.block_size {
+                    return Err(EngineError::InvalidKvConfig("block table points past the cache".into()));
+                }
+                cols[0].push(tok as i32);
+                cols[1].push(pos as i32);
+                cols[2].push(slot as i32);
+                cols[3].push(si as i32);
+                cols[4].push(pos as i32 + 1);
+                cols[5].push(c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)) as i32);
+            }
+            max_context = max_context.max(ch.start_pos + ch.tokens.len());
+        }
+        let mut meta: Vec<i32> = Vec::with_capacity(6 * n + nseq + nseq * max_blocks);
         for col in &cols {
             meta.extend_from_slice(col);
         }
@@ -272,16 +275,33 @@ impl CudaBackend {
             meta.extend(ch.block_table.iter().map(|&b| b as i32));
             meta.extend(std::iter::repeat_n(0, max_blocks - ch.block_table.len()));
         }
+        let split = attention_split(n * c.num_heads, max_context, self.dev.sm_count());
+        Ok((meta, StepShape { n, nseq, max_blocks, split }, max_context))
+    }
 
-        let stream = self.dev.stream().clone();
-        if self.workspace.as_ref().is_none_or(|ws| ws.tokens < n || ws.seqs < nseq) {
-            let (tokens, seqs) = self.workspace.as_ref().map_or((n, nseq), |ws| (ws.tokens.max(n), ws.seqs.max(nseq)));
-            self.workspace = None; // free before allocating the larger one
-            self.workspace = Some(Workspace::new(&stream, c, tokens, seqs).map_err(run_err)?);
+    /// Grows the activation workspace to `n` tokens and `nseq` sequences (never shrinks).
+    fn ensure_workspace(&mut self, n: usize, nseq: usize) -> Result<(), EngineError> {
+        if self.workspace.as_ref().is_some_and(|ws| ws.tokens >= n && ws.seqs >= nseq) {
+            return Ok(());
         }
+        let (tokens, seqs) = self.workspace.as_ref().map_or((n, nseq), |ws| (ws.tokens.max(n), ws.seqs.max(nseq)));
+        self.workspace = None; // free before allocating the larger one
+        let stream = self.dev.stream().clone();
+        self.workspace = Some(Workspace::new(&stream, &self.config, tokens, seqs).map_err(run_err)?);
+        self.workspace_generation += 1;
+        Ok(())
+    }
+
+    /// Queues one step: every layer, the LM head (bf16 logits in the workspace) and, when
+    /// `greedy`, the arg-max of each sequence. Enqueues only (no allocation, no host sync), so
+    /// it can be captured into a graph.
+    fn enqueue(&mut self, meta: &CudaSlice<i32>, shape: StepShape, greedy: bool) -> Result<(), EngineError> {
+        let c = &self.config;
+        let StepShape { n, nseq, max_blocks, split } = shape;
+        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let qkv_dim = qd + 2 * kvd;
         let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
-        let meta_dev = stream.clone_htod(&meta).map_err(|e| run_err(e.into()))?;
-        let view = |k: usize, len: usize| meta_dev.slice(k..k + len);
+        let view = |k: usize, len: usize| meta.slice(k..k + len);
         let (ids, positions, slots) = (view(0, n), view(n, n), view(2 * n, n));
         let (query_seq, context_lens, window_starts) = (view(3 * n, n), view(4 * n, n), view(5 * n, n));
         let last_rows = view(6 * n, nseq);
@@ -315,12 +335,12 @@ impl CudaBackend {
                 query_seq: &query_seq,
                 context_lens: &context_lens,
                 window_starts: &window_starts,
-                max_context,
                 n_queries: n,
                 n_heads: c.num_heads,
                 n_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
                 block_size: self.kv.block_size,
+                split,
             };
             dev.attention(&ws.qkv, &self.k_cache[li], &self.v_cache[li], &mut ws.attn, &mut self.scratch, &attn)
                 .map_err(run_err)?;
@@ -347,8 +367,83 @@ impl CudaBackend {
             .map_err(run_err)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         gemm.matmul(&ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
-        Ok(nseq)
+        if greedy {
+            dev.argmax(&ws.logits, nseq, c.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
+        }
+        Ok(())
     }
+
+    /// Runs one step eagerly (metadata uploaded fresh).
+    fn run_eager(&mut self, chunks: &[SeqChunk<'_>], greedy: bool) -> Result<usize, EngineError> {
+        let (meta, shape, _) = self.build_meta(chunks, 1)?;
+        if shape.n == 0 {
+            return Ok(0);
+        }
+        self.ensure_workspace(shape.n, shape.nseq)?;
+        let meta_dev = self.dev.stream().clone_htod(&meta).map_err(|e| run_err(e.into()))?;
+        self.enqueue(&meta_dev, shape, greedy)?;
+        Ok(shape.nseq)
+    }
+
+    /// A greedy decode step (one token per sequence) through a captured CUDA graph: the step's
+    /// ~400 launches replay as one. Graphs are keyed by batch size and by power-of-two buckets
+    /// of the block-table width and context (which fix every launch parameter); a bucket's
+    /// first step runs eagerly and is then captured. A graph whose buffers moved is re-captured.
+    fn decode_graph_step(&mut self, chunks: &[SeqChunk<'_>]) -> Result<(), EngineError> {
+        let widest = chunks.iter().map(|ch| ch.block_table.len()).max().unwrap_or(1);
+        let (meta, mut shape, max_context) = self.build_meta(chunks, widest.next_power_of_two())?;
+        // The split is sized for the context bucket; the kernel stretches the last partition to
+        // each query's real end, so any context inside the bucket is computed correctly.
+        shape.split =
+            attention_split(shape.n * self.config.num_heads, max_context.next_power_of_two(), self.dev.sm_count());
+        let stream = self.dev.stream().clone();
+        let generation = (self.workspace_generation, self.scratch.generation());
+        if let Some(g) = self.graphs.get_mut(&shape)
+            && g.generation == generation
+        {
+            stream.memcpy_htod(&meta, &mut g.meta).map_err(|e| run_err(e.into()))?;
+            return g.graph.launch().map_err(run_err);
+        }
+        // First step of this bucket (or buffers moved): run it eagerly, which also sizes the
+        // workspace, the split scratch and the GEMM plans, then capture the same step.
+        self.ensure_workspace(shape.n, shape.nseq)?;
+        self.scratch
+            .reserve(&stream, shape.n * self.config.num_heads * shape.split.0, self.config.head_dim)
+            .map_err(run_err)?;
+        let graph_meta = stream.clone_htod(&meta).map_err(|e| run_err(e.into()))?;
+        self.enqueue(&graph_meta, shape, true)?;
+        let generation = (self.workspace_generation, self.scratch.generation());
+        // `dev` is shared so the capture can wrap `enqueue`, which borrows the backend mutably.
+        let dev = Arc::clone(&self.dev);
+        let graph = dev.capture(|| self.enqueue(&graph_meta, shape, true))?.map_err(run_err)?;
+        // Graphs whose buffers moved are dead weight; a bounded set covers the batch sizes in use.
+        self.graphs.retain(|_, g| g.generation == generation);
+        if self.graphs.len() >= MAX_DECODE_GRAPHS {
+            self.graphs.clear();
+        }
+        self.graphs.insert(shape, DecodeGraph { graph, meta: graph_meta, generation });
+        Ok(())
+    }
+}
+
+/// Most captured decode graphs kept at once (each holds a few hundred launch nodes).
+const MAX_DECODE_GRAPHS: usize = 64;
+
+/// What fixes a step's launch parameters (and so keys a captured graph).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct StepShape {
+    n: usize,
+    nseq: usize,
+    max_blocks: usize,
+    split: (usize, usize),
+}
+
+/// A captured decode step with the metadata buffer its kernels read.
+struct DecodeGraph {
+    graph: Graph,
+    meta: CudaSlice<i32>,
+    /// (workspace, scratch) generations at capture.
+    generation: (u64, u64),
 }
 
 impl ModelBackend for CudaBackend {
@@ -366,12 +461,12 @@ impl ModelBackend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError> {
-        let nseq = self.run(chunks)?;
-        let len = nseq * self.config.vocab_size;
-        let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
+        let nseq = self.run_eager(chunks, false)?;
         if nseq == 0 {
             return Ok(Vec::new());
         }
+        let len = nseq * self.config.vocab_size;
+        let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
         self.dev.bf16_to_f32(&ws.logits, &mut ws.logits_f32, len).map_err(run_err)?;
         let mut host = self.dev.stream().clone_dtoh(&ws.logits_f32).map_err(|e| run_err(e.into()))?;
         host.truncate(len);
@@ -379,12 +474,16 @@ impl ModelBackend for CudaBackend {
     }
 
     fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
-        let nseq = self.run(chunks)?;
+        let nseq = chunks.len();
         if nseq == 0 {
             return Ok(Vec::new());
         }
-        let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
-        self.dev.argmax(&ws.logits, nseq, self.config.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
+        if chunks.iter().all(|ch| ch.tokens.len() == 1) {
+            self.decode_graph_step(chunks)?;
+        } else {
+            self.run_eager(chunks, true)?;
+        }
+        let ws = self.workspace.as_ref().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
         let mut host = self.dev.stream().clone_dtoh(&ws.next_tokens).map_err(|e| run_err(e.into()))?;
         host.truncate(nseq);
         Ok(host)
