@@ -3,9 +3,7 @@
 //! `y (tokens, out) = x (tokens, in) · w (out, in)ᵀ`, bf16 in and out, f32 accumulation. Row-major
 //! matrices are column-major transposes, so this is cuBLASLt's `D (out × tokens) = Wᵀ · X` with
 //! `A = W` transposed. The heuristic query costs tens of microseconds, so plans are cached per
-//! `(tokens, out, in)`: a decode step runs its GEMMs with no query at all. The first call of a
-//! shape also times up to [`CANDIDATES`] of the heuristic's algorithms on the real operands and
-//! keeps the fastest (the heuristic's first pick is often not the best for skinny decode GEMMs).
+//! `(tokens, out, in)`: a decode step runs its GEMMs with no query at all.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -20,12 +18,6 @@ use super::{CudaError, guard};
 
 /// cuBLASLt's recommended workspace on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
-
-/// Algorithms asked of the heuristic and timed per shape.
-pub const CANDIDATES: usize = 8;
-
-/// Timed repetitions per candidate (after one warm-up).
-const TUNING_REPS: usize = 5;
 
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
@@ -95,123 +87,32 @@ impl Gemm {
         })
     }
 
-    /// Descriptors for a shape and the heuristic's candidate algorithms, best guess first.
-    fn plan(
-        &self,
-        tokens: usize,
-        out: usize,
-        inner: usize,
-    ) -> Result<(Plan, Vec<sys::cublasLtMatmulAlgo_t>), CudaError> {
+    fn plan(&self, tokens: usize, out: usize, inner: usize) -> Result<Plan, CudaError> {
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let desc =
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)?;
         let a = lt::create_matrix_layout(bf, inner as u64, out as u64, inner as i64)?;
         let b = lt::create_matrix_layout(bf, inner as u64, tokens as u64, inner as i64)?;
         let c = lt::create_matrix_layout(bf, out as u64, tokens as u64, out as i64)?;
-        let plan = Plan { desc, a, b, c, algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] } };
+        let mut plan = Plan { desc, a, b, c, algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] } };
         set_transpose(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, true)?;
         set_transpose(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, false)?;
         let pref = lt::create_matmul_pref()?;
         let size = WORKSPACE_BYTES;
-        // SAFETY: `size` and `results` outlive the calls; the heuristic writes at most
-        // `CANDIDATES` results and reports how many in `count`.
-        let (results, count) = unsafe {
-            let mut results = [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>(); CANDIDATES];
-            let mut count: i32 = 0;
-            let r = lt::set_matmul_pref_attribute(
+        // SAFETY: `size` outlives the call; the attribute takes a size_t.
+        let heuristic = unsafe {
+            let set = lt::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 (&size as *const usize).cast(),
                 std::mem::size_of::<usize>(),
-            )
-            .and_then(|()| {
-                sys::cublasLtMatmulAlgoGetHeuristic(
-                    self.handle,
-                    desc,
-                    a,
-                    b,
-                    c,
-                    c,
-                    pref,
-                    CANDIDATES as i32,
-                    results.as_mut_ptr(),
-                    &mut count,
-                )
-                .result()
-            });
+            );
+            let h = set.and_then(|()| lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref));
             let _ = lt::destroy_matmul_pref(pref);
-            r?;
-            (results, count)
+            h?
         };
-        let algos: Vec<_> = results
-            .iter()
-            .take(count.max(0) as usize)
-            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
-            .map(|r| r.algo)
-            .collect();
-        if algos.is_empty() {
-            return Err(CudaError::Blas(format!("no cuBLASLt algorithm for {tokens}x{out}x{inner}")));
-        }
-        Ok((plan, algos))
-    }
-
-    /// Enqueues one GEMM with `algo` on raw pointers already checked by `matmul`.
-    fn launch(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t, x: u64, w: u64, y: u64) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (ws, _rws) = self.workspace.device_ptr(&self.stream);
-        // SAFETY: the caller checked every extent against the plan's layouts; the scalars and
-        // the workspace outlive the call.
-        unsafe {
-            lt::matmul(
-                self.handle,
-                plan.desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                w as *const c_void,
-                plan.a,
-                x as *const c_void,
-                plan.b,
-                y as *const c_void,
-                plan.c,
-                y as *mut c_void,
-                plan.c,
-                algo,
-                ws as *mut c_void,
-                WORKSPACE_BYTES,
-                self.stream.cu_stream() as sys::cudaStream_t,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Times each candidate on the real operands and returns the fastest (the first candidate
-    /// when only one runs at all). Synchronises the stream: call outside graph capture.
-    fn tune(
-        &self,
-        plan: &Plan,
-        algos: &[sys::cublasLtMatmulAlgo_t],
-        x: u64,
-        w: u64,
-        y: u64,
-    ) -> Result<sys::cublasLtMatmulAlgo_t, CudaError> {
-        let mut best = (f64::INFINITY, algos[0]);
-        for algo in algos {
-            // A candidate that fails to launch is skipped, not fatal.
-            if self.launch(plan, algo, x, w, y).is_err() {
-                continue;
-            }
-            self.stream.synchronize()?;
-            let start = std::time::Instant::now();
-            for _ in 0..TUNING_REPS {
-                self.launch(plan, algo, x, w, y)?;
-            }
-            self.stream.synchronize()?;
-            let t = start.elapsed().as_secs_f64();
-            if t < best.0 {
-                best = (t, *algo);
-            }
-        }
-        Ok(best.1)
+        plan.algo = heuristic.algo;
+        Ok(plan)
     }
 
     /// `y (tokens, out) = x (tokens, inner) · w (out, inner)ᵀ`; slices may be longer than needed.
@@ -240,19 +141,38 @@ impl Gemm {
         }
         guard(|| {
             let mut plans = self.plans.lock().map_err(|_| CudaError::Blas("plan cache poisoned".into()))?;
-            let (xp, _rx) = x.device_ptr(&self.stream);
-            let (wp, _rw) = w.device_ptr(&self.stream);
-            let (yp, _ry) = y.device_ptr_mut(&self.stream);
             let key = (tokens, out, inner);
             let plan = match plans.entry(key) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let (mut plan, algos) = self.plan(tokens, out, inner)?;
-                    plan.algo = if algos.len() > 1 { self.tune(&plan, &algos, xp, wp, yp)? } else { algos[0] };
-                    e.insert(plan)
-                }
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(tokens, out, inner)?),
             };
-            self.launch(plan, &plan.algo, xp, wp, yp)?;
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let (xp, _rx) = x.device_ptr(&self.stream);
+            let (wp, _rw) = w.device_ptr(&self.stream);
+            let (yp, _ry) = y.device_ptr_mut(&self.stream);
+            let (ws, _rws) = self.workspace.device_ptr(&self.stream);
+            // SAFETY: every pointer covers the extent checked above and lives until the guards
+            // drop after the call; the plan's layouts describe exactly these extents.
+            unsafe {
+                lt::matmul(
+                    self.handle,
+                    plan.desc,
+                    (&alpha as *const f32).cast(),
+                    (&beta as *const f32).cast(),
+                    wp as *const c_void,
+                    plan.a,
+                    xp as *const c_void,
+                    plan.b,
+                    yp as *const c_void,
+                    plan.c,
+                    yp as *mut c_void,
+                    plan.c,
+                    &plan.algo,
+                    ws as *mut c_void,
+                    WORKSPACE_BYTES,
+                    self.stream.cu_stream() as sys::cudaStream_t,
+                )?;
+            }
             Ok(())
         })
     }
