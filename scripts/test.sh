@@ -21,6 +21,9 @@ fi
 export CARGO_TERM_COLOR=never
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The CUDA backend builds everywhere (libraries are loaded at run time); its device checks run
+# on a GPU machine with kernels/gpu/check.sh.
+cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
 # Fetch the default model once (tests that need it find it in the cache).
 cargo run --quiet --locked -- pull >/dev/null
 if cargo nextest --version >/dev/null 2>&1; then
