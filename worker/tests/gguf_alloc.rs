@@ -7,7 +7,7 @@ mod support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use support::put_str;
+use support::{header_prefix as prefix, put_str};
 use tessera_worker::loader::gguf::parse_header;
 
 /// Counts live heap bytes and their high-water mark.
@@ -45,14 +45,6 @@ fn peak_during_parse(bytes: &[u8]) -> usize {
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
     drop(result);
     peak
-}
-
-fn prefix(n_tensors: u64, n_kv: u64) -> Vec<u8> {
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend(n_tensors.to_le_bytes());
-    out.extend(n_kv.to_le_bytes());
-    out
 }
 
 #[test]

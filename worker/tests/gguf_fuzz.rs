@@ -6,7 +6,7 @@
 mod support;
 
 use proptest::prelude::*;
-use support::{GgufWriter, put_str, s, strings};
+use support::{GgufWriter, header_prefix as prefix, put_str, s, strings};
 use tessera_worker::loader::gguf::{GgmlType, GgufValue, parse_header};
 
 /// A small valid file with metadata of several types and tensors of every supported type.
@@ -25,15 +25,6 @@ fn small_file() -> Vec<u8> {
         w.tensor(name, &[32, 2], ty, &ramp);
     }
     w.to_bytes()
-}
-
-/// A header prefix: magic, version 3, tensor count, metadata count.
-fn prefix(n_tensors: u64, n_kv: u64) -> Vec<u8> {
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend(n_tensors.to_le_bytes());
-    out.extend(n_kv.to_le_bytes());
-    out
 }
 
 #[test]

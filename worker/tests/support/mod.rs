@@ -98,6 +98,15 @@ impl GgufWriter {
 }
 
 /// Appends a GGUF string (u64 length, bytes).
+/// A GGUF header prefix: magic, version 3, tensor count, metadata count.
+pub fn header_prefix(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(n_tensors.to_le_bytes());
+    out.extend(n_kv.to_le_bytes());
+    out
+}
+
 pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend((s.len() as u64).to_le_bytes());
     out.extend(s.as_bytes());
