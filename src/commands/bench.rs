@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tessera_kernels::CpuPool;
 use tessera_kernels::bandwidth::measure_read_bandwidth;
-use tessera_worker::engine::{Engine, GenerationRequest, GenerationStats};
+use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest, GenerationStats};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::plan::human_bytes;
 use tessera_worker::sampler::SamplingParams;
@@ -82,7 +82,10 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         config.max_position_embeddings
     );
     let kv = KvCacheConfig::for_sequences(max_batch, args.prompt_len + args.gen_len, 16);
-    let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
+    // Every run repeats the same prompts: without turning the prefix cache off, runs after the
+    // first would measure cache hits instead of prefill.
+    let mut engine =
+        Engine::with_options(args.model.backend(&resolved, kv)?, kv, EngineOptions { prefix_caching: false })?;
     let info = engine.backend().info();
     // The CPU ceiling: read bandwidth with as many threads as the engine uses, in this run.
     let bandwidth = match args.model.device {

@@ -47,13 +47,17 @@ pub struct GenerationOutput {
     pub tokens: Vec<u32>,
     /// Why generation ended.
     pub finish_reason: FinishReason,
+    /// Prompt tokens served from the prefix cache (not recomputed).
+    pub cached_prompt_tokens: usize,
 }
 
 /// Timings of one `generate` call.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GenerationStats {
-    /// Prompt tokens processed.
+    /// Prompt tokens computed (excluding those served from the prefix cache).
     pub prefill_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: usize,
     /// Wall time of prefill (including the first token's sampling).
     pub prefill_time: Duration,
     /// Tokens produced by decode steps (after the first).
@@ -71,18 +75,44 @@ struct Active {
     sampler: Sampler,
     output: Vec<u32>,
     finish: Option<FinishReason>,
+    /// Prompt tokens whose K/V came from the prefix cache.
+    cached: usize,
+}
+
+/// Engine behaviour switches.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Reuse the K/V of full blocks whose prefix was computed before (benchmarks that repeat
+    /// the same prompts turn it off to measure real prefill).
+    pub prefix_caching: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { prefix_caching: true }
+    }
 }
 
 /// A backend plus the block bookkeeping of its KV cache.
 pub struct Engine {
     backend: Box<dyn ModelBackend>,
     kv: BlockAllocator,
+    options: EngineOptions,
 }
 
 impl Engine {
-    /// Wraps a backend whose KV storage was sized for `kv_config`.
+    /// Wraps a backend whose KV storage was sized for `kv_config`, with prefix caching on.
     pub fn new(backend: Box<dyn ModelBackend>, kv_config: KvCacheConfig) -> Result<Self, EngineError> {
-        Ok(Engine { backend, kv: BlockAllocator::new(kv_config)? })
+        Self::with_options(backend, kv_config, EngineOptions::default())
+    }
+
+    /// Wraps a backend with explicit options.
+    pub fn with_options(
+        backend: Box<dyn ModelBackend>,
+        kv_config: KvCacheConfig,
+        options: EngineOptions,
+    ) -> Result<Self, EngineError> {
+        Ok(Engine { backend, kv: BlockAllocator::new(kv_config)?, options })
     }
 
     /// The backend.
@@ -118,16 +148,17 @@ impl Engine {
         };
         self.validate(&request)?;
         let mut table = Vec::new();
-        let result = self.kv.reserve(&mut table, prompt.len()).and_then(|()| self.prefill(prompt, &table));
+        let result = self.kv.reserve(&mut table, prompt.len()).and_then(|()| self.prefill(prompt, 0, &table));
         self.kv.release(&mut table);
         result
     }
 
-    /// Runs the prompt in chunks and returns the last position's logits.
-    fn prefill(&mut self, prompt: &[u32], table: &[u32]) -> Result<Vec<f32>, EngineError> {
+    /// Runs `prompt[start..]` in chunks (positions before `start` are already in the KV cache)
+    /// and returns the last position's logits.
+    fn prefill(&mut self, prompt: &[u32], start: usize, table: &[u32]) -> Result<Vec<f32>, EngineError> {
         let mut logits = Vec::new();
-        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-            let seq = SeqChunk { tokens: chunk, start_pos: i * PREFILL_CHUNK, block_table: table };
+        for (i, chunk) in prompt[start..].chunks(PREFILL_CHUNK).enumerate() {
+            let seq = SeqChunk { tokens: chunk, start_pos: start + i * PREFILL_CHUNK, block_table: table };
             logits = self.backend.forward(&[seq])?;
         }
         Ok(logits)
@@ -146,13 +177,23 @@ impl Engine {
         let mut active: Vec<Active> = Vec::with_capacity(requests.len());
         let result = self.run(requests, &mut active, &mut on_token);
         for a in &mut active {
+            if result.is_ok() && self.options.prefix_caching {
+                // K/V exists for the prompt and every generated token but the last.
+                let r = &requests[a.request];
+                let tokens: Vec<u32> = r.prompt.iter().chain(&a.output).copied().collect();
+                self.kv.register(&a.table, &tokens, a.len.saturating_sub(1).max(r.prompt.len()));
+            }
             self.kv.release(&mut a.table);
         }
         let stats = result?;
         active.sort_by_key(|a| a.request);
         let outputs = active
             .into_iter()
-            .map(|a| GenerationOutput { tokens: a.output, finish_reason: a.finish.unwrap_or(FinishReason::Length) })
+            .map(|a| GenerationOutput {
+                tokens: a.output,
+                finish_reason: a.finish.unwrap_or(FinishReason::Length),
+                cached_prompt_tokens: a.cached,
+            })
             .collect();
         Ok((outputs, stats))
     }
@@ -167,6 +208,8 @@ impl Engine {
         let start = Instant::now();
         for (i, r) in requests.iter().enumerate() {
             let mut table = Vec::new();
+            let hit = if self.options.prefix_caching { self.kv.lookup_prefix(&r.prompt) } else { Vec::new() };
+            self.kv.acquire(&mut table, &hit);
             let reserved = self.kv.reserve(&mut table, r.prompt.len() + r.max_new_tokens);
             active.push(Active {
                 request: i,
@@ -175,13 +218,18 @@ impl Engine {
                 sampler: Sampler::new(r.sampling.clone())?,
                 output: Vec::new(),
                 finish: None,
+                cached: hit.len() * self.kv.config().block_size,
             });
             reserved?;
         }
         for a in active.iter_mut() {
             let r = &requests[a.request];
-            let logits = self.prefill(&r.prompt, &a.table)?;
-            stats.prefill_tokens += r.prompt.len();
+            let logits = self.prefill(&r.prompt, a.cached, &a.table)?;
+            if self.options.prefix_caching {
+                self.kv.register(&a.table, &r.prompt, r.prompt.len());
+            }
+            stats.prefill_tokens += r.prompt.len() - a.cached;
+            stats.cached_prompt_tokens += a.cached;
             if r.max_new_tokens == 0 {
                 a.finish = Some(FinishReason::Length);
                 continue;

@@ -3,9 +3,12 @@
 //! A sequence owns an ordered list of block ids (its block table); position `p` lives in block
 //! `table[p / block_size]`, slot `p % block_size`. The storage itself belongs to the backend
 //! (host memory for the CPU backend, device memory for CUDA); this module only decides which
-//! block holds what. Invariants: a block id is either in the free list or owned by exactly one
-//! table; `free_blocks() + owned == num_blocks`. (Sharing blocks between sequences through the
-//! prefix cache comes with the serving engine.)
+//! block holds what, and which full blocks hold a known prefix (the prefix cache). See
+//! [`BlockAllocator`] for the invariants.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tessera_proto::{BlockHash, hash_prefix_blocks};
 
 use crate::error::EngineError;
 
@@ -44,19 +47,42 @@ impl KvCacheConfig {
     }
 }
 
-/// Hands out blocks.
+/// Hands out blocks and remembers which full blocks hold which prefix.
+///
+/// Every block is in exactly one state: **free** (no owner, no cached content), **cached**
+/// (no owner, holds a registered prefix; evictable, least recently released first) or **in use**
+/// (one or more owners; `ref_count > 0`). A cached or in-use block is keyed by the chained hash
+/// of the tokens it holds together with all before it (`tessera_proto::hash_prefix_blocks`),
+/// and a hash names at most one block. Sequences only ever write positions after their shared
+/// prefix, so a shared block is never written while shared.
 pub struct BlockAllocator {
     config: KvCacheConfig,
+    ref_count: Vec<u32>,
+    hash_of: Vec<Option<BlockHash>>,
+    by_hash: HashMap<BlockHash, u32>,
     free: Vec<u32>,
+    /// Cached blocks with no owner, by release tick (oldest first).
+    evictable: BTreeMap<u64, u32>,
+    released_at: Vec<u64>,
+    tick: u64,
 }
 
 impl BlockAllocator {
     /// All blocks free.
     pub fn new(config: KvCacheConfig) -> Result<Self, EngineError> {
         config.validate()?;
-        // Pop from the end, so hand out low ids first.
-        let free = (0..config.num_blocks as u32).rev().collect();
-        Ok(BlockAllocator { config, free })
+        let n = config.num_blocks;
+        Ok(BlockAllocator {
+            config,
+            ref_count: vec![0; n],
+            hash_of: vec![None; n],
+            by_hash: HashMap::new(),
+            // Pop from the end, so hand out low ids first.
+            free: (0..n as u32).rev().collect(),
+            evictable: BTreeMap::new(),
+            released_at: vec![0; n],
+            tick: 0,
+        })
     }
 
     /// The capacity.
@@ -64,25 +90,114 @@ impl BlockAllocator {
         self.config
     }
 
-    /// Blocks not owned by any sequence.
+    /// Blocks that can be handed out now (free plus evictable cached ones).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Blocks holding a registered prefix (in use or not).
+    pub fn cached_blocks(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// The longest run of cached blocks that holds a prefix of `tokens`, stopping short of the
+    /// last token (whose logits must be computed). Nothing is acquired.
+    pub fn lookup_prefix(&self, tokens: &[u32]) -> Vec<u32> {
+        let usable = tokens.len().saturating_sub(1);
+        hash_prefix_blocks(&tokens[..usable], self.config.block_size)
+            .into_iter()
+            .map_while(|h| self.by_hash.get(&h).copied())
+            .collect()
+    }
+
+    /// Appends `blocks` (from [`lookup_prefix`](Self::lookup_prefix)) to an empty `table`,
+    /// taking a reference on each.
+    pub fn acquire(&mut self, table: &mut Vec<u32>, blocks: &[u32]) {
+        for &b in blocks {
+            let i = b as usize;
+            if self.ref_count[i] == 0 {
+                self.evictable.remove(&self.released_at[i]);
+            }
+            self.ref_count[i] += 1;
+            table.push(b);
+        }
+    }
+
+    fn take_block(&mut self) -> Option<u32> {
+        if let Some(b) = self.free.pop() {
+            return Some(b);
+        }
+        // Evict the least recently released cached block.
+        let (_, b) = self.evictable.pop_first()?;
+        if let Some(h) = self.hash_of[b as usize].take() {
+            self.by_hash.remove(&h);
+        }
+        Some(b)
     }
 
     /// Grows `table` so that it covers `tokens` positions; all-or-nothing.
     pub fn reserve(&mut self, table: &mut Vec<u32>, tokens: usize) -> Result<(), EngineError> {
         let needed = tokens.div_ceil(self.config.block_size).saturating_sub(table.len());
-        if needed > self.free.len() {
-            return Err(EngineError::KvCacheExhausted { needed, free: self.free.len() });
+        if needed > self.free_blocks() {
+            return Err(EngineError::KvCacheExhausted { needed, free: self.free_blocks() });
         }
-        let start = self.free.len() - needed;
-        table.extend(self.free.drain(start..).rev());
+        for _ in 0..needed {
+            let b = self.take_block().ok_or(EngineError::KvCacheExhausted { needed, free: 0 })?;
+            self.ref_count[b as usize] = 1;
+            table.push(b);
+        }
         Ok(())
     }
 
-    /// Returns a sequence's blocks to the free list and empties its table.
+    /// Records that the first `computed` tokens of `tokens` have their K/V in `table`, so the
+    /// full blocks among them can serve later prompts with the same prefix.
+    pub fn register(&mut self, table: &[u32], tokens: &[u32], computed: usize) {
+        let computed = computed.min(tokens.len());
+        for (h, &b) in hash_prefix_blocks(&tokens[..computed], self.config.block_size).into_iter().zip(table) {
+            let i = b as usize;
+            match self.hash_of[i] {
+                Some(existing) if existing == h => continue,
+                // A block's content never changes while it is owned; a different hash would be
+                // a bookkeeping bug, so keep the first registration.
+                Some(_) => continue,
+                None => {}
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
+                e.insert(b);
+                self.hash_of[i] = Some(h);
+            }
+        }
+    }
+
+    /// Drops a sequence's references and empties its table: blocks holding a registered
+    /// prefix stay cached (evictable), the others become free.
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.extend(table.drain(..).rev());
+        for b in table.drain(..).rev() {
+            let i = b as usize;
+            self.ref_count[i] = self.ref_count[i].saturating_sub(1);
+            if self.ref_count[i] > 0 {
+                continue;
+            }
+            if self.hash_of[i].is_some() {
+                self.tick += 1;
+                self.released_at[i] = self.tick;
+                self.evictable.insert(self.tick, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Forgets every cached prefix (owned blocks stay owned).
+    pub fn clear_cache(&mut self) {
+        while let Some((_, b)) = self.evictable.pop_first() {
+            self.hash_of[b as usize] = None;
+            self.free.push(b);
+        }
+        self.by_hash.clear();
+        for h in &mut self.hash_of {
+            *h = None;
+        }
     }
 }
 
@@ -115,26 +230,84 @@ mod tests {
         assert!(c.slot(&[5, 2], 8).is_err());
     }
 
+    #[test]
+    fn prefixes_are_found_shared_and_evicted_lru() {
+        let mut m = BlockAllocator::new(KvCacheConfig { num_blocks: 4, block_size: 2 }).unwrap();
+        let a: Vec<u32> = vec![1, 2, 3, 4, 5];
+        let mut ta = Vec::new();
+        m.reserve(&mut ta, a.len()).unwrap();
+        m.register(&ta, &a, a.len());
+        assert_eq!(m.cached_blocks(), 2); // [1,2] and [3,4]; [5] is partial
+        // While `a` runs, a prompt with the same prefix shares its blocks.
+        let b: Vec<u32> = vec![1, 2, 3, 4, 9, 9];
+        let hit = m.lookup_prefix(&b);
+        assert_eq!(hit, ta[..2].to_vec());
+        let mut tb = Vec::new();
+        m.acquire(&mut tb, &hit);
+        m.reserve(&mut tb, b.len()).unwrap();
+        assert_eq!(tb.len(), 3);
+        // The last token is never served from the cache.
+        assert_eq!(m.lookup_prefix(&[1, 2, 3, 4]).len(), 1);
+        m.release(&mut ta);
+        m.release(&mut tb);
+        assert_eq!(m.free_blocks(), 4);
+        assert_eq!(m.cached_blocks(), 2);
+        // Needing every block evicts the cached ones, least recently released first.
+        let mut tc = Vec::new();
+        m.reserve(&mut tc, 8).unwrap();
+        assert_eq!(m.cached_blocks(), 0);
+        assert!(m.lookup_prefix(&a).is_empty());
+    }
+
     proptest! {
         #[test]
-        fn blocks_are_conserved_and_never_shared(ops in proptest::collection::vec((0usize..4, 0usize..40, any::<bool>()), 1..60)) {
-            let mut cache = BlockAllocator::new(KvCacheConfig { num_blocks: 16, block_size: 4 }).unwrap();
-            let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 4];
-            for (seq, tokens, release) in ops {
-                if release {
-                    cache.release(&mut tables[seq]);
-                } else {
-                    let before = tables[seq].clone();
-                    if cache.reserve(&mut tables[seq], tokens).is_err() {
-                        prop_assert_eq!(&tables[seq], &before);
+        fn blocks_are_conserved_and_prefixes_stay_exact(
+            ops in proptest::collection::vec((0usize..4, 1usize..24, 0u8..3, 0u32..3), 1..80)
+        ) {
+            // Sequences draw tokens from a tiny alphabet so prefixes collide often.
+            let mut m = BlockAllocator::new(KvCacheConfig { num_blocks: 12, block_size: 2 }).unwrap();
+            let mut seqs: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); 4];
+            for (s, len, op, salt) in ops {
+                match op {
+                    0 => {
+                        let (table, _) = &mut seqs[s];
+                        m.release(table);
+                        seqs[s].1.clear();
+                    }
+                    _ if seqs[s].0.is_empty() => {
+                        let tokens: Vec<u32> = (0..len as u32).map(|i| (i * 7 + salt) % 3).collect();
+                        let hit = m.lookup_prefix(&tokens);
+                        // Every hit block is keyed by exactly this prefix.
+                        let want = tessera_proto::hash_prefix_blocks(&tokens, 2);
+                        for (i, &b) in hit.iter().enumerate() {
+                            prop_assert_eq!(m.hash_of[b as usize], Some(want[i]));
+                        }
+                        let mut table = Vec::new();
+                        m.acquire(&mut table, &hit);
+                        if m.reserve(&mut table, tokens.len()).is_ok() {
+                            m.register(&table, &tokens, tokens.len());
+                            seqs[s] = (table, tokens);
+                        } else {
+                            m.release(&mut table);
+                        }
+                    }
+                    _ => {}
+                }
+                // Conservation: free + evictable + in use = all, and ref counts match the tables.
+                let mut refs = vec![0u32; 12];
+                for (table, _) in &seqs {
+                    for &b in table {
+                        refs[b as usize] += 1;
                     }
                 }
-                let mut owned: Vec<u32> = tables.iter().flatten().copied().collect();
-                let n = owned.len();
-                owned.sort_unstable();
-                owned.dedup();
-                prop_assert_eq!(owned.len(), n, "a block is in two tables");
-                prop_assert_eq!(n + cache.free_blocks(), 16);
+                prop_assert_eq!(&refs, &m.ref_count);
+                let in_use = refs.iter().filter(|&&r| r > 0).count();
+                prop_assert_eq!(in_use + m.free_blocks(), 12);
+                // A block is never both free and cached; the hash map and per-block keys agree.
+                for (h, &b) in &m.by_hash {
+                    prop_assert_eq!(m.hash_of[b as usize], Some(*h));
+                    prop_assert!(!m.free.contains(&b));
+                }
             }
         }
     }
