@@ -51,6 +51,8 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
             max_new_tokens: input.max_new_tokens,
             sampling: SamplingParams::greedy(),
             stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
         };
         let (out, _) =
             engine.generate(std::slice::from_ref(&request), |_, _| {}).with_context(|| format!("prompt {i}"))?;

@@ -105,6 +105,8 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 max_new_tokens: args.gen_len,
                 sampling: SamplingParams::greedy(),
                 stop_token_ids: Vec::new(),
+                min_tokens: 0,
+                logprobs: None,
             })
             .collect();
         // Warm-up: page in weights, start threads, compile and cache kernels.

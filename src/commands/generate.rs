@@ -38,6 +38,21 @@ pub struct GenerateArgs {
     /// Sample only among the k most likely tokens.
     #[arg(long)]
     top_k: Option<u32>,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens already in the prompt or output (> 1 discourages repeats).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtracted from the logits of tokens already generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted per occurrence from the logits of tokens already generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Generate at least this many tokens before end-of-sequence may stop generation.
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -73,8 +88,16 @@ impl Detokenizer<'_> {
 
 /// Runs the subcommand.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let sampling =
-        SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        seed: args.seed,
+    };
     sampling.validate()?;
     let resolved = args.model.resolve()?;
     let tokenizer = &resolved.text.tokenizer;
@@ -102,7 +125,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // Clamp to the room left in the context.
     let max_new = args.max_tokens.min(context - prompt_ids.len());
     let stop_token_ids = if args.ignore_eos { Vec::new() } else { config.eos_token_ids.clone() };
-    let request = GenerationRequest { prompt: prompt_ids, max_new_tokens: max_new, sampling, stop_token_ids };
+    let request = GenerationRequest {
+        prompt: prompt_ids,
+        max_new_tokens: max_new,
+        sampling,
+        stop_token_ids,
+        min_tokens: args.min_tokens,
+        logprobs: None,
+    };
     let kv = KvCacheConfig::for_sequences(1, request.prompt.len() + request.max_new_tokens, args.kv_block_size);
     let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
     let mut detok = Detokenizer { tokenizer, ids: Vec::new(), printed: 0 };

@@ -13,7 +13,7 @@ use crate::backend::ModelBackend;
 use crate::error::EngineError;
 use crate::kv_cache::{BlockAllocator, KvCacheConfig};
 use crate::model::SeqChunk;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{Sampler, SamplingParams, TokenLogprob, logprobs};
 
 /// Longest prompt slice run through the model in one forward call (bounds activation memory).
 const PREFILL_CHUNK: usize = 512;
@@ -29,6 +29,10 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Ids that end generation (included in the output, as the model produced them).
     pub stop_token_ids: Vec<u32>,
+    /// Stop ids cannot end generation before this many tokens (they are masked out).
+    pub min_tokens: usize,
+    /// Report each token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<u32>,
 }
 
 /// Why a sequence ended.
@@ -49,6 +53,8 @@ pub struct GenerationOutput {
     pub finish_reason: FinishReason,
     /// Prompt tokens served from the prefix cache (not recomputed).
     pub cached_prompt_tokens: usize,
+    /// Per-token log-probabilities, when requested.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Timings of one `generate` call.
@@ -77,6 +83,7 @@ struct Active {
     finish: Option<FinishReason>,
     /// Prompt tokens whose K/V came from the prefix cache.
     cached: usize,
+    logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Engine behaviour switches.
@@ -145,6 +152,8 @@ impl Engine {
             max_new_tokens: 0,
             sampling: SamplingParams::greedy(),
             stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
         };
         self.validate(&request)?;
         let mut table = Vec::new();
@@ -193,6 +202,7 @@ impl Engine {
                 tokens: a.output,
                 finish_reason: a.finish.unwrap_or(FinishReason::Length),
                 cached_prompt_tokens: a.cached,
+                logprobs: a.logprobs,
             })
             .collect();
         Ok((outputs, stats))
@@ -215,7 +225,8 @@ impl Engine {
                 request: i,
                 table,
                 len: r.prompt.len(),
-                sampler: Sampler::new(r.sampling.clone())?,
+                sampler: Sampler::new(r.sampling.clone(), &r.prompt)?,
+                logprobs: r.logprobs.map(|_| Vec::new()),
                 output: Vec::new(),
                 finish: None,
                 cached: hit.len() * self.kv.config().block_size,
@@ -234,8 +245,7 @@ impl Engine {
                 a.finish = Some(FinishReason::Length);
                 continue;
             }
-            let token = a.sampler.sample(&logits);
-            accept(a, r, token, on_token);
+            pick(a, r, &logits, on_token);
         }
         stats.prefill_time = start.elapsed();
 
@@ -252,18 +262,24 @@ impl Engine {
                 .zip(&last_tokens)
                 .map(|(&i, tok)| SeqChunk { tokens: tok, start_pos: active[i].len - 1, block_table: &active[i].table })
                 .collect();
-            let all_greedy = running.iter().all(|&i| requests[active[i].request].sampling.temperature == 0.0);
-            let tokens: Vec<u32> = if all_greedy {
-                self.backend.forward_greedy(&chunks)?
+            // The backend may pick tokens itself only when nothing needs the logits on the host.
+            let argmax_only = running.iter().all(|&i| {
+                let (a, r) = (&active[i], &requests[active[i].request]);
+                a.sampler.is_plain_greedy() && r.logprobs.is_none() && a.output.len() >= r.min_tokens
+            });
+            if argmax_only {
+                let tokens = self.backend.forward_greedy(&chunks)?;
+                for (&token, &i) in tokens.iter().zip(&running) {
+                    let a = &mut active[i];
+                    accept(a, &requests[a.request], token, on_token);
+                }
             } else {
                 let logits = self.backend.forward(&chunks)?;
                 let vocab = self.backend.config().vocab_size;
-                logits.chunks_exact(vocab).zip(&running).map(|(row, &i)| active[i].sampler.sample(row)).collect()
-            };
-            for (&token, &i) in tokens.iter().zip(&running) {
-                let a = &mut active[i];
-                let r = &requests[a.request];
-                accept(a, r, token, on_token);
+                for (row, &i) in logits.chunks_exact(vocab).zip(&running) {
+                    let a = &mut active[i];
+                    pick(a, &requests[a.request], row, on_token);
+                }
             }
             stats.decode_steps += 1;
             stats.decode_tokens += running.len();
@@ -273,12 +289,36 @@ impl Engine {
     }
 }
 
-/// Records a sampled token and decides whether the sequence is done.
+/// Samples from one sequence's logits (stop ids masked until `min_tokens`), records the
+/// log-probabilities if asked, and accepts the token.
+fn pick(a: &mut Active, r: &GenerationRequest, logits: &[f32], on_token: &mut impl FnMut(usize, u32)) {
+    let masked;
+    let row = if a.output.len() < r.min_tokens && !r.stop_token_ids.is_empty() {
+        let mut m = logits.to_vec();
+        for &t in &r.stop_token_ids {
+            if let Some(x) = m.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        masked = m;
+        &masked[..]
+    } else {
+        logits
+    };
+    let token = a.sampler.sample(row);
+    if let (Some(list), Some(n)) = (a.logprobs.as_mut(), r.logprobs) {
+        list.push(logprobs(logits, token, n as usize));
+    }
+    accept(a, r, token, on_token);
+}
+
+/// Records a chosen token and decides whether the sequence is done.
 fn accept(a: &mut Active, r: &GenerationRequest, token: u32, on_token: &mut impl FnMut(usize, u32)) {
+    a.sampler.observe(token);
     a.output.push(token);
     a.len += 1;
     on_token(a.request, token);
-    if r.stop_token_ids.contains(&token) {
+    if r.stop_token_ids.contains(&token) && a.output.len() > r.min_tokens.saturating_sub(1) {
         a.finish = Some(FinishReason::Stop);
     } else if a.output.len() >= r.max_new_tokens {
         a.finish = Some(FinishReason::Length);

@@ -1,9 +1,15 @@
-//! Choosing the next token from logits.
+//! Choosing the next token from logits, per request.
 //!
-//! Temperature 0 is greedy decoding: the arg-max, ties broken towards the lower id (as
-//! `torch.argmax`). Otherwise logits are divided by the temperature, cut to the `top_k` best,
-//! then to the smallest set whose probability reaches `top_p`, and sampled with a ChaCha RNG
-//! seeded per request: the same seed and logits give the same tokens on every machine.
+//! Order of operations (as vLLM): penalties on the raw logits — repetition (prompt and output
+//! tokens: positive logits divided, negative multiplied), presence and frequency (output tokens
+//! only) — then, for temperature 0, the arg-max (ties to the lower id, as `torch.argmax`);
+//! otherwise divide by the temperature, keep the `top_k` best, drop tokens below
+//! `min_p × p(best)`, keep the smallest set reaching `top_p`, and draw with a ChaCha RNG seeded
+//! per request, so the same seed and logits give the same tokens on every machine whatever else
+//! is in the batch. Log-probabilities reported are those of the raw model distribution
+//! (`log_softmax` of the unpenalised logits).
+
+use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -19,35 +25,89 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep only the `k` most likely tokens, if set.
     pub top_k: Option<u32>,
+    /// Drop tokens whose probability is below `min_p` times the best one's, in [0, 1).
+    pub min_p: f32,
+    /// Penalty on tokens seen in the prompt or output, ≥ 1 to discourage (1 = none).
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated, in [-2, 2].
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of generated tokens, in [-2, 2].
+    pub frequency_penalty: f32,
     /// RNG seed.
     pub seed: u64,
 }
 
 impl SamplingParams {
-    /// Greedy decoding.
+    /// Greedy decoding with no penalties.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: None, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
+    }
+
+    /// Greedy with nothing that depends on the token history: the arg-max of the raw logits,
+    /// which a backend may compute on its own device.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0 && !self.has_penalties()
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 
     /// Rejects out-of-range values.
     pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidSampling(m));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(EngineError::InvalidSampling(format!("temperature must be ≥ 0, got {}", self.temperature)));
+            return bad(format!("temperature must be ≥ 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::InvalidSampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if self.top_k == Some(0) {
-            return Err(EngineError::InvalidSampling("top_k must be positive".into()));
+            return bad("top_k must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1), got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!("repetition_penalty must be positive, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
         }
         Ok(())
     }
 }
 
-/// A sampler with its own RNG stream.
+/// One sampled token with its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability under the model.
+    pub logprob: f32,
+    /// The `n` most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A sampler with its own RNG stream and the token counts its penalties need.
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// Tokens of prompt and output (for the repetition penalty).
+    seen: HashMap<u32, u32>,
+    /// Occurrences in the output only (presence and frequency penalties).
+    generated: HashMap<u32, u32>,
 }
 
 /// Index of the largest value; the first one on ties; NaN never wins.
@@ -63,16 +123,82 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// `log_softmax(logits)[token]` and the `n` most likely (token, log-probability) pairs.
+pub fn logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().filter(|x| x.is_finite()).map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let lp = |x: f32| if x.is_finite() { x - log_z } else { f32::NEG_INFINITY };
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if top.len() < n || top.last().is_some_and(|&(_, v)| x > v) {
+                let at = top.partition_point(|&(_, v)| v >= x);
+                top.insert(at, (i as u32, x));
+                top.truncate(n);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| lp(x)),
+        top: top.into_iter().map(|(t, x)| (t, lp(x))).collect(),
+    }
+}
+
 impl Sampler {
-    /// Validates `params` and seeds the RNG.
-    pub fn new(params: SamplingParams) -> Result<Self, EngineError> {
+    /// Validates `params`, seeds the RNG and counts the prompt for the repetition penalty.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Result<Self, EngineError> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng })
+        let mut seen = HashMap::new();
+        if params.repetition_penalty != 1.0 {
+            for &t in prompt {
+                *seen.entry(t).or_insert(0) += 1;
+            }
+        }
+        Ok(Sampler { params, rng, seen, generated: HashMap::new() })
     }
 
-    /// Picks the next token.
+    /// Whether the raw arg-max is this sampler's choice (see [`SamplingParams::is_plain_greedy`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.is_plain_greedy()
+    }
+
+    /// Records a token the sequence produced (for the penalties).
+    pub fn observe(&mut self, token: u32) {
+        if self.params.has_penalties() {
+            *self.seen.entry(token).or_insert(0) += 1;
+            *self.generated.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    fn penalised(&self, logits: &[f32]) -> Vec<f32> {
+        let mut l = logits.to_vec();
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in self.seen.keys() {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                }
+            }
+        }
+        for (&t, &count) in &self.generated {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x -= p.presence_penalty + p.frequency_penalty * count as f32;
+            }
+        }
+        l
+    }
+
+    /// Picks the next token (it is not recorded: call [`observe`](Self::observe) once accepted).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let penalised;
+        let logits = if self.params.has_penalties() {
+            penalised = self.penalised(logits);
+            &penalised[..]
+        } else {
+            logits
+        };
         if self.params.temperature == 0.0 || logits.len() <= 1 {
             return argmax(logits);
         }
@@ -88,6 +214,11 @@ impl Sampler {
         }
         let max = cands[0].1;
         let mut probs: Vec<f32> = cands.iter().map(|&(_, x)| (x - max).exp()).collect();
+        if self.params.min_p > 0.0 {
+            // probs[0] is the best (unnormalised 1.0): keep p ≥ min_p × p_best.
+            let keep = probs.iter().take_while(|&&p| p >= self.params.min_p).count().max(1);
+            probs.truncate(keep);
+        }
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {
@@ -119,6 +250,10 @@ impl Sampler {
 mod tests {
     use super::*;
 
+    fn sampler(p: SamplingParams) -> Sampler {
+        Sampler::new(p, &[]).unwrap()
+    }
+
     #[test]
     fn greedy_takes_first_max() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
@@ -128,9 +263,9 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: Some(3), seed: 42 };
-        let mut a = Sampler::new(params.clone()).unwrap();
-        let mut b = Sampler::new(params).unwrap();
+        let params = SamplingParams { temperature: 1.0, top_k: Some(3), seed: 42, ..SamplingParams::greedy() };
+        let mut a = sampler(params.clone());
+        let mut b = sampler(params);
         let sa: Vec<u32> = (0..50).map(|_| a.sample(&logits)).collect();
         let sb: Vec<u32> = (0..50).map(|_| b.sample(&logits)).collect();
         assert_eq!(sa, sb);
@@ -142,10 +277,51 @@ mod tests {
     }
 
     #[test]
-    fn tiny_top_p_is_greedy() {
+    fn tiny_top_p_and_large_min_p_are_greedy() {
         let logits = [0.1, 2.0, 0.3, 1.9];
-        let mut s = Sampler::new(SamplingParams { temperature: 0.7, top_p: 1e-6, top_k: None, seed: 1 }).unwrap();
+        let mut s = sampler(SamplingParams { temperature: 0.7, top_p: 1e-6, seed: 1, ..SamplingParams::greedy() });
         assert!((0..20).all(|_| s.sample(&logits) == 1));
+        // p(3)/p(1) = e^-0.1/0.7 ≈ 0.87 < 0.9: min_p 0.9 leaves only token 1.
+        let mut s = sampler(SamplingParams { temperature: 0.7, min_p: 0.9, seed: 1, ..SamplingParams::greedy() });
+        assert!((0..20).all(|_| s.sample(&logits) == 1));
+        let mut s = sampler(SamplingParams { temperature: 0.7, min_p: 0.5, seed: 1, ..SamplingParams::greedy() });
+        let picks: Vec<u32> = (0..50).map(|_| s.sample(&logits)).collect();
+        assert!(picks.iter().all(|&t| t == 1 || t == 3) && picks.contains(&3));
+    }
+
+    #[test]
+    fn penalties_change_greedy_choices() {
+        let logits = [1.0, 2.0, 1.9, -1.0];
+        // Repetition: token 1 is in the prompt, 2.0 / 1.2 < 1.9.
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() }, &[1]).unwrap();
+        assert!(!s.is_plain_greedy());
+        assert_eq!(s.sample(&logits), 2);
+        // Presence: after generating token 1 once, 2.0 - 0.5 < 1.9.
+        let mut s = sampler(SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() });
+        assert_eq!(s.sample(&logits), 1);
+        s.observe(1);
+        assert_eq!(s.sample(&logits), 2);
+        // Frequency: grows with the count.
+        let mut s = sampler(SamplingParams { frequency_penalty: 0.06, ..SamplingParams::greedy() });
+        s.observe(1);
+        assert_eq!(s.sample(&logits), 1); // 2.0 - 0.06 > 1.9
+        s.observe(1);
+        assert_eq!(s.sample(&logits), 2); // 2.0 - 0.12 < 1.9
+        // Negative logits are multiplied, so they move further down.
+        let s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() }, &[3]).unwrap();
+        assert_eq!(s.penalised(&logits)[3], -2.0);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_with_sorted_alternatives() {
+        let logits = [0.0f32, 1.0, 2.0, f32::NEG_INFINITY];
+        let z = (0f32.exp() + 1f32.exp() + 2f32.exp()).ln();
+        let lp = logprobs(&logits, 1, 2);
+        assert!((lp.logprob - (1.0 - z)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+        assert!((lp.top[0].1 - (2.0 - z)).abs() < 1e-6);
+        assert_eq!(logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
     }
 
     #[test]
@@ -155,8 +331,12 @@ mod tests {
             SamplingParams { top_p: 0.0, ..SamplingParams::greedy() },
             SamplingParams { top_p: 1.5, ..SamplingParams::greedy() },
             SamplingParams { top_k: Some(0), ..SamplingParams::greedy() },
+            SamplingParams { min_p: 1.0, ..SamplingParams::greedy() },
+            SamplingParams { repetition_penalty: 0.0, ..SamplingParams::greedy() },
+            SamplingParams { presence_penalty: 2.5, ..SamplingParams::greedy() },
+            SamplingParams { frequency_penalty: -3.0, ..SamplingParams::greedy() },
         ] {
-            assert!(Sampler::new(p).is_err());
+            assert!(Sampler::new(p, &[]).is_err());
         }
     }
 }

@@ -83,6 +83,8 @@ fn greedy(dir: &Path, prompt: &str, steps: usize) -> Vec<u32> {
         max_new_tokens: steps,
         sampling: SamplingParams::greedy(),
         stop_token_ids: vec![],
+        min_tokens: 0,
+        logprobs: None,
     };
     engine.generate(&[request], |_, _| {}).unwrap().0.remove(0).tokens
 }

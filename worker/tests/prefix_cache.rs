@@ -30,6 +30,8 @@ fn request(tok: &tokenizers::Tokenizer, text: &str, n: usize) -> GenerationReque
         max_new_tokens: n,
         sampling: SamplingParams::greedy(),
         stop_token_ids: Vec::new(),
+        min_tokens: 0,
+        logprobs: None,
     }
 }
 

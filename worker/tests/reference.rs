@@ -85,6 +85,8 @@ fn check(engine: &mut Engine, cases: &[Case], exact_steps: usize, check_logits: 
             max_new_tokens: case.greedy.len(),
             sampling: SamplingParams::greedy(),
             stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
         };
         let (out, _) = engine.generate(&[request], |_, _| {}).unwrap();
         let got = &out[0].tokens;
