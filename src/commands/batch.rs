@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
-use tessera_worker::engine::{Engine, GenerationRequest};
+use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::sampler::SamplingParams;
 
@@ -41,8 +41,16 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     let input: Input = serde_json::from_str(&text).with_context(|| format!("parsing {}", args.input.display()))?;
     let resolved = args.model.resolve()?;
     let longest = input.prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let kv = KvCacheConfig::for_sequences(1, longest + input.max_new_tokens, 16);
-    let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
+    let total = longest
+        .checked_add(input.max_new_tokens)
+        .filter(|&t| t <= resolved.config.max_position_embeddings)
+        .with_context(|| {
+            format!("prompts of up to {longest} tokens plus {} new ones exceed the context", input.max_new_tokens)
+        })?;
+    let kv = KvCacheConfig::for_sequences(1, total, 16);
+    // Each prompt runs alone and from scratch, so results never depend on the other prompts.
+    let options = EngineOptions { prefix_caching: false };
+    let mut engine = Engine::with_options(args.model.backend(&resolved, kv)?, kv, options)?;
     let mut outputs = Vec::with_capacity(input.prompts.len());
     for (i, prompt) in input.prompts.iter().enumerate() {
         let first_logits = engine.prompt_logits(prompt).with_context(|| format!("prompt {i}"))?;

@@ -15,6 +15,9 @@ use crate::kv_cache::{BlockAllocator, KvCacheConfig};
 use crate::model::SeqChunk;
 use crate::sampler::{Sampler, SamplingParams, TokenLogprob, logprobs};
 
+/// Most alternatives a request may ask log-probabilities for (OpenAI's and vLLM's bound).
+pub const MAX_LOGPROBS: u32 = 20;
+
 /// Longest prompt slice run through the model in one forward call (bounds activation memory).
 const PREFILL_CHUNK: usize = 512;
 
@@ -135,7 +138,12 @@ impl Engine {
         if let Some(&id) = r.prompt.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
         }
-        if r.prompt.len() + r.max_new_tokens > c.max_position_embeddings {
+        if r.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+            return Err(EngineError::InvalidSampling(format!(
+                "at most {MAX_LOGPROBS} top log-probabilities per token"
+            )));
+        }
+        if r.prompt.len().checked_add(r.max_new_tokens).is_none_or(|t| t > c.max_position_embeddings) {
             return Err(EngineError::ContextOverflow {
                 prompt: r.prompt.len(),
                 max_new: r.max_new_tokens,
@@ -217,6 +225,8 @@ impl Engine {
         let mut stats = GenerationStats::default();
         let start = Instant::now();
         for (i, r) in requests.iter().enumerate() {
+            // Everything fallible that owns no blocks comes before the blocks are taken.
+            let sampler = Sampler::new(r.sampling.clone(), &r.prompt)?;
             let mut table = Vec::new();
             let hit = if self.options.prefix_caching { self.kv.lookup_prefix(&r.prompt) } else { Vec::new() };
             self.kv.acquire(&mut table, &hit);
@@ -225,7 +235,7 @@ impl Engine {
                 request: i,
                 table,
                 len: r.prompt.len(),
-                sampler: Sampler::new(r.sampling.clone(), &r.prompt)?,
+                sampler,
                 logprobs: r.logprobs.map(|_| Vec::new()),
                 output: Vec::new(),
                 finish: None,

@@ -128,6 +128,7 @@ pub fn logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
     let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
     let log_z = max + logits.iter().filter(|x| x.is_finite()).map(|&x| (x - max).exp()).sum::<f32>().ln();
     let lp = |x: f32| if x.is_finite() { x - log_z } else { f32::NEG_INFINITY };
+    let n = n.min(logits.len());
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     if n > 0 {
         for (i, &x) in logits.iter().enumerate() {
@@ -199,12 +200,19 @@ impl Sampler {
         } else {
             logits
         };
-        if self.params.temperature == 0.0 || logits.len() <= 1 {
+        let inv_t = 1.0 / self.params.temperature;
+        // A temperature so small that 1/T overflows is greedy in the limit.
+        if self.params.temperature == 0.0 || !inv_t.is_finite() || logits.len() <= 1 {
             return argmax(logits);
         }
-        let inv_t = 1.0 / self.params.temperature;
-        let mut cands: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x * inv_t)).collect();
+        // Scale relative to the best logit so large temperatures and logits stay finite.
+        let best = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.is_finite())
+            .map(|(i, &x)| (i as u32, (x - best) * inv_t))
+            .collect();
         if cands.is_empty() {
             return argmax(logits);
         }
@@ -322,6 +330,13 @@ mod tests {
         assert!((lp.top[0].1 - (2.0 - z)).abs() < 1e-6);
         assert_eq!(logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
         assert!(logprobs(&logits, 0, 0).top.is_empty());
+    }
+
+    #[test]
+    fn vanishing_temperature_is_greedy() {
+        let logits = [0.0, 3.0, 1.0];
+        let mut s = sampler(SamplingParams { temperature: 1e-38, seed: 3, ..SamplingParams::greedy() });
+        assert!((0..10).all(|_| s.sample(&logits) == 1));
     }
 
     #[test]

@@ -55,6 +55,12 @@ fn greedy_logprobs_pick_the_top_alternative() {
         assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6);
         assert!(lp.logprob <= 0.0 && lp.top[1].1 <= lp.top[0].1 && lp.top[2].1 <= lp.top[1].1);
     }
+    // More than 20 alternatives is refused before anything runs.
+    let too_many = GenerationRequest { logprobs: Some(21), ..request(&prompt, 4, SamplingParams::greedy()) };
+    assert!(e.generate(&[too_many], |_, _| {}).is_err());
+    // A prompt plus max_new_tokens overflowing usize is a clean error, not a wrap-around.
+    let huge = request(&prompt, usize::MAX, SamplingParams::greedy());
+    assert!(e.generate(&[huge], |_, _| {}).is_err());
 }
 
 #[test]

@@ -131,13 +131,15 @@ impl AttentionScratch {
             return Ok(());
         }
         guard(|| {
+            // Captured graphs point at the old buffers: invalidate them first, even if the new
+            // allocation then fails.
+            self.generation += 1;
             self.acc = None;
             self.max = None;
             self.sum = None;
             self.acc = Some(stream.alloc_zeros::<f32>(partials * head_dim)?);
             self.max = Some(stream.alloc_zeros::<f32>(partials)?);
             self.sum = Some(stream.alloc_zeros::<f32>(partials)?);
-            self.generation += 1;
             Ok(())
         })
     }

