@@ -59,6 +59,8 @@ pub struct BlockAllocator {
     config: KvCacheConfig,
     ref_count: Vec<u32>,
     hash_of: Vec<Option<BlockHash>>,
+    /// What each keyed block holds: its parent block's hash and its own tokens.
+    content: Vec<Option<(Option<BlockHash>, Vec<u32>)>>,
     by_hash: HashMap<BlockHash, u32>,
     free: Vec<u32>,
     /// Cached blocks with no owner, by release tick (oldest first).
@@ -76,6 +78,7 @@ impl BlockAllocator {
             config,
             ref_count: vec![0; n],
             hash_of: vec![None; n],
+            content: vec![None; n],
             by_hash: HashMap::new(),
             // Pop from the end, so hand out low ids first.
             free: (0..n as u32).rev().collect(),
@@ -104,10 +107,20 @@ impl BlockAllocator {
     /// last token (whose logits must be computed). Nothing is acquired.
     pub fn lookup_prefix(&self, tokens: &[u32]) -> Vec<u32> {
         let usable = tokens.len().saturating_sub(1);
-        hash_prefix_blocks(&tokens[..usable], self.config.block_size)
-            .into_iter()
-            .map_while(|h| self.by_hash.get(&h).copied())
-            .collect()
+        let bs = self.config.block_size;
+        let mut parent = None;
+        let mut hit = Vec::new();
+        for (h, chunk) in hash_prefix_blocks(&tokens[..usable], bs).into_iter().zip(tokens.chunks_exact(bs)) {
+            let Some(&b) = self.by_hash.get(&h) else { break };
+            let verified =
+                self.content[b as usize].as_ref().is_some_and(|(p, stored)| *p == parent && stored.as_slice() == chunk);
+            if !verified {
+                break;
+            }
+            hit.push(b);
+            parent = Some(h);
+        }
+        hit
     }
 
     /// Appends `blocks` (from [`lookup_prefix`](Self::lookup_prefix)) to an empty `table`,
@@ -132,6 +145,7 @@ impl BlockAllocator {
         if let Some(h) = self.hash_of[b as usize].take() {
             self.by_hash.remove(&h);
         }
+        self.content[b as usize] = None;
         Some(b)
     }
 
@@ -153,8 +167,11 @@ impl BlockAllocator {
     /// full blocks among them can serve later prompts with the same prefix.
     pub fn register(&mut self, table: &[u32], tokens: &[u32], computed: usize) {
         let computed = computed.min(tokens.len());
-        for (h, &b) in hash_prefix_blocks(&tokens[..computed], self.config.block_size).into_iter().zip(table) {
+        let bs = self.config.block_size;
+        let hashes = hash_prefix_blocks(&tokens[..computed], bs);
+        for (k, (&h, &b)) in hashes.iter().zip(table).enumerate() {
             let i = b as usize;
+            let parent = k.checked_sub(1).map(|p| hashes[p]);
             match self.hash_of[i] {
                 Some(existing) if existing == h => continue,
                 // A block's content never changes while it is owned; a different hash would be
@@ -165,6 +182,7 @@ impl BlockAllocator {
             if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
                 e.insert(b);
                 self.hash_of[i] = Some(h);
+                self.content[i] = Some((parent, tokens[k * bs..(k + 1) * bs].to_vec()));
             }
         }
     }
@@ -185,18 +203,6 @@ impl BlockAllocator {
             } else {
                 self.free.push(b);
             }
-        }
-    }
-
-    /// Forgets every cached prefix (owned blocks stay owned).
-    pub fn clear_cache(&mut self) {
-        while let Some((_, b)) = self.evictable.pop_first() {
-            self.hash_of[b as usize] = None;
-            self.free.push(b);
-        }
-        self.by_hash.clear();
-        for h in &mut self.hash_of {
-            *h = None;
         }
     }
 }
@@ -257,6 +263,20 @@ mod tests {
         m.reserve(&mut tc, 8).unwrap();
         assert_eq!(m.cached_blocks(), 0);
         assert!(m.lookup_prefix(&a).is_empty());
+    }
+
+    #[test]
+    fn a_hash_hit_with_other_tokens_is_not_served() {
+        let mut m = BlockAllocator::new(KvCacheConfig { num_blocks: 4, block_size: 2 }).unwrap();
+        let a: Vec<u32> = vec![1, 2, 3, 4, 5];
+        let mut ta = Vec::new();
+        m.reserve(&mut ta, a.len()).unwrap();
+        m.register(&ta, &a, a.len());
+        // Forge a collision: make the first block's stored tokens differ from what its hash says.
+        if let Some((_, tokens)) = m.content[ta[0] as usize].as_mut() {
+            tokens[0] = 99;
+        }
+        assert!(m.lookup_prefix(&a).is_empty(), "a block whose tokens differ must not be served");
     }
 
     proptest! {
