@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ROW_ALIGN, Shape, Task};
+use super::{ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
 use crate::simd::{Elem, SharedOut};
 
 /// Token rows per tile (prefill).
@@ -16,93 +16,8 @@ const MR: usize = 4;
 const NR: usize = 4;
 /// Weight rows per tile when the task has one token (decode).
 const NR_GEMV: usize = 8;
-/// Bytes of weight rows a task works on at a time (kept in L2).
-const W_BLOCK_BYTES: usize = 256 * 1024;
 
-/// Runs one task.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW and VL, and no other thread may access the `y` entries
-/// of this task's rectangle while it runs.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
-    let sub = (W_BLOCK_BYTES / (s.k * std::mem::size_of::<E>())).max(1).next_multiple_of(ROW_ALIGN);
-    let mut r0 = t.r0;
-    while r0 < t.r1 {
-        let r1 = (r0 + sub).min(t.r1);
-        // SAFETY: same contract as this function; the sub-block lies inside the task.
-        unsafe { sub_block(x, w, s, Task { r0, r1, ..t }, out) };
-        r0 = r1;
-    }
-}
-
-/// All token rows of `t` against its weight rows.
-///
-/// # Safety
-/// As for [`task`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn sub_block<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
-    // SAFETY (every call below): same contract as this function.
-    if t.i1 - t.i0 == 1 {
-        unsafe { strip::<E, 1, NR_GEMV>(x, w, s, t, t.i0, out) };
-        return;
-    }
-    let mut i = t.i0;
-    while i + MR <= t.i1 {
-        unsafe { strip::<E, MR, NR>(x, w, s, t, i, out) };
-        i += MR;
-    }
-    match t.i1 - i {
-        1 => unsafe { strip::<E, 1, NR>(x, w, s, t, i, out) },
-        2 => unsafe { strip::<E, 2, NR>(x, w, s, t, i, out) },
-        3 => unsafe { strip::<E, 3, NR>(x, w, s, t, i, out) },
-        _ => {}
-    }
-}
-
-/// Token rows `i..i + M` against all of the task's weight rows, `N` at a time.
-///
-/// # Safety
-/// As for [`task`]; also `i + M <= t.i1`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn strip<E: Elem, const M: usize, const N: usize>(
-    x: &[f32],
-    w: &[E],
-    s: Shape,
-    t: Task,
-    i: usize,
-    out: &SharedOut,
-) {
-    let k = s.k;
-    let mut xr: [&[f32]; M] = [&[]; M];
-    for (a, row) in xr.iter_mut().enumerate() {
-        *row = &x[(i + a) * k..(i + a + 1) * k];
-    }
-    let mut r = t.r0;
-    while r < t.r1 {
-        if r + N <= t.r1 {
-            let mut wr: [&[E]; N] = [&[]; N];
-            for (b, row) in wr.iter_mut().enumerate() {
-                *row = &w[(r + b) * k..(r + b + 1) * k];
-            }
-            let sums = tile(&xr, &wr, k);
-            for (a, sa) in sums.iter().enumerate() {
-                for (b, v) in sa.iter().enumerate() {
-                    // SAFETY: (i + a, r + b) is inside this task's rectangle.
-                    unsafe { out.write((i + a) * s.n + r + b, *v) };
-                }
-            }
-            r += N;
-        } else {
-            let sums = tile(&xr, &[&w[r * k..(r + 1) * k]], k);
-            for (a, sa) in sums.iter().enumerate() {
-                // SAFETY: (i + a, r) is inside this task's rectangle.
-                unsafe { out.write((i + a) * s.n + r, sa[0]) };
-            }
-            r += 1;
-        }
-    }
-}
+super::define_task!("avx512f,avx512bw,avx512vl");
 
 /// `sums[a][b] = Σ_c xr[a][c] · wr[b][c]`; every row slice has length `k`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
