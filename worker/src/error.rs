@@ -120,9 +120,6 @@ pub enum EngineError {
     /// A sampling parameter out of range.
     #[error("invalid sampling parameter: {0}")]
     InvalidSampling(String),
-    /// Tokenizer failure on encode/decode.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
     /// The compute device failed.
     #[error("device: {0}")]
     Device(String),

@@ -55,7 +55,7 @@ pub struct Kernels {
 
 /// An opened GPU.
 pub struct GpuDevice {
-    ctx: Arc<CudaContext>,
+    // The stream and the modules hold the context alive.
     stream: Arc<CudaStream>,
     name: String,
     compute_capability: (i32, i32),
@@ -146,18 +146,13 @@ impl GpuDevice {
                 argmax_rows: f("sampling.cu", "argmax_rows")?,
                 bf16_rows_to_f32: f("sampling.cu", "bf16_rows_to_f32")?,
             };
-            Ok(GpuDevice { ctx, stream, name, compute_capability, sm_count, kernels, libs })
+            Ok(GpuDevice { stream, name, compute_capability, sm_count, kernels, libs })
         })
     }
 
     /// The stream every operation is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    /// The context.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
     }
 
     /// Number of streaming multiprocessors.

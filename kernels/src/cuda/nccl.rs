@@ -38,7 +38,6 @@ pub struct Communicator {
     api: Api,
     _lib: libloading::Library,
     comm: Option<Comm>,
-    rank: usize,
     world: usize,
 }
 
@@ -91,12 +90,7 @@ impl Communicator {
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; rank < world is NCCL's contract, checked by it.
         api.check("ncclCommInitRank", unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) })?;
-        Ok(Communicator { api, _lib: lib, comm: Some(comm), rank, world })
-    }
-
-    /// This rank.
-    pub fn rank(&self) -> usize {
-        self.rank
+        Ok(Communicator { api, _lib: lib, comm: Some(comm), world })
     }
 
     /// Group size.
