@@ -49,7 +49,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
         })?;
     let kv = KvCacheConfig::for_sequences(1, total, 16);
     // Each prompt runs alone and from scratch, so results never depend on the other prompts.
-    let options = EngineOptions { prefix_caching: false };
+    let options = EngineOptions { prefix_caching: false, ..EngineOptions::default() };
     let mut engine = Engine::with_options(args.model.backend(&resolved, kv)?, kv, options)?;
     let mut outputs = Vec::with_capacity(input.prompts.len());
     for (i, prompt) in input.prompts.iter().enumerate() {

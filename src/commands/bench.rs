@@ -84,8 +84,11 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     let kv = KvCacheConfig::for_sequences(max_batch, args.prompt_len + args.gen_len, 16);
     // Every run repeats the same prompts: without turning the prefix cache off, runs after the
     // first would measure cache hits instead of prefill.
-    let mut engine =
-        Engine::with_options(args.model.backend(&resolved, kv)?, kv, EngineOptions { prefix_caching: false })?;
+    let mut engine = Engine::with_options(
+        args.model.backend(&resolved, kv)?,
+        kv,
+        EngineOptions { prefix_caching: false, ..EngineOptions::default() },
+    )?;
     let info = engine.backend().info();
     // The CPU ceiling: read bandwidth with as many threads as the engine uses, in this run.
     let bandwidth = match args.model.device {

@@ -114,6 +114,23 @@ pub enum EngineError {
         /// Blocks free.
         free: usize,
     },
+    /// The request could never fit the KV cache, even alone.
+    #[error("prompt plus max new tokens ({tokens}) exceeds the KV cache capacity of {capacity} tokens")]
+    ExceedsKvCapacity {
+        /// Tokens the request may need.
+        tokens: usize,
+        /// Tokens the cache holds.
+        capacity: usize,
+    },
+    /// The waiting queue is full; retry later.
+    #[error("the worker's queue is full ({limit} requests waiting)")]
+    QueueFull {
+        /// The queue bound.
+        limit: usize,
+    },
+    /// Scheduler limits that would stall it.
+    #[error("scheduler: {0}")]
+    InvalidSchedulerConfig(String),
     /// A KV-cache configuration or access that makes no sense.
     #[error("KV cache: {0}")]
     InvalidKvConfig(String),

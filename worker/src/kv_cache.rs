@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use tessera_proto::{BlockHash, hash_prefix_blocks};
 
 use crate::error::EngineError;
+use crate::kv_events::KvEventKind;
 
 /// Capacity of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,10 @@ impl KvCacheConfig {
 /// of the tokens it holds together with all before it (`tessera_proto::hash_prefix_blocks`),
 /// and a hash names at most one block. Sequences only ever write positions after their shared
 /// prefix, so a shared block is never written while shared.
+///
+/// Every change to the set of keyed blocks is recorded, in order, as a [`KvEventKind`]
+/// (`Stored` when a hash is registered, `Removed` when its block is evicted, `Cleared` when the
+/// whole prefix cache is dropped); [`take_events`](Self::take_events) hands them to the event log.
 pub struct BlockAllocator {
     config: KvCacheConfig,
     ref_count: Vec<u32>,
@@ -67,6 +72,8 @@ pub struct BlockAllocator {
     evictable: BTreeMap<u64, u32>,
     released_at: Vec<u64>,
     tick: u64,
+    /// Prefix-cache changes not yet taken by the event log.
+    events: Vec<KvEventKind>,
 }
 
 impl BlockAllocator {
@@ -85,6 +92,7 @@ impl BlockAllocator {
             evictable: BTreeMap::new(),
             released_at: vec![0; n],
             tick: 0,
+            events: Vec::new(),
         })
     }
 
@@ -101,6 +109,44 @@ impl BlockAllocator {
     /// Blocks holding a registered prefix (in use or not).
     pub fn cached_blocks(&self) -> usize {
         self.by_hash.len()
+    }
+
+    /// Cached blocks with no owner (evictable).
+    pub fn evictable_blocks(&self) -> usize {
+        self.evictable.len()
+    }
+
+    /// Blocks owned by at least one sequence.
+    pub fn used_blocks(&self) -> usize {
+        self.config.num_blocks - self.free_blocks()
+    }
+
+    /// Every keyed block as `(hash, parent, tokens)`, in no particular order (for checking the
+    /// event stream against the live state).
+    pub fn keyed_blocks(&self) -> Vec<(BlockHash, Option<BlockHash>, Vec<u32>)> {
+        self.by_hash
+            .iter()
+            .filter_map(|(&h, &b)| self.content[b as usize].as_ref().map(|(p, t)| (h, *p, t.clone())))
+            .collect()
+    }
+
+    /// The prefix-cache changes since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<KvEventKind> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Forgets every registered prefix (after a device failure the stored K/V is suspect):
+    /// unowned cached blocks become free, owned ones lose their key.
+    pub fn clear_prefix_cache(&mut self) {
+        for (_, b) in std::mem::take(&mut self.evictable) {
+            self.free.push(b);
+        }
+        for (h, c) in self.hash_of.iter_mut().zip(self.content.iter_mut()) {
+            *h = None;
+            *c = None;
+        }
+        self.by_hash.clear();
+        self.events.push(KvEventKind::Cleared);
     }
 
     /// The longest run of cached blocks that holds a prefix of `tokens`, stopping short of the
@@ -144,6 +190,7 @@ impl BlockAllocator {
         let (_, b) = self.evictable.pop_first()?;
         if let Some(h) = self.hash_of[b as usize].take() {
             self.by_hash.remove(&h);
+            self.events.push(KvEventKind::Removed { hash: h });
         }
         self.content[b as usize] = None;
         Some(b)
@@ -170,20 +217,24 @@ impl BlockAllocator {
         let bs = self.config.block_size;
         let hashes = hash_prefix_blocks(&tokens[..computed], bs);
         for (k, (&h, &b)) in hashes.iter().zip(table).enumerate() {
-            let i = b as usize;
             let parent = k.checked_sub(1).map(|p| hashes[p]);
-            match self.hash_of[i] {
-                Some(existing) if existing == h => continue,
-                // A block's content never changes while it is owned; a different hash would be
-                // a bookkeeping bug, so keep the first registration.
-                Some(_) => continue,
-                None => {}
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
-                e.insert(b);
-                self.hash_of[i] = Some(h);
-                self.content[i] = Some((parent, tokens[k * bs..(k + 1) * bs].to_vec()));
-            }
+            self.register_block(b, h, parent, &tokens[k * bs..(k + 1) * bs]);
+        }
+    }
+
+    /// Keys one full, computed block by the chained hash of its content. A block already keyed
+    /// keeps its key (a block's content never changes while it is owned), and a hash already
+    /// naming another block leaves this one anonymous (freed on release).
+    pub fn register_block(&mut self, block: u32, hash: BlockHash, parent: Option<BlockHash>, tokens: &[u32]) {
+        let i = block as usize;
+        if i >= self.hash_of.len() || self.hash_of[i].is_some() {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(hash) {
+            e.insert(block);
+            self.hash_of[i] = Some(hash);
+            self.content[i] = Some((parent, tokens.to_vec()));
+            self.events.push(KvEventKind::Stored { hash, parent, tokens: tokens.to_vec() });
         }
     }
 

@@ -21,7 +21,10 @@ fn engine(prefix_caching: bool, num_blocks: usize) -> (Engine, tokenizers::Token
     let llama = LlamaModel::load(&model.config, model.weights.as_ref(), WeightsDtype::F32, |_| {}).unwrap();
     let kv = KvCacheConfig { num_blocks, block_size: 4 };
     let backend = Box::new(CpuBackend::new(llama, CpuPool::new(1).unwrap(), kv).unwrap());
-    (Engine::with_options(backend, kv, EngineOptions { prefix_caching }).unwrap(), model.text.tokenizer)
+    (
+        Engine::with_options(backend, kv, EngineOptions { prefix_caching, ..EngineOptions::default() }).unwrap(),
+        model.text.tokenizer,
+    )
 }
 
 fn request(tok: &tokenizers::Tokenizer, text: &str, n: usize) -> GenerationRequest {
