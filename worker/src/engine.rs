@@ -285,6 +285,16 @@ impl Engine {
         ids
     }
 
+    /// Checks the block bookkeeping against the live sequences (see
+    /// [`BlockAllocator::check_invariants`]) and that waiting sequences hold no blocks.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if let Some(s) = self.scheduler.waiting().find(|s| !s.table.is_empty() || s.computed != 0) {
+            return Err(format!("waiting sequence {:?} holds blocks", s.id));
+        }
+        let tables: Vec<&[u32]> = self.scheduler.running().iter().map(|s| s.table.as_slice()).collect();
+        self.kv.check_invariants(&tables)
+    }
+
     /// Whether any sequence is queued or running.
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()

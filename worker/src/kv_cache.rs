@@ -130,6 +130,54 @@ impl BlockAllocator {
             .collect()
     }
 
+    /// Checks the bookkeeping against `tables` (every live sequence's block table): each block's
+    /// reference count equals the number of tables holding it, and every block is in exactly one
+    /// of the states free, cached-unowned or in use. For tests and debugging; `Err` names the
+    /// first broken rule.
+    pub fn check_invariants(&self, tables: &[&[u32]]) -> Result<(), String> {
+        let n = self.config.num_blocks;
+        let mut refs = vec![0u32; n];
+        for table in tables {
+            for &b in *table {
+                let r = refs.get_mut(b as usize).ok_or_else(|| format!("block {b} out of range"))?;
+                *r += 1;
+            }
+        }
+        if refs != self.ref_count {
+            return Err("reference counts differ from the tables holding the blocks".into());
+        }
+        let mut state = vec![0u8; n];
+        for &b in &self.free {
+            state[b as usize] += 1;
+            if self.hash_of[b as usize].is_some() {
+                return Err(format!("free block {b} still has a hash"));
+            }
+        }
+        for &b in self.evictable.values() {
+            state[b as usize] += 1;
+            if self.hash_of[b as usize].is_none() {
+                return Err(format!("evictable block {b} has no hash"));
+            }
+        }
+        for (b, &r) in self.ref_count.iter().enumerate() {
+            if r > 0 {
+                state[b] += 1;
+            }
+        }
+        if let Some(b) = state.iter().position(|&c| c != 1) {
+            return Err(format!("block {b} is in {} states (free / cached / in use)", state[b]));
+        }
+        for (h, &b) in &self.by_hash {
+            if self.hash_of[b as usize] != Some(*h) {
+                return Err(format!("hash index and block {b} disagree"));
+            }
+        }
+        if self.hash_of.iter().filter(|h| h.is_some()).count() != self.by_hash.len() {
+            return Err("a keyed block is missing from the hash index".into());
+        }
+        Ok(())
+    }
+
     /// The prefix-cache changes since the last call, oldest first.
     pub fn take_events(&mut self) -> Vec<KvEventKind> {
         std::mem::take(&mut self.events)
