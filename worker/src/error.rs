@@ -2,8 +2,8 @@
 //!
 //! `LoadError` covers everything that can go wrong before a model is ready (bad paths, corrupt or
 //! truncated files, unsupported formats); `EngineError` covers request-time failures (a prompt
-//! that does not fit, KV cache exhaustion). Messages are one line and name the offending file,
-//! tensor or value, because the CLI prints them as they are.
+//! that does not fit, KV cache exhaustion, a constraint that does not compile). Messages are one
+//! line and name the offending file, tensor or value, because the CLI prints them as they are.
 
 use std::path::PathBuf;
 
@@ -137,6 +137,14 @@ pub enum EngineError {
     /// A sampling parameter out of range.
     #[error("invalid sampling parameter: {0}")]
     InvalidSampling(String),
+    /// A structured-output constraint (JSON schema, regex) that cannot be compiled; the message
+    /// names what is wrong.
+    #[error("invalid constraint: {0}")]
+    InvalidConstraint(String),
+    /// The structured-output matcher failed: it could not be set up for this tokenizer, or a
+    /// sequence left what its constraint allows.
+    #[error("structured output: {0}")]
+    Constraint(String),
     /// The compute device failed.
     #[error("device: {0}")]
     Device(String),

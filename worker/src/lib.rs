@@ -20,6 +20,7 @@ pub mod presets;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod structured;
 pub mod tensor;
 
 pub use config::{Architecture, ModelConfig};
