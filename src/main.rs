@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a model over the worker gRPC API (token ids in, token ids out).
+    Worker(commands::worker::WorkerArgs),
     /// Generate text from a prompt with a local model.
     Generate(commands::generate::GenerateArgs),
     /// Fetch the default model into the cache (if needed) and print its local path.
@@ -35,6 +37,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Worker(args) => commands::worker::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Plan(args) => commands::plan::run(args),
         Command::Pull(args) => commands::pull::run(args),

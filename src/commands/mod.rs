@@ -7,3 +7,5 @@ pub mod generate;
 pub mod model_args;
 pub mod plan;
 pub mod pull;
+pub mod units;
+pub mod worker;

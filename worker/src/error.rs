@@ -128,6 +128,9 @@ pub enum EngineError {
         /// The queue bound.
         limit: usize,
     },
+    /// A request id that is already live.
+    #[error("request id {0:?} is already in use by a live request")]
+    DuplicateRequestId(String),
     /// Scheduler limits that would stall it.
     #[error("scheduler: {0}")]
     InvalidSchedulerConfig(String),

@@ -29,6 +29,12 @@ impl KvCacheConfig {
         KvCacheConfig { num_blocks: sequences.max(1) * per_seq.max(1), block_size }
     }
 
+    /// As many blocks as fit in `bytes` at `bytes_per_token` (K and V of every layer).
+    pub fn for_memory(bytes: u64, bytes_per_token: u64, block_size: usize) -> Self {
+        let per_block = bytes_per_token.max(1) * block_size.max(1) as u64;
+        KvCacheConfig { num_blocks: (bytes / per_block).min(i32::MAX as u64) as usize, block_size }
+    }
+
     /// Rejects empty or oversized caches.
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.block_size == 0 || self.num_blocks == 0 || self.num_blocks > i32::MAX as usize {

@@ -20,6 +20,7 @@ pub mod presets;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod serving;
 pub mod structured;
 pub mod tensor;
 

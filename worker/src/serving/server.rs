@@ -1,0 +1,199 @@
+//! The worker server's lifecycle: bind, serve gRPC (worker service, health, reflection) and the
+//! probe port, and drain on shutdown.
+//!
+//! Phases: **starting** (listeners bound, `/readyz` 503) → **serving** (health SERVING, `/readyz`
+//! 200) → **draining** once the shutdown future resolves (health NOT_SERVING, `/readyz` 503,
+//! `Generate` refused with UNAVAILABLE, no new connections, KV-event streams closed, in-flight
+//! streams run to completion) → after `drain_timeout`, whatever still runs is aborted → the
+//! engine thread is joined and the probe port closed. Every task spawned here is joined or
+//! cancelled before [`serve`] returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tessera_proto::worker_v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
+use crate::kv_events::{DEFAULT_REPLAY_CAPACITY, KvEventLog};
+use crate::serving::engine_loop;
+use crate::serving::grpc::WorkerService;
+use crate::serving::http;
+use crate::serving::metrics::WorkerMetrics;
+use crate::structured::ConstraintCompiler;
+
+/// How long aborted streams get to close after the drain timeout.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// gRPC address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Probe and metrics address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long in-flight requests may run after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+/// What the server serves.
+pub struct WorkerParts {
+    /// The engine (moved onto its own thread).
+    pub engine: Engine,
+    /// What `GetInfo` answers.
+    pub info: pb::WorkerInfo,
+    /// Structured-output compiler, when the tokenizer supports it.
+    pub compiler: Option<Arc<ConstraintCompiler>>,
+}
+
+/// The addresses actually bound.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// Probes and metrics.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The engine thread could not start or panicked.
+    #[error("engine thread: {0}")]
+    Engine(String),
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves until `shutdown` resolves, then drains. `on_bound` is called once the listeners are
+/// bound (with the real ports).
+pub async fn serve(
+    parts: WorkerParts,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_bound: impl FnOnce(BoundAddrs),
+) -> Result<(), ServeError> {
+    let grpc_listener = bind(config.listen).await?;
+    let http_listener = match config.metrics_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    on_bound(BoundAddrs {
+        grpc: local(&grpc_listener, config.listen),
+        metrics: http_listener.as_ref().zip(config.metrics_listen).map(|(l, a)| local(l, a)),
+    });
+
+    let metrics = Arc::new(WorkerMetrics::new(vec![
+        ("model", parts.info.model_id.clone()),
+        ("device", parts.info.device.clone()),
+        ("version", parts.info.version.clone()),
+        ("worker_id", parts.info.worker_id.clone()),
+    ]));
+    let ready = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
+    let kv_events = Arc::new(KvEventLog::new(DEFAULT_REPLAY_CAPACITY));
+    let (engine, engine_thread) =
+        engine_loop::spawn(parts.engine, kv_events, metrics.clone()).map_err(|e| ServeError::Engine(e.to_string()))?;
+
+    let http_stop = CancellationToken::new();
+    let http_task = http_listener.map(|l| {
+        let app = http::router(ready.clone(), metrics.clone());
+        let stop = http_stop.clone();
+        tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await })
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| ServeError::Engine(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+
+    let streams_stop = CancellationToken::new();
+    let drain_started = CancellationToken::new();
+    let service = WorkerService::new(
+        engine.clone(),
+        parts.info,
+        parts.compiler,
+        draining.clone(),
+        metrics.clone(),
+        streams_stop.clone(),
+    );
+    let signal = {
+        let (ready, draining, metrics, drain_started, streams_stop) =
+            (ready.clone(), draining.clone(), metrics.clone(), drain_started.clone(), streams_stop.clone());
+        async move {
+            shutdown.await;
+            ready.store(false, Ordering::Release);
+            draining.store(true, Ordering::Release);
+            metrics.set_ready(false);
+            health.set_not_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+            streams_stop.cancel();
+            drain_started.cancel();
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::worker_server::WorkerServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal);
+    let mut server = tokio::spawn(server);
+    ready.store(true, Ordering::Release);
+    metrics.set_ready(true);
+
+    let served = tokio::select! {
+        r = &mut server => r,
+        () = drain_started.cancelled() => match tokio::time::timeout(config.drain_timeout, &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Out of time: abort what still runs; its streams end with ABORTED.
+                engine.shutdown();
+                match tokio::time::timeout(ABORT_GRACE, &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        },
+    };
+    streams_stop.cancel();
+    engine.shutdown();
+    drop(engine);
+    let joined = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    http_stop.cancel();
+    if let Some(t) = http_task {
+        // The probe server ends with the token; its own errors do not change the outcome.
+        let _ = t.await;
+    }
+    match joined {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => return Err(ServeError::Engine("the engine thread panicked".into())),
+    }
+    served.map_err(|e| ServeError::Engine(format!("server task: {e}")))??;
+    Ok(())
+}
