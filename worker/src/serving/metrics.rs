@@ -1,110 +1,146 @@
 //! The worker's Prometheus metrics (served as text on `/metrics`).
 //!
-//! The engine thread records; the HTTP server encodes. Every metric is registered once in
-//! [`WorkerMetrics::new`], named `tessera_worker_*`, and uses base units (seconds, tokens,
-//! blocks); the output passes `promtool check metrics`.
+//! The engine thread records; the HTTP server encodes in the classic Prometheus text format.
+//! Every metric is registered once in [`WorkerMetrics::new`], named `tessera_worker_*`, and uses
+//! base units (seconds, tokens, blocks); the output passes `promtool check metrics`.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use crate::engine::{EngineLoad, FinishReason, SequenceUsage, StepReport};
 use crate::error::EngineError;
 
-type Labels = Vec<(&'static str, &'static str)>;
-
 /// Every metric the worker exports.
 pub struct WorkerMetrics {
     registry: Registry,
-    samples_finished: Family<Labels, Counter>,
-    requests_rejected: Family<Labels, Counter>,
-    prompt_tokens: Counter,
-    cached_prompt_tokens: Counter,
-    generated_tokens: Counter,
-    prefill_tokens: Counter,
-    preemptions: Counter,
-    running: Gauge,
-    waiting: Gauge,
-    kv_blocks_total: Gauge,
-    kv_blocks_used: Gauge,
-    kv_blocks_cached: Gauge,
+    samples_finished: IntCounterVec,
+    requests_rejected: IntCounterVec,
+    prompt_tokens: IntCounter,
+    cached_prompt_tokens: IntCounter,
+    generated_tokens: IntCounter,
+    prefill_tokens: IntCounter,
+    preemptions: IntCounter,
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_blocks_total: IntGauge,
+    kv_blocks_used: IntGauge,
+    kv_blocks_cached: IntGauge,
     ttft: Histogram,
     itl: Histogram,
     request_duration: Histogram,
     step_duration: Histogram,
-    ready: Gauge<i64, std::sync::atomic::AtomicI64>,
-    _info: Family<Vec<(&'static str, String)>, Gauge<u64, AtomicU64>>,
+    ready: IntGauge,
+}
+
+/// Registers `m` on `registry` and hands it back.
+fn add<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    m: Result<M, prometheus::Error>,
+) -> Result<M, prometheus::Error> {
+    let m = m?;
+    registry.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn buckets(start: f64, count: usize) -> Vec<f64> {
+    (0..count).map(|i| start * 2f64.powi(i as i32)).collect()
 }
 
 impl WorkerMetrics {
-    /// Registers every metric; `info` labels (model, device, version) go on `tessera_worker_info`.
-    pub fn new(info: Vec<(&'static str, String)>) -> Self {
-        let mut registry = Registry::default();
-        let m = WorkerMetrics {
-            samples_finished: Family::default(),
-            requests_rejected: Family::default(),
-            prompt_tokens: Counter::default(),
-            cached_prompt_tokens: Counter::default(),
-            generated_tokens: Counter::default(),
-            prefill_tokens: Counter::default(),
-            preemptions: Counter::default(),
-            running: Gauge::default(),
-            waiting: Gauge::default(),
-            kv_blocks_total: Gauge::default(),
-            kv_blocks_used: Gauge::default(),
-            kv_blocks_cached: Gauge::default(),
-            ttft: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
-            itl: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            request_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
-            step_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            ready: Gauge::default(),
-            _info: Family::default(),
-            registry: Registry::default(),
+    /// Registers every metric; `info` labels (model, device, version, worker id) go on
+    /// `tessera_worker_info`.
+    pub fn new(info: Vec<(&'static str, String)>) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| IntCounter::new(name, help);
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help);
+        let histogram = |name: &str, help: &str, start, n| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets(start, n)))
         };
-        let r = &mut registry;
-        r.register("tessera_worker_samples_finished", "Samples ended, by finish reason", m.samples_finished.clone());
-        r.register("tessera_worker_requests_rejected", "Requests refused, by reason", m.requests_rejected.clone());
-        r.register("tessera_worker_prompt_tokens", "Prompt tokens of finished samples", m.prompt_tokens.clone());
-        r.register(
-            "tessera_worker_cached_prompt_tokens",
-            "Prompt tokens of finished samples served from the prefix cache",
-            m.cached_prompt_tokens.clone(),
-        );
-        r.register("tessera_worker_generated_tokens", "Tokens generated", m.generated_tokens.clone());
-        r.register("tessera_worker_prefill_tokens", "Prompt tokens computed (not cached)", m.prefill_tokens.clone());
-        r.register("tessera_worker_preemptions", "Sequences preempted for KV space", m.preemptions.clone());
-        r.register("tessera_worker_running_sequences", "Sequences running", m.running.clone());
-        r.register("tessera_worker_waiting_sequences", "Sequences waiting for admission", m.waiting.clone());
-        r.register("tessera_worker_kv_blocks", "KV cache blocks in all", m.kv_blocks_total.clone());
-        r.register("tessera_worker_kv_blocks_used", "KV cache blocks owned by sequences", m.kv_blocks_used.clone());
-        r.register(
-            "tessera_worker_kv_blocks_cached",
-            "Unowned KV blocks kept for prefix reuse",
-            m.kv_blocks_cached.clone(),
-        );
-        r.register("tessera_worker_time_to_first_token_seconds", "Arrival to first token", m.ttft.clone());
-        r.register("tessera_worker_inter_token_latency_seconds", "Time between tokens of a request", m.itl.clone());
-        r.register("tessera_worker_request_duration_seconds", "Arrival to last token", m.request_duration.clone());
-        r.register("tessera_worker_step_duration_seconds", "Duration of one engine step", m.step_duration.clone());
-        r.register("tessera_worker_ready", "1 while the worker accepts requests", m.ready.clone());
-        let info_family: Family<Vec<(&'static str, String)>, Gauge<u64, AtomicU64>> = Family::default();
-        info_family.get_or_create(&info).set(1);
-        r.register("tessera_worker_info", "Static facts about the worker", info_family.clone());
-        WorkerMetrics { registry, _info: info_family, ..m }
+        let m = WorkerMetrics {
+            samples_finished: add(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("tessera_worker_samples_finished_total", "Samples ended, by finish reason"),
+                    &["reason"],
+                ),
+            )?,
+            requests_rejected: add(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("tessera_worker_requests_rejected_total", "Requests refused, by reason"),
+                    &["reason"],
+                ),
+            )?,
+            prompt_tokens: add(
+                &registry,
+                counter("tessera_worker_prompt_tokens_total", "Prompt tokens of finished samples"),
+            )?,
+            cached_prompt_tokens: add(
+                &registry,
+                counter(
+                    "tessera_worker_cached_prompt_tokens_total",
+                    "Prompt tokens of finished samples served from the prefix cache",
+                ),
+            )?,
+            generated_tokens: add(&registry, counter("tessera_worker_generated_tokens_total", "Tokens generated"))?,
+            prefill_tokens: add(
+                &registry,
+                counter("tessera_worker_prefill_tokens_total", "Prompt tokens computed (not cached)"),
+            )?,
+            preemptions: add(
+                &registry,
+                counter("tessera_worker_preemptions_total", "Sequences preempted for KV space"),
+            )?,
+            running: add(&registry, gauge("tessera_worker_running_sequences", "Sequences running"))?,
+            waiting: add(&registry, gauge("tessera_worker_waiting_sequences", "Sequences waiting for admission"))?,
+            kv_blocks_total: add(&registry, gauge("tessera_worker_kv_blocks", "KV cache blocks in all"))?,
+            kv_blocks_used: add(
+                &registry,
+                gauge("tessera_worker_kv_blocks_used", "KV cache blocks owned by sequences"),
+            )?,
+            kv_blocks_cached: add(
+                &registry,
+                gauge("tessera_worker_kv_blocks_cached", "Unowned KV blocks kept for prefix reuse"),
+            )?,
+            ttft: add(
+                &registry,
+                histogram("tessera_worker_time_to_first_token_seconds", "Arrival to first token", 0.005, 14),
+            )?,
+            itl: add(
+                &registry,
+                histogram("tessera_worker_inter_token_latency_seconds", "Time between tokens of a request", 0.001, 14),
+            )?,
+            request_duration: add(
+                &registry,
+                histogram("tessera_worker_request_duration_seconds", "Arrival to last token", 0.01, 16),
+            )?,
+            step_duration: add(
+                &registry,
+                histogram("tessera_worker_step_duration_seconds", "Duration of one engine step", 0.0005, 16),
+            )?,
+            ready: add(&registry, gauge("tessera_worker_ready", "1 while the worker accepts requests"))?,
+            registry: registry.clone(),
+        };
+        let names: Vec<&str> = info.iter().map(|(k, _)| *k).collect();
+        let info_gauge: prometheus::IntGaugeVec = add(
+            &registry,
+            prometheus::IntGaugeVec::new(Opts::new("tessera_worker_info", "Static facts about the worker"), &names),
+        )?;
+        let values: Vec<&str> = info.iter().map(|(_, v)| v.as_str()).collect();
+        if let Ok(g) = info_gauge.get_metric_with_label_values(&values) {
+            g.set(1);
+        }
+        Ok(m)
     }
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        let mut out = Vec::new();
+        // Encoding gathered families into memory only fails on malformed families, which
+        // registration rules out; an empty page is the fallback.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// Marks the worker ready (or not).
@@ -112,17 +148,21 @@ impl WorkerMetrics {
         self.ready.set(i64::from(ready));
     }
 
+    fn count(vec: &IntCounterVec, label: &str) {
+        vec.with_label_values(&[label]).inc();
+    }
+
     pub(crate) fn rejected(&self, e: &EngineError) {
         let reason = match e {
             EngineError::QueueFull { .. } => "queue_full",
             _ => "invalid",
         };
-        self.requests_rejected.get_or_create(&vec![("reason", reason)]).inc();
+        Self::count(&self.requests_rejected, reason);
     }
 
     /// Counts a request refused before it reached the engine.
     pub fn rejected_overloaded(&self) {
-        self.requests_rejected.get_or_create(&vec![("reason", "overloaded")]).inc();
+        Self::count(&self.requests_rejected, "overloaded");
     }
 
     pub(crate) fn finished(&self, outcome: Option<(FinishReason, SequenceUsage)>) {
@@ -131,7 +171,7 @@ impl WorkerMetrics {
             Some((FinishReason::Length, _)) => "length",
             None => "aborted",
         };
-        self.samples_finished.get_or_create(&vec![("reason", reason)]).inc();
+        Self::count(&self.samples_finished, reason);
         if let Some((_, u)) = outcome {
             self.prompt_tokens.inc_by(u.prompt_tokens as u64);
             self.cached_prompt_tokens.inc_by(u.cached_prompt_tokens as u64);
@@ -139,7 +179,7 @@ impl WorkerMetrics {
     }
 
     pub(crate) fn failed(&self) {
-        self.samples_finished.get_or_create(&vec![("reason", "error")]).inc();
+        Self::count(&self.samples_finished, "error");
     }
 
     pub(crate) fn first_token(&self, d: Duration) {

@@ -76,6 +76,9 @@ pub enum ServeError {
     /// The engine thread could not start or panicked.
     #[error("engine thread: {0}")]
     Engine(String),
+    /// Reflection or the metrics registry could not be set up.
+    #[error("setting up {0}")]
+    Setup(String),
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -101,12 +104,15 @@ pub async fn serve(
         metrics: http_listener.as_ref().zip(config.metrics_listen).map(|(l, a)| local(l, a)),
     });
 
-    let metrics = Arc::new(WorkerMetrics::new(vec![
-        ("model", parts.info.model_id.clone()),
-        ("device", parts.info.device.clone()),
-        ("version", parts.info.version.clone()),
-        ("worker_id", parts.info.worker_id.clone()),
-    ]));
+    let metrics = Arc::new(
+        WorkerMetrics::new(vec![
+            ("model", parts.info.model_id.clone()),
+            ("device", parts.info.device.clone()),
+            ("version", parts.info.version.clone()),
+            ("worker_id", parts.info.worker_id.clone()),
+        ])
+        .map_err(|e| ServeError::Setup(format!("the metrics registry: {e}")))?,
+    );
     let ready = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
     let kv_events = Arc::new(KvEventLog::new(DEFAULT_REPLAY_CAPACITY));
@@ -127,7 +133,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_error = |e: tonic_reflection::server::Error| ServeError::Engine(format!("reflection: {e}"));
+    let reflection_error = |e: tonic_reflection::server::Error| ServeError::Setup(format!("reflection: {e}"));
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
