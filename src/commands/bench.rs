@@ -18,7 +18,8 @@ use super::model_args::{Device, ModelArgs};
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Prefill and decode throughput of the engine, with decode compared to the memory-bandwidth
-    /// roofline (read bandwidth ÷ bytes read per decoded token) on the CPU.
+    /// roofline (read bandwidth ÷ bytes read per decoded token) on the CPU; with
+    /// `--concurrency`, closed-loop serving load (throughput, TTFT, ITL, prefix-cache hits).
     Engine(EngineBenchArgs),
 }
 
@@ -26,16 +27,16 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct EngineBenchArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Sequences decoded together; a comma-separated list runs each size in turn.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
     /// Prompt tokens per sequence (random ids).
     #[arg(long, default_value_t = 128)]
-    prompt_len: usize,
+    pub prompt_len: usize,
     /// Tokens generated per sequence (end-of-sequence is ignored).
     #[arg(long, default_value_t = 128)]
-    gen_len: usize,
+    pub gen_len: usize,
     /// Timed runs per batch size; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -44,7 +45,20 @@ pub struct EngineBenchArgs {
     bandwidth_mib: usize,
     /// Print one JSON object per batch size instead of the table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+    /// Serving mode: closed-loop clients, each keeping one request in flight; a comma-separated
+    /// list runs each level (reports output tok/s, TTFT and ITL percentiles, prefix hit rate).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Serving mode: tokens of a prefix every prompt shares (before its own `--prompt-len`).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_len: usize,
+    /// Serving mode: requests completed per level (at least twice the concurrency).
+    #[arg(long, default_value_t = 16)]
+    pub requests: usize,
+    /// Serving mode: turn the prefix cache off (to compare).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -68,6 +82,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
+    if !args.concurrency.is_empty() {
+        anyhow::ensure!(
+            args.concurrency.iter().all(|&c| c > 0) && args.gen_len > 0 && args.prompt_len > 0,
+            "concurrency levels and lengths must be positive"
+        );
+        return super::bench_concurrency::run(&args);
+    }
     let max_batch = args.batch.iter().copied().max().unwrap_or(0);
     anyhow::ensure!(
         args.batch.iter().all(|&b| b > 0) && args.gen_len > 0 && args.prompt_len > 0 && args.runs > 0,

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_concurrency;
 pub mod check;
 pub mod generate;
 pub mod model_args;
