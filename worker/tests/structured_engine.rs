@@ -2,8 +2,6 @@
 //! temperature 1.0 under a JSON schema with nested objects, enums and arrays all finish, parse
 //! and validate.
 
-#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
-
 use std::collections::{HashMap, HashSet};
 
 use serde_json::json;
