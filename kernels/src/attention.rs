@@ -160,8 +160,11 @@ pub fn paged_attention_ref(
     Ok(())
 }
 
-/// Fast paged attention: one task per (query, head) pair on `pool`, SIMD dot products and
-/// value accumulation, a per-thread score buffer reused across tasks.
+/// Fast paged attention: one task per (query, KV head) pair on `pool`, covering the query heads
+/// that share that KV head (GQA), so each K and V row is located and loaded once for the whole
+/// group; SIMD dot products and value accumulation; a per-thread score buffer reused across
+/// tasks. Each head's arithmetic is in the same order as when computed alone, so results do not
+/// depend on what else is in the batch.
 pub fn paged_attention(
     pool: &CpuPool,
     q: &[f32],
@@ -172,12 +175,15 @@ pub fn paged_attention(
 ) -> Result<(), KernelError> {
     let g = validate("paged_attention", q, queries, kv, n_heads, out)?;
     let ctx = Ctx { isa: pool.isa(), g, kv };
+    let group_len = g.group * g.head_dim;
+    let groups_per_query = g.n_heads / g.group;
     pool.install(|| {
-        out.par_chunks_mut(g.head_dim).zip(q.par_chunks(g.head_dim)).enumerate().for_each_init(
+        out.par_chunks_mut(group_len).zip(q.par_chunks(group_len)).enumerate().for_each_init(
             Vec::new,
-            |scores, (task, (oh, qh))| {
-                let job = HeadJob { query: &queries[task / g.n_heads], kv_head: (task % g.n_heads) / g.group, q: qh };
-                ctx.head(&job, oh, scores);
+            |scores, (task, (og, qg))| {
+                let job =
+                    GroupJob { query: &queries[task / groups_per_query], kv_head: task % groups_per_query, q: qg };
+                ctx.group(&job, og, scores);
             },
         );
     });
@@ -191,59 +197,70 @@ struct Ctx<'c, 'a> {
     kv: &'c PagedKvLayer<'a>,
 }
 
-/// One (query token, query head) of a fast call.
-struct HeadJob<'j> {
+/// One (query token, KV head) of a fast call: the `group` query heads reading that KV head.
+struct GroupJob<'j> {
     query: &'j AttentionQuery<'j>,
     kv_head: usize,
-    /// The head's query vector, `head_dim` long.
+    /// The group's query vectors, `group * head_dim` long.
     q: &'j [f32],
 }
 
 impl Ctx<'_, '_> {
-    /// One (query, head): scores, softmax, weighted sum of values, on the pool's ISA.
-    fn head(&self, job: &HeadJob, oh: &mut [f32], scores: &mut Vec<f32>) {
+    /// One (query, KV head group): scores, softmax, weighted sum of values, on the pool's ISA.
+    fn group(&self, job: &GroupJob, out: &mut [f32], scores: &mut Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
         if self.isa.has_avx2() {
             // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
-            unsafe { self.head_avx2(job, oh, scores) };
+            unsafe { self.group_avx2(job, out, scores) };
             return;
         }
-        self.head_with(job, oh, scores, crate::simd::dot, |y, alpha, x| {
+        self.group_with(job, out, scores, crate::simd::dot, |y, alpha, x| {
             for (o, v) in y.iter_mut().zip(x) {
                 *o += alpha * v;
             }
         });
     }
 
-    /// [`Ctx::head`] with AVX2 dot products and value accumulation inlined.
+    /// [`Ctx::group`] with AVX2 dot products and value accumulation inlined.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn head_avx2(&self, job: &HeadJob, oh: &mut [f32], scores: &mut Vec<f32>) {
+    fn group_avx2(&self, job: &GroupJob, out: &mut [f32], scores: &mut Vec<f32>) {
         use crate::simd::avx2;
-        self.head_with(job, oh, scores, |a, b| avx2::dot(a, b), |y, alpha, x| avx2::axpy(y, alpha, x));
+        self.group_with(job, out, scores, |a, b| avx2::dot(a, b), |y, alpha, x| avx2::axpy(y, alpha, x));
     }
 
     #[inline(always)]
-    fn head_with(
+    fn group_with(
         &self,
-        job: &HeadJob,
-        oh: &mut [f32],
+        job: &GroupJob,
+        out: &mut [f32],
         scores: &mut Vec<f32>,
         dot: impl Fn(&[f32], &[f32]) -> f32,
         axpy: impl Fn(&mut [f32], f32, &[f32]),
     ) {
         let (g, kv, qr) = (&self.g, self.kv, job.query);
         let hd = g.head_dim;
+        let n = qr.context_len - qr.window_start;
         scores.clear();
-        for p in qr.window_start..qr.context_len {
+        scores.resize(g.group * n, 0.0);
+        // scores[h * n + i]: head h of the group at position window_start + i.
+        for (i, p) in (qr.window_start..qr.context_len).enumerate() {
             let off = g.offset(qr.block_table, p, job.kv_head);
-            scores.push(dot(job.q, &kv.k[off..off + hd]) * g.scale);
+            let k = &kv.k[off..off + hd];
+            for (h, qh) in job.q.chunks_exact(hd).enumerate() {
+                scores[h * n + i] = dot(qh, k) * g.scale;
+            }
         }
-        softmax_isa(self.isa, scores);
-        oh.fill(0.0);
-        for (p, &w) in (qr.window_start..qr.context_len).zip(scores.iter()) {
+        for head_scores in scores.chunks_exact_mut(n) {
+            softmax_isa(self.isa, head_scores);
+        }
+        out.fill(0.0);
+        for (i, p) in (qr.window_start..qr.context_len).enumerate() {
             let off = g.offset(qr.block_table, p, job.kv_head);
-            axpy(oh, w, &kv.v[off..off + hd]);
+            let v = &kv.v[off..off + hd];
+            for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+                axpy(oh, scores[h * n + i], v);
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use tessera_proto::worker_v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{FinishReason, GenerationRequest};
@@ -33,31 +34,27 @@ pub const MAX_SAMPLES: u32 = 16;
 /// Minimum time between load reports on a KV-event stream.
 const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
-/// The service's shared state.
+/// The service's shared state (built by `server::serve`).
 #[derive(Clone)]
 pub struct WorkerService {
-    engine: EngineHandle,
-    info: Arc<pb::WorkerInfo>,
-    compiler: Option<Arc<ConstraintCompiler>>,
-    draining: Arc<AtomicBool>,
-    metrics: Arc<WorkerMetrics>,
-    shutdown: CancellationToken,
+    /// The engine thread.
+    pub(crate) engine: EngineHandle,
+    /// What `GetInfo` answers.
+    pub(crate) info: Arc<pb::WorkerInfo>,
+    /// Structured-output compiler; `None` when the model's tokenizer cannot support it
+    /// (constrained requests are then refused).
+    pub(crate) compiler: Option<Arc<ConstraintCompiler>>,
+    /// Set once the drain begins: new requests are refused.
+    pub(crate) draining: Arc<AtomicBool>,
+    /// Metrics.
+    pub(crate) metrics: Arc<WorkerMetrics>,
+    /// Cancels the long-lived KV-event streams at shutdown.
+    pub(crate) shutdown: CancellationToken,
+    /// Owns the per-subscriber KV-event tasks (joined at shutdown).
+    pub(crate) tasks: TaskTracker,
 }
 
 impl WorkerService {
-    /// A service over a running engine. `compiler` is `None` when the model has no tokenizer
-    /// that structured output can use; constrained requests are then refused.
-    pub fn new(
-        engine: EngineHandle,
-        info: pb::WorkerInfo,
-        compiler: Option<Arc<ConstraintCompiler>>,
-        draining: Arc<AtomicBool>,
-        metrics: Arc<WorkerMetrics>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        WorkerService { engine, info: Arc::new(info), compiler, draining, metrics, shutdown }
-    }
-
     async fn samples(&self, r: &pb::GenerateRequest) -> Result<Vec<SampleSpec>, Status> {
         let n = if r.n == 0 { 1 } else { r.n };
         if n > MAX_SAMPLES {
@@ -307,7 +304,7 @@ impl pb::worker_server::Worker for WorkerService {
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         let block_size = self.info.block_size;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::select! {
                 () = stream_kv_events(engine, from_seq, block_size, &tx) => {}
                 () = shutdown.cancelled() => {}

@@ -5,8 +5,9 @@
 //! 200) → **draining** once the shutdown future resolves (health NOT_SERVING, `/readyz` 503,
 //! `Generate` refused with UNAVAILABLE, no new connections, KV-event streams closed, in-flight
 //! streams run to completion) → after `drain_timeout`, whatever still runs is aborted → the
-//! engine thread is joined and the probe port closed. Every task spawned here is joined or
-//! cancelled before [`serve`] returns.
+//! engine thread is joined and the probe port closed. Every task spawned here (the gRPC and
+//! probe servers, one task per KV-event subscriber) is cancelled and joined before [`serve`]
+//! returns.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tessera_proto::worker_v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::engine::Engine;
 use crate::kv_events::{DEFAULT_REPLAY_CAPACITY, KvEventLog};
@@ -138,15 +140,17 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
     let streams_stop = CancellationToken::new();
+    let stream_tasks = TaskTracker::new();
     let drain_started = CancellationToken::new();
-    let service = WorkerService::new(
-        engine.clone(),
-        parts.info,
-        parts.compiler,
-        draining.clone(),
-        metrics.clone(),
-        streams_stop.clone(),
-    );
+    let service = WorkerService {
+        engine: engine.clone(),
+        info: Arc::new(parts.info),
+        compiler: parts.compiler,
+        draining: draining.clone(),
+        metrics: metrics.clone(),
+        shutdown: streams_stop.clone(),
+        tasks: stream_tasks.clone(),
+    };
     let signal = {
         let (ready, draining, metrics, drain_started, streams_stop) =
             (ready.clone(), draining.clone(), metrics.clone(), drain_started.clone(), streams_stop.clone());
@@ -156,6 +160,8 @@ pub async fn serve(
             draining.store(true, Ordering::Release);
             metrics.set_ready(false);
             health.set_not_serving::<pb::worker_server::WorkerServer<WorkerService>>().await;
+            // The whole server ("") reports draining too, so generic probes stop routing here.
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             streams_stop.cancel();
             drain_started.cancel();
         }
@@ -188,6 +194,9 @@ pub async fn serve(
         },
     };
     streams_stop.cancel();
+    stream_tasks.close();
+    // Stream tasks end on the token; waiting here makes them joined, not detached.
+    let _ = tokio::time::timeout(ABORT_GRACE, stream_tasks.wait()).await;
     engine.shutdown();
     drop(engine);
     let joined = tokio::task::spawn_blocking(move || engine_thread.join()).await;
