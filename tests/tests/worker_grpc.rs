@@ -233,6 +233,27 @@ async fn dropped_streams_and_aborts_free_their_blocks_and_kv_events_track_the_ca
             other => panic!("unexpected message {other:?}"),
         }
     }
+    // Load reports are interleaved with the events: new activity produces one.
+    run(&mut c, greedy(prompt(7, 4), 2)).await.unwrap();
+    let report = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap().unwrap();
+        match msg.body {
+            Some(pb::kv_events_message::Body::Load(report)) => break report,
+            Some(pb::kv_events_message::Body::Events(batch)) => {
+                for e in batch.events {
+                    assert_eq!(e.seq, seq + 1, "gap in the event stream");
+                    seq = e.seq;
+                    if let Some(pb::kv_event::Kind::Stored(b)) = e.kind {
+                        replica.insert(b.hash, (b.parent, b.tokens));
+                    }
+                }
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    };
+    assert_eq!(report.kv_blocks_total, c.get_info(pb::GetInfoRequest {}).await.unwrap().into_inner().kv_blocks);
+    wait_idle(&mut c).await;
+
     // A late subscriber's snapshot equals the replica built from the stream.
     let mut late = c.subscribe_kv_events(pb::SubscribeKvEventsRequest { from_seq: 0 }).await.unwrap().into_inner();
     let Some(pb::kv_events_message::Body::Snapshot(snap)) = late.next().await.unwrap().unwrap().body else {
