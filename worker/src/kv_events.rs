@@ -2,9 +2,9 @@
 //!
 //! The engine thread [`publish`](KvEventLog::publish)es what its [`BlockAllocator`] recorded
 //! after each step; the log numbers the events (the first is 1, each next one is one more),
-//! applies them to a mirror of the keyed blocks, keeps the most recent ones for replay and
+//! applies them to its own [`KvReplica`] of the keyed blocks, keeps the most recent ones for replay and
 //! broadcasts them to live subscribers. Invariant: after the event numbered `s` has been
-//! published, the mirror holds exactly the blocks the allocator held when it recorded that event,
+//! published, that replica holds exactly the blocks the allocator held when it recorded that event,
 //! so a snapshot taken at `s` plus every event after `s` rebuilds the live state.
 //!
 //! [`BlockAllocator`]: crate::kv_cache::BlockAllocator
@@ -84,22 +84,15 @@ pub struct Subscription {
     pub live: broadcast::Receiver<Arc<[KvEvent]>>,
 }
 
-struct MirrorBlock {
-    parent: Option<BlockHash>,
-    tokens: Vec<u32>,
-    /// Index of the block in its chain (0 for a first block); orders snapshots parent-first.
-    depth: usize,
-}
-
 struct State {
-    last_seq: u64,
+    /// Every event applied: the keyed blocks as of `view.seq`, the last published number.
+    view: KvReplica,
     recent: VecDeque<KvEvent>,
-    mirror: HashMap<BlockHash, MirrorBlock>,
 }
 
 /// The event log shared by the engine thread (publisher) and the gRPC streams (subscribers).
 pub struct KvEventLog {
-    /// Guards the sequence counter, replay buffer and mirror together, so that a subscriber's
+    /// Guards the replica (with its sequence number) and the replay buffer together, so that a subscriber's
     /// snapshot and its live receiver meet exactly at one sequence number. Held only for short,
     /// non-blocking sections (never across an await).
     state: Mutex<State>,
@@ -115,7 +108,7 @@ impl KvEventLog {
     pub fn new(replay_capacity: usize) -> Self {
         let (live, _) = broadcast::channel(1024);
         KvEventLog {
-            state: Mutex::new(State { last_seq: 0, recent: VecDeque::new(), mirror: HashMap::new() }),
+            state: Mutex::new(State { view: KvReplica::default(), recent: VecDeque::new() }),
             live,
             replay_capacity: replay_capacity.max(1),
         }
@@ -128,7 +121,7 @@ impl KvEventLog {
 
     /// The sequence number of the last published event (0 before any).
     pub fn last_seq(&self) -> u64 {
-        self.lock().last_seq
+        self.lock().view.seq
     }
 
     /// Numbers, records and broadcasts `kinds` (in order).
@@ -139,9 +132,9 @@ impl KvEventLog {
         let mut state = self.lock();
         let mut batch = Vec::with_capacity(kinds.len());
         for kind in kinds {
-            state.last_seq += 1;
-            apply(&mut state.mirror, &kind);
-            let event = KvEvent { seq: state.last_seq, kind };
+            state.view.seq += 1;
+            state.view.apply_kind(&kind);
+            let event = KvEvent { seq: state.view.seq, kind };
             state.recent.push_back(event.clone());
             batch.push(event);
         }
@@ -156,43 +149,59 @@ impl KvEventLog {
     pub fn subscribe(&self, from_seq: u64) -> Subscription {
         let state = self.lock();
         let live = self.live.subscribe();
-        let oldest = state.recent.front().map_or(state.last_seq + 1, |e| e.seq);
-        let start = if from_seq >= 1 && from_seq >= oldest && from_seq <= state.last_seq + 1 {
+        let last_seq = state.view.seq;
+        let oldest = state.recent.front().map_or(last_seq + 1, |e| e.seq);
+        let start = if from_seq >= 1 && from_seq >= oldest && from_seq <= last_seq + 1 {
             SubscriptionStart::Replay(state.recent.iter().filter(|e| e.seq >= from_seq).cloned().collect())
         } else {
-            SubscriptionStart::Snapshot(snapshot(&state))
+            SubscriptionStart::Snapshot(snapshot(&state.view))
         };
         Subscription { start, live }
     }
 
     /// The current state as a snapshot.
     pub fn snapshot(&self) -> KvSnapshot {
-        snapshot(&self.lock())
+        snapshot(&self.lock().view)
     }
 }
 
-fn snapshot(state: &State) -> KvSnapshot {
-    let mut blocks: Vec<(&BlockHash, &MirrorBlock)> = state.mirror.iter().collect();
-    blocks.sort_by_key(|(h, b)| (b.depth, **h));
+/// `view` as a snapshot, each block after its parent.
+fn snapshot(view: &KvReplica) -> KvSnapshot {
+    let mut depth = HashMap::with_capacity(view.blocks.len());
+    for &h in view.blocks.keys() {
+        chain_depth(view, h, &mut depth);
+    }
+    let mut blocks: Vec<_> = view.blocks.iter().collect();
+    blocks.sort_by_key(|(h, _)| (depth.get(*h).copied().unwrap_or(0), **h));
     KvSnapshot {
-        seq: state.last_seq,
+        seq: view.seq,
         blocks: blocks
             .into_iter()
-            .map(|(h, b)| SnapshotBlock { hash: *h, parent: b.parent, tokens: b.tokens.clone() })
+            .map(|(h, (parent, tokens))| SnapshotBlock { hash: *h, parent: *parent, tokens: tokens.clone() })
             .collect(),
     }
 }
 
-fn apply(mirror: &mut HashMap<BlockHash, MirrorBlock>, kind: &KvEventKind) {
-    match kind {
-        KvEventKind::Stored { hash, parent, tokens } => {
-            let depth = parent.and_then(|p| mirror.get(&p)).map_or(0, |p| p.depth + 1);
-            mirror.insert(*hash, MirrorBlock { parent: *parent, tokens: tokens.clone(), depth });
+/// Records in `memo` how many of `h`'s ancestors are held (0 when its parent is not), walking
+/// up only until a block whose depth is known.
+fn chain_depth(view: &KvReplica, h: BlockHash, memo: &mut HashMap<BlockHash, usize>) {
+    let mut path = Vec::new();
+    let mut cur = Some(h);
+    let mut top = 0;
+    while let Some(c) = cur {
+        if let Some(&known) = memo.get(&c) {
+            top = known + 1;
+            break;
         }
-        KvEventKind::Removed { hash } => {
-            mirror.remove(hash);
+        // A chained hash cannot cycle; the bound only keeps a corrupt view from looping.
+        if path.len() > view.blocks.len() {
+            break;
         }
-        KvEventKind::Cleared => mirror.clear(),
+        path.push(c);
+        cur = view.blocks.get(&c).and_then(|(p, _)| *p).filter(|p| view.blocks.contains_key(p));
+    }
+    for (i, c) in path.into_iter().rev().enumerate() {
+        memo.insert(c, top + i);
     }
 }
 
@@ -229,7 +238,12 @@ impl KvReplica {
             return Err(SequenceGap { last: self.seq, got: event.seq });
         }
         self.seq = event.seq;
-        match &event.kind {
+        self.apply_kind(&event.kind);
+        Ok(())
+    }
+
+    fn apply_kind(&mut self, kind: &KvEventKind) {
+        match kind {
             KvEventKind::Stored { hash, parent, tokens } => {
                 self.blocks.insert(*hash, (*parent, tokens.clone()));
             }
@@ -238,7 +252,6 @@ impl KvReplica {
             }
             KvEventKind::Cleared => self.blocks.clear(),
         }
-        Ok(())
     }
 }
 
