@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tessera_proto::worker_v1 as pb;
+use tessera_worker::backend;
 use tessera_worker::engine::{Engine, EngineOptions};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::serving::server::{self, ServeConfig, WorkerParts};
@@ -59,8 +60,8 @@ pub struct WorkerArgs {
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
     let bytes_per_elem = match args.model.device {
-        Device::Cpu => 4,
-        Device::Cuda => 2,
+        Device::Cpu => backend::CPU_KV_ELEM_BYTES,
+        Device::Cuda => backend::CUDA_KV_ELEM_BYTES,
     };
     let kv = match args.kv_blocks {
         Some(num_blocks) => KvCacheConfig { num_blocks, block_size: args.block_size },

@@ -455,9 +455,8 @@ impl Engine {
         requests: &[GenerationRequest],
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<(Vec<GenerationOutput>, GenerationStats), EngineError> {
-        for r in requests {
-            self.validate(r)?;
-        }
+        // `add` validates; on the first refusal the ones already queued are withdrawn before any
+        // step runs, so a batch is all-or-nothing.
         let mut ids = Vec::with_capacity(requests.len());
         for r in requests {
             match self.add(r.clone(), None, None) {

@@ -113,7 +113,7 @@ impl ModelBackend for CpuBackend {
             device: format!("cpu ({}, {} threads)", self.pool.isa(), self.pool.threads()),
             weights_dtype: format!("{:?}", self.model.weights_dtype()).to_lowercase(),
             weight_bytes_per_step: self.model.weight_bytes_per_token(),
-            kv_bytes_per_token: self.model.config().kv_bytes_per_token(4) as usize,
+            kv_bytes_per_token: self.model.config().kv_bytes_per_token(super::CPU_KV_ELEM_BYTES) as usize,
         }
     }
 

@@ -458,7 +458,7 @@ impl ModelBackend for CudaBackend {
             device: format!("cuda ({})", self.dev.describe()),
             weights_dtype: "bf16".into(),
             weight_bytes_per_step: self.weight_bytes_per_step,
-            kv_bytes_per_token: self.config.kv_bytes_per_token(2) as usize,
+            kv_bytes_per_token: self.config.kv_bytes_per_token(super::CUDA_KV_ELEM_BYTES) as usize,
         }
     }
 

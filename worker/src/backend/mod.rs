@@ -14,6 +14,11 @@ use crate::error::EngineError;
 use crate::model::SeqChunk;
 use crate::sampler::argmax;
 
+/// Bytes per K or V element in the CPU backend's cache (f32).
+pub const CPU_KV_ELEM_BYTES: usize = 4;
+/// Bytes per K or V element in the CUDA backend's cache (bf16).
+pub const CUDA_KV_ELEM_BYTES: usize = 2;
+
 /// What a backend reports about itself (for benchmarks and logs).
 #[derive(Debug, Clone)]
 pub struct BackendInfo {

@@ -191,7 +191,6 @@ struct LiveRequest {
     /// Which samples have ended.
     ended: Vec<bool>,
     prompt_len: usize,
-    unfinished: usize,
     arrived: Instant,
     last_token: Option<Instant>,
 }
@@ -312,7 +311,6 @@ impl EngineLoop {
             produced: vec![0; seqs.len()],
             ended: vec![false; seqs.len()],
             prompt_len,
-            unfinished: seqs.len(),
             seqs,
             arrived: Instant::now(),
             last_token: None,
@@ -393,7 +391,6 @@ impl EngineLoop {
             }
             SequenceEvent::Finished { reason, usage, .. } => {
                 self.by_seq.remove(&seq);
-                req.unfinished -= 1;
                 req.ended[index as usize] = true;
                 self.metrics.finished(Some((reason, usage)));
                 req.events.try_send(RequestEvent::End { index, end: SampleEnd::Finished(reason), usage })
@@ -405,7 +402,7 @@ impl EngineLoop {
                 return;
             }
         };
-        let request_done = req.unfinished == 0;
+        let request_done = req.ended.iter().all(|&e| e);
         if request_done {
             self.metrics.request_done(now - req.arrived);
             self.live.remove(&request_id);

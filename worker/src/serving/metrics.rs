@@ -52,74 +52,43 @@ impl WorkerMetrics {
     /// `tessera_worker_info`.
     pub fn new(info: Vec<(&'static str, String)>) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| IntCounter::new(name, help);
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help);
+        let counter = |name: &str, help: &str| add(&registry, IntCounter::new(name, help));
+        let labelled = |name: &str, help: &str| add(&registry, IntCounterVec::new(Opts::new(name, help), &["reason"]));
+        let gauge = |name: &str, help: &str| add(&registry, IntGauge::new(name, help));
         let histogram = |name: &str, help: &str, start, n| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets(start, n)))
+            add(&registry, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets(start, n))))
         };
         let m = WorkerMetrics {
-            samples_finished: add(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new("tessera_worker_samples_finished_total", "Samples ended, by finish reason"),
-                    &["reason"],
-                ),
+            samples_finished: labelled("tessera_worker_samples_finished_total", "Samples ended, by finish reason")?,
+            requests_rejected: labelled("tessera_worker_requests_rejected_total", "Requests refused, by reason")?,
+            prompt_tokens: counter("tessera_worker_prompt_tokens_total", "Prompt tokens of finished samples")?,
+            cached_prompt_tokens: counter(
+                "tessera_worker_cached_prompt_tokens_total",
+                "Prompt tokens of finished samples served from the prefix cache",
             )?,
-            requests_rejected: add(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new("tessera_worker_requests_rejected_total", "Requests refused, by reason"),
-                    &["reason"],
-                ),
+            generated_tokens: counter("tessera_worker_generated_tokens_total", "Tokens generated")?,
+            prefill_tokens: counter("tessera_worker_prefill_tokens_total", "Prompt tokens computed (not cached)")?,
+            preemptions: counter("tessera_worker_preemptions_total", "Sequences preempted for KV space")?,
+            running: gauge("tessera_worker_running_sequences", "Sequences running")?,
+            waiting: gauge("tessera_worker_waiting_sequences", "Sequences waiting for admission")?,
+            kv_blocks_total: gauge("tessera_worker_kv_blocks", "KV cache blocks in all")?,
+            kv_blocks_used: gauge("tessera_worker_kv_blocks_used", "KV cache blocks owned by sequences")?,
+            kv_blocks_cached: gauge("tessera_worker_kv_blocks_cached", "Unowned KV blocks kept for prefix reuse")?,
+            ttft: histogram("tessera_worker_time_to_first_token_seconds", "Arrival to first token", 0.005, 14)?,
+            itl: histogram(
+                "tessera_worker_inter_token_latency_seconds",
+                "Time between tokens of a request",
+                0.001,
+                14,
             )?,
-            prompt_tokens: add(
-                &registry,
-                counter("tessera_worker_prompt_tokens_total", "Prompt tokens of finished samples"),
+            request_duration: histogram("tessera_worker_request_duration_seconds", "Arrival to last token", 0.01, 16)?,
+            step_duration: histogram(
+                "tessera_worker_step_duration_seconds",
+                "Duration of one engine step",
+                0.0005,
+                16,
             )?,
-            cached_prompt_tokens: add(
-                &registry,
-                counter(
-                    "tessera_worker_cached_prompt_tokens_total",
-                    "Prompt tokens of finished samples served from the prefix cache",
-                ),
-            )?,
-            generated_tokens: add(&registry, counter("tessera_worker_generated_tokens_total", "Tokens generated"))?,
-            prefill_tokens: add(
-                &registry,
-                counter("tessera_worker_prefill_tokens_total", "Prompt tokens computed (not cached)"),
-            )?,
-            preemptions: add(
-                &registry,
-                counter("tessera_worker_preemptions_total", "Sequences preempted for KV space"),
-            )?,
-            running: add(&registry, gauge("tessera_worker_running_sequences", "Sequences running"))?,
-            waiting: add(&registry, gauge("tessera_worker_waiting_sequences", "Sequences waiting for admission"))?,
-            kv_blocks_total: add(&registry, gauge("tessera_worker_kv_blocks", "KV cache blocks in all"))?,
-            kv_blocks_used: add(
-                &registry,
-                gauge("tessera_worker_kv_blocks_used", "KV cache blocks owned by sequences"),
-            )?,
-            kv_blocks_cached: add(
-                &registry,
-                gauge("tessera_worker_kv_blocks_cached", "Unowned KV blocks kept for prefix reuse"),
-            )?,
-            ttft: add(
-                &registry,
-                histogram("tessera_worker_time_to_first_token_seconds", "Arrival to first token", 0.005, 14),
-            )?,
-            itl: add(
-                &registry,
-                histogram("tessera_worker_inter_token_latency_seconds", "Time between tokens of a request", 0.001, 14),
-            )?,
-            request_duration: add(
-                &registry,
-                histogram("tessera_worker_request_duration_seconds", "Arrival to last token", 0.01, 16),
-            )?,
-            step_duration: add(
-                &registry,
-                histogram("tessera_worker_step_duration_seconds", "Duration of one engine step", 0.0005, 16),
-            )?,
-            ready: add(&registry, gauge("tessera_worker_ready", "1 while the worker accepts requests"))?,
+            ready: gauge("tessera_worker_ready", "1 while the worker accepts requests")?,
             registry: registry.clone(),
         };
         let names: Vec<&str> = info.iter().map(|(k, _)| *k).collect();
