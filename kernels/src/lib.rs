@@ -14,6 +14,7 @@ pub mod error;
 pub mod isa;
 pub mod matmul;
 pub mod norm;
+pub mod peak;
 pub mod pool;
 pub mod rope;
 pub mod softmax;

@@ -28,37 +28,43 @@ macro_rules! define_task {
         #[target_feature(enable = $features)]
         pub(super) unsafe fn task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
             // Walk the task's weight rows in sub-blocks that stay in L2 while every token tile of the
-            // task streams past them.
+            // task streams past them; the next rows' sub-block is prefetched while this one is worked on.
             let sub = (W_BLOCK_BYTES / (s.k * std::mem::size_of::<E>())).max(1).next_multiple_of(ROW_ALIGN);
             let mut r0 = t.r0;
             while r0 < t.r1 {
                 let r1 = (r0 + sub).min(t.r1);
+                // The rows after the task's last sub-block usually belong to the task this thread
+                // runs next (rayon hands each thread contiguous index ranges).
+                let next = &w[r1 * s.k..(r1 + sub).min(s.n) * s.k];
                 // SAFETY: same contract as this function; the sub-block lies inside the task.
-                unsafe { sub_block(x, w, s, Task { r0, r1, ..t }, out) };
+                unsafe { sub_block(x, w, s, Task { r0, r1, ..t }, next, out) };
                 r0 = r1;
             }
         }
 
-        /// All token rows of `t` against its weight rows.
+        /// All token rows of `t` against its weight rows, prefetching `next` along the way.
         ///
         /// # Safety
         /// As for [`task`].
         #[target_feature(enable = $features)]
-        unsafe fn sub_block<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
+        unsafe fn sub_block<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, next: &[E], out: &SharedOut) {
             // SAFETY (every call below): same contract as this function.
             if t.i1 - t.i0 == 1 {
-                unsafe { strip::<E, 1, NR_GEMV>(x, w, s, t, t.i0, out) };
+                let mut pf = Prefetcher::new(next, (t.r1 - t.r0).div_ceil(NR_GEMV));
+                unsafe { strip::<E, 1, NR_GEMV>(x, w, s, t, t.i0, &mut pf, out) };
                 return;
             }
+            let strips = (t.i1 - t.i0).div_ceil(MR);
+            let mut pf = Prefetcher::new(next, strips * (t.r1 - t.r0).div_ceil(NR));
             let mut i = t.i0;
             while i + MR <= t.i1 {
-                unsafe { strip::<E, MR, NR>(x, w, s, t, i, out) };
+                unsafe { strip::<E, MR, NR>(x, w, s, t, i, &mut pf, out) };
                 i += MR;
             }
             match t.i1 - i {
-                1 => unsafe { strip::<E, 1, NR>(x, w, s, t, i, out) },
-                2 => unsafe { strip::<E, 2, NR>(x, w, s, t, i, out) },
-                3 => unsafe { strip::<E, 3, NR>(x, w, s, t, i, out) },
+                1 => unsafe { strip::<E, 1, NR>(x, w, s, t, i, &mut pf, out) },
+                2 => unsafe { strip::<E, 2, NR>(x, w, s, t, i, &mut pf, out) },
+                3 => unsafe { strip::<E, 3, NR>(x, w, s, t, i, &mut pf, out) },
                 _ => {}
             }
         }
@@ -74,6 +80,7 @@ macro_rules! define_task {
             s: Shape,
             t: Task,
             i: usize,
+            pf: &mut Prefetcher,
             out: &SharedOut,
         ) {
             let k = s.k;
@@ -88,6 +95,7 @@ macro_rules! define_task {
                     for (b, row) in wr.iter_mut().enumerate() {
                         *row = &w[(r + b) * k..(r + b + 1) * k];
                     }
+                    pf.step();
                     let sums = tile(&xr, &wr, k);
                     for (a, sa) in sums.iter().enumerate() {
                         for (b, v) in sa.iter().enumerate() {
@@ -110,6 +118,42 @@ macro_rules! define_task {
 }
 #[cfg(target_arch = "x86_64")]
 pub(crate) use define_task;
+
+/// Software prefetch of the next weight sub-block into L2, spread evenly over the tile steps
+/// that work on the current one: with few token rows (batched decode) the first pass over a
+/// sub-block would otherwise wait on DRAM while the later passes find it in cache.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Prefetcher {
+    next: *const u8,
+    end: *const u8,
+    lines_per_step: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Prefetcher {
+    const LINE: usize = 64;
+
+    /// Prefetches all of `region` over `steps` calls of [`Prefetcher::step`].
+    pub(crate) fn new<E>(region: &[E], steps: usize) -> Self {
+        let range = region.as_ptr_range();
+        let lines = std::mem::size_of_val(region).div_ceil(Self::LINE);
+        Prefetcher { next: range.start.cast(), end: range.end.cast(), lines_per_step: lines.div_ceil(steps.max(1)) }
+    }
+
+    /// Issues the next share of prefetches (none once the region is covered).
+    #[inline(always)]
+    pub(crate) fn step(&mut self) {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        for _ in 0..self.lines_per_step {
+            if self.next >= self.end {
+                return;
+            }
+            // SAFETY: a prefetch is only a hint and never faults; `next` lies inside the region.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast()) };
+            self.next = self.next.wrapping_add(Self::LINE);
+        }
+    }
+}
 
 /// Bytes of weight rows a task works on at a time (kept in L2).
 #[cfg(target_arch = "x86_64")]

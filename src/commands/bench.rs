@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tessera_kernels::CpuPool;
 use tessera_kernels::bandwidth::measure_read_bandwidth;
+use tessera_kernels::peak::measure_fma_peak;
 use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest, GenerationStats};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::plan::human_bytes;
@@ -112,13 +113,14 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     )?;
     let info = engine.backend().info();
     // The CPU ceiling: read bandwidth with as many threads as the engine uses, in this run.
-    let bandwidth = match args.model.device {
+    let (bandwidth, fma_peak) = match args.model.device {
         Device::Cpu => {
             let pool = CpuPool::new(args.model.threads)?;
-            Some(measure_read_bandwidth(&pool, args.bandwidth_mib << 20, 10))
+            (Some(measure_read_bandwidth(&pool, args.bandwidth_mib << 20, 10)), Some(measure_fma_peak(&pool, 10)))
         }
-        Device::Cuda => None,
+        Device::Cuda => (None, None),
     };
+    let flops_per_token = config.matmul_flops_per_token() as f64;
 
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let vocab = config.vocab_size as u32;
@@ -156,6 +158,8 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 "prefill_tok_s": prefill, "decode_tok_s": decode,
                 "weight_bytes_per_step": weights_per_step, "kv_bytes_per_step_mean": kv_per_step,
                 "read_bandwidth_gb_s": bandwidth.map(|b| b.best_gb_per_s),
+                "prefill_gflop_s": prefill * flops_per_token / 1e9,
+                "fma_peak_gflop_s": fma_peak.map(|p| p.best_gflop_per_s),
             });
             println!("{line}");
             continue;
@@ -165,7 +169,16 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
             "shape                 batch {batch} × prompt {} + gen {}, {} runs (median)",
             args.prompt_len, args.gen_len, args.runs
         );
-        println!("prefill               {prefill:.1} tok/s");
+        let prefill_gflops = prefill * flops_per_token / 1e9;
+        println!("prefill               {prefill:.1} tok/s ({prefill_gflops:.1} GFLOP/s in matmuls)");
+        if let Some(peak) = fma_peak {
+            println!(
+                "f32 FMA peak          {:.1} GFLOP/s best, {:.1} median (same run); prefill / peak {:.3}",
+                peak.best_gflop_per_s,
+                peak.median_gflop_per_s,
+                prefill_gflops / peak.best_gflop_per_s
+            );
+        }
         println!("decode                {decode:.1} tok/s (output tokens, all sequences)");
         println!("weights read per step {} ({weights_per_step:.0} bytes)", human_bytes(weights_per_step as u64));
         println!(

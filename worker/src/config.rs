@@ -202,6 +202,15 @@ impl ModelConfig {
         embed + head + h + self.num_layers as u64 * per_layer
     }
 
+    /// Matmul FLOPs per token (2 per weight of every projection and of the LM head; attention
+    /// scores and norms not counted): what a forward pass must do at least, per token.
+    pub fn matmul_flops_per_token(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let per_layer =
+            2 * h * self.q_dim() as u64 + 2 * h * self.kv_dim() as u64 + 3 * h * self.intermediate_size as u64;
+        2 * (self.num_layers as u64 * per_layer + self.vocab_size as u64 * h)
+    }
+
     /// Bytes of K and V for one token across all layers, at `bytes_per_elem` per value.
     pub fn kv_bytes_per_token(&self, bytes_per_elem: usize) -> u64 {
         2 * self.num_layers as u64 * self.kv_dim() as u64 * bytes_per_elem as u64

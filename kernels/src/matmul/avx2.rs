@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{MR, NR, NR_GEMV, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
+use super::{MR, NR, NR_GEMV, Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
 use crate::simd::avx2::{hsum, load};
 use crate::simd::{Elem, SharedOut};
 

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
+use super::{Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
 use crate::simd::{Elem, SharedOut};
 
 /// Token rows per tile (prefill).
