@@ -162,8 +162,7 @@ pub fn paged_attention_ref(
 
 /// Fast paged attention: one task per (query, KV head) pair on `pool`, covering the query heads
 /// that share that KV head (GQA), so each K and V row is located and loaded once for the whole
-/// group; SIMD dot products and value accumulation; a per-thread score buffer reused across
-/// tasks. Each head's arithmetic is in the same order as when computed alone, so results do not
+/// group; SIMD dot products and value accumulation; per-thread buffers reused across tasks. Each head's arithmetic is in the same order as when computed alone, so results do not
 /// depend on what else is in the batch.
 pub fn paged_attention(
     pool: &CpuPool,
@@ -179,15 +178,24 @@ pub fn paged_attention(
     let groups_per_query = g.n_heads / g.group;
     pool.install(|| {
         out.par_chunks_mut(group_len).zip(q.par_chunks(group_len)).enumerate().for_each_init(
-            Vec::new,
-            |scores, (task, (og, qg))| {
+            Scratch::default,
+            |scratch, (task, (og, qg))| {
                 let job =
                     GroupJob { query: &queries[task / groups_per_query], kv_head: task % groups_per_query, q: qg };
-                ctx.group(&job, og, scores);
+                ctx.group(&job, og, scratch);
             },
         );
     });
     Ok(())
+}
+
+/// Per-thread buffers reused across tasks.
+#[derive(Default)]
+struct Scratch {
+    /// `scores[h * n + i]`: head `h` of the group at the `i`-th visible position.
+    scores: Vec<f32>,
+    /// Offset of each visible position's K/V row for the task's KV head.
+    offsets: Vec<usize>,
 }
 
 /// What every task of one fast call shares.
@@ -207,59 +215,104 @@ struct GroupJob<'j> {
 
 impl Ctx<'_, '_> {
     /// One (query, KV head group): scores, softmax, weighted sum of values, on the pool's ISA.
-    fn group(&self, job: &GroupJob, out: &mut [f32], scores: &mut Vec<f32>) {
+    fn group(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
+        let (g, qr) = (&self.g, job.query);
+        scratch.offsets.clear();
+        scratch.offsets.extend((qr.window_start..qr.context_len).map(|p| g.offset(qr.block_table, p, job.kv_head)));
+        scratch.scores.clear();
+        scratch.scores.resize(g.group * scratch.offsets.len(), 0.0);
         #[cfg(target_arch = "x86_64")]
         if self.isa.has_avx2() {
             // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
-            unsafe { self.group_avx2(job, out, scores) };
+            unsafe { self.group_avx2(job, out, scratch) };
             return;
         }
-        self.group_with(job, out, scores, crate::simd::dot, |y, alpha, x| {
-            for (o, v) in y.iter_mut().zip(x) {
-                *o += alpha * v;
-            }
-        });
+        self.group_portable(job, out, scratch);
     }
 
-    /// [`Ctx::group`] with AVX2 dot products and value accumulation inlined.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn group_avx2(&self, job: &GroupJob, out: &mut [f32], scores: &mut Vec<f32>) {
-        use crate::simd::avx2;
-        self.group_with(job, out, scores, |a, b| avx2::dot(a, b), |y, alpha, x| avx2::axpy(y, alpha, x));
-    }
-
-    #[inline(always)]
-    fn group_with(
-        &self,
-        job: &GroupJob,
-        out: &mut [f32],
-        scores: &mut Vec<f32>,
-        dot: impl Fn(&[f32], &[f32]) -> f32,
-        axpy: impl Fn(&mut [f32], f32, &[f32]),
-    ) {
-        let (g, kv, qr) = (&self.g, self.kv, job.query);
-        let hd = g.head_dim;
-        let n = qr.context_len - qr.window_start;
-        scores.clear();
-        scores.resize(g.group * n, 0.0);
-        // scores[h * n + i]: head h of the group at position window_start + i.
-        for (i, p) in (qr.window_start..qr.context_len).enumerate() {
-            let off = g.offset(qr.block_table, p, job.kv_head);
-            let k = &kv.k[off..off + hd];
+    /// Portable [`Ctx::group`]: one dot product per (position, head), then one `axpy` per
+    /// (position, head) into the output.
+    fn group_portable(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
+        let (kv, hd) = (self.kv, self.g.head_dim);
+        let Scratch { scores, offsets } = scratch;
+        let n = offsets.len();
+        for (i, &off) in offsets.iter().enumerate() {
             for (h, qh) in job.q.chunks_exact(hd).enumerate() {
-                scores[h * n + i] = dot(qh, k) * g.scale;
+                scores[h * n + i] = crate::simd::dot(qh, &kv.k[off..off + hd]) * self.g.scale;
             }
         }
         for head_scores in scores.chunks_exact_mut(n) {
             softmax_isa(self.isa, head_scores);
         }
         out.fill(0.0);
-        for (i, p) in (qr.window_start..qr.context_len).enumerate() {
-            let off = g.offset(qr.block_table, p, job.kv_head);
-            let v = &kv.v[off..off + hd];
+        for (i, &off) in offsets.iter().enumerate() {
             for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
-                axpy(oh, scores[h * n + i], v);
+                let w = scores[h * n + i];
+                for (o, v) in oh.iter_mut().zip(&kv.v[off..off + hd]) {
+                    *o += w * v;
+                }
+            }
+        }
+    }
+
+    /// AVX2 [`Ctx::group`]. Scores: 8 positions at a time per head, as 8 independent FMA chains
+    /// reduced together (no horizontal sum per dot product). Values: per head, up to 64 output
+    /// dimensions stay in registers while every position's value row is added in. Head dims that
+    /// are not a multiple of 8 take the portable path.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn group_avx2(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
+        use crate::simd::avx2::{load, reduce8, store};
+        use std::arch::x86_64::*;
+        const POS: usize = 8;
+        const DIMS: usize = 64;
+        let (kv, hd, scale) = (self.kv, self.g.head_dim, self.g.scale);
+        if !hd.is_multiple_of(8) {
+            return self.group_portable(job, out, scratch);
+        }
+        let Scratch { scores, offsets } = scratch;
+        let n = offsets.len();
+        let vscale = _mm256_set1_ps(scale);
+        for (h, qh) in job.q.chunks_exact(hd).enumerate() {
+            let head_scores = &mut scores[h * n..(h + 1) * n];
+            let mut blocks = offsets.chunks_exact(POS);
+            for (b, offs) in blocks.by_ref().enumerate() {
+                let mut acc = [_mm256_setzero_ps(); POS];
+                for d in (0..hd).step_by(8) {
+                    // SAFETY: `d + 8 <= hd == qh.len()`; every offset was validated to start a
+                    // row of `hd` floats inside `kv.k`.
+                    let qv = unsafe { load(qh, d) };
+                    for (a, &off) in acc.iter_mut().zip(offs) {
+                        *a = _mm256_fmadd_ps(qv, unsafe { load(kv.k, off + d) }, *a);
+                    }
+                }
+                // SAFETY: the block's 8 scores lie inside `head_scores`.
+                unsafe { store(head_scores, b * POS, _mm256_mul_ps(reduce8(acc), vscale)) };
+            }
+            let done = n - blocks.remainder().len();
+            for (s, &off) in head_scores[done..].iter_mut().zip(blocks.remainder()) {
+                *s = crate::simd::avx2::dot(qh, &kv.k[off..off + hd]) * scale;
+            }
+        }
+        for head_scores in scores.chunks_exact_mut(n) {
+            softmax_isa(self.isa, head_scores);
+        }
+        for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+            let head_scores = &scores[h * n..(h + 1) * n];
+            for d0 in (0..hd).step_by(DIMS) {
+                let vectors = (hd - d0).min(DIMS) / 8;
+                let mut acc = [_mm256_setzero_ps(); DIMS / 8];
+                for (&w, &off) in head_scores.iter().zip(offsets.iter()) {
+                    let wv = _mm256_set1_ps(w);
+                    for (j, a) in acc[..vectors].iter_mut().enumerate() {
+                        // SAFETY: `d0 + 8 * j + 8 <= hd`; the row at `off` has `hd` floats.
+                        *a = _mm256_fmadd_ps(wv, unsafe { load(kv.v, off + d0 + 8 * j) }, *a);
+                    }
+                }
+                for (j, a) in acc[..vectors].iter().enumerate() {
+                    // SAFETY: `d0 + 8 * j + 8 <= hd == oh.len()`.
+                    unsafe { store(oh, d0 + 8 * j, *a) };
+                }
             }
         }
     }

@@ -18,6 +18,23 @@ pub(crate) fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// `[hsum(v[0]), …, hsum(v[7])]` in one vector: the 8 horizontal sums reduced together.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) fn reduce8(v: [__m256; 8]) -> __m256 {
+    // Pairwise adds within 128-bit halves: after two rounds, lane j of each half of `u0` holds
+    // half a sum of v[j] (j < 4), and of `u1` of v[4 + j]; adding the halves finishes them.
+    let t0 = _mm256_hadd_ps(v[0], v[1]);
+    let t1 = _mm256_hadd_ps(v[2], v[3]);
+    let t2 = _mm256_hadd_ps(v[4], v[5]);
+    let t3 = _mm256_hadd_ps(v[6], v[7]);
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+    _mm256_add_ps(lo, hi)
+}
+
 /// Maximum of the 8 lanes.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -107,23 +124,6 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     hsum(v) + a[i..].iter().sum::<f32>()
 }
 
-/// `y[i] += alpha * x[i]` over the common length.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let va = _mm256_set1_ps(alpha);
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: `i + 8 <= n <= len` of both slices.
-        unsafe { store(y, i, _mm256_fmadd_ps(va, load(x, i), load(y, i))) };
-        i += 8;
-    }
-    for (yv, xv) in y[i..n].iter_mut().zip(&x[i..n]) {
-        *yv += alpha * xv;
-    }
-}
-
 /// Lane-wise `e^x` (Cephes polynomial, ~2 ulp for normal results). Inputs are clamped to
 /// ±88.38, so the result saturates near `f32::MAX` / the smallest subnormals instead of
 /// reaching inf / 0; NaN inputs give unspecified finite values.
@@ -204,12 +204,25 @@ mod tests {
                 let fm = unsafe { hmax(_mm256_max_ps(load(&a, 0), load(&a, n - 8))) };
                 assert!(fm <= m && fm >= a[..8].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)));
             }
-            let mut y = b.clone();
-            // SAFETY: AVX2 is supported (checked above).
-            unsafe { axpy(&mut y, 0.5, &a) };
-            for i in 0..n {
-                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
-            }
+        }
+    }
+
+    #[test]
+    fn reduce8_sums_each_vector() {
+        if !avx2() {
+            return;
+        }
+        let rows: Vec<[f32; 8]> = (0..8).map(|r| std::array::from_fn(|l| ((r * 8 + l) as f32 * 0.73).sin())).collect();
+        // SAFETY: AVX2 is supported (checked above); each row holds 8 floats.
+        let got = unsafe {
+            let v = std::array::from_fn(|r| _mm256_loadu_ps(rows[r].as_ptr()));
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), reduce8(v));
+            out
+        };
+        for (r, row) in rows.iter().enumerate() {
+            let want: f32 = row.iter().sum();
+            assert!((got[r] - want).abs() < 1e-5, "row {r}: {} vs {want}", got[r]);
         }
     }
 }

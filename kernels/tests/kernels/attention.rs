@@ -103,7 +103,7 @@ fn query(table: &[u32], context_len: usize, window_start: usize) -> AttentionQue
 
 #[test]
 fn gqa_shuffled_blocks_and_windows() {
-    for head_dim in [16, 12, 64] {
+    for head_dim in [16, 12, 64, 136] {
         let f = Fixture::new(21, 3, 6, 4, 2, head_dim);
         let t = &f.tables;
         let qs = [
