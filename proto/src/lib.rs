@@ -1,11 +1,12 @@
 //! Wire-level contracts shared by the router and the workers.
 //!
 //! This crate holds no logic beyond what both sides must compute identically: the id and unit
-//! newtypes that cross the wire, and the chained block hash that keys prefix caches
-//! (DESIGN.md, decision 2). Generated gRPC code joins it with the serving-engine work.
+//! newtypes that cross the wire, the chained block hash that keys prefix caches
+//! (DESIGN.md, decision 2), the etcd key layout of worker registration, and generated gRPC code.
 
 pub mod block_hash;
 pub mod ids;
+pub mod registry;
 
 pub use block_hash::{BLOCK_HASH_SEED, BlockHash, hash_block, hash_prefix_blocks};
 pub use ids::{Rank, TokenCount, TokenId};
@@ -14,6 +15,14 @@ pub use ids::{Rank, TokenCount, TokenId};
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used, reason = "generated code")]
 pub mod worker_v1 {
     tonic::include_proto!("tessera.worker.v1");
+}
+
+/// Generated client code of the slice of etcd's v3 API we use (`proto/etcd/etcd_v3.proto`:
+/// package `etcdserverpb`, field numbers as etcd's own protos): worker registration and the
+/// router's discovery watch.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used, reason = "generated code")]
+pub mod etcd_v3 {
+    tonic::include_proto!("etcdserverpb");
 }
 
 /// The encoded `FileDescriptorSet` of every Tessera proto (for gRPC server reflection).

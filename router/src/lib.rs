@@ -2,5 +2,6 @@
 //! templates. Discovery, routing and the public APIs join it with the cluster work.
 
 pub mod chat_template;
+pub mod discovery;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};

@@ -100,6 +100,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         eos_token_ids: resolved.config.eos_token_ids.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         device,
+        // Filled in once the gRPC listener is bound (the port may be chosen by the OS).
+        address: String::new(),
     };
     let parts = WorkerParts { engine, info, compiler };
     let config = ServeConfig {
