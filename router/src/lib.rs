@@ -5,3 +5,4 @@ pub mod chat_template;
 pub mod discovery;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};
+pub mod routing;
