@@ -6,3 +6,4 @@ pub mod discovery;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};
 pub mod routing;
+pub mod text;

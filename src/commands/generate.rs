@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use tessera_router::text::Detokenizer;
 use tessera_router::{ChatMessage, ChatTemplate};
 use tessera_worker::engine::Engine;
 use tessera_worker::kv_cache::KvCacheConfig;
@@ -64,28 +65,6 @@ pub struct GenerateArgs {
     kv_block_size: usize,
 }
 
-/// Streams UTF-8-safe text deltas from a growing list of token ids.
-struct Detokenizer<'a> {
-    tokenizer: &'a tokenizers::Tokenizer,
-    ids: Vec<u32>,
-    printed: usize,
-}
-
-impl Detokenizer<'_> {
-    /// Adds a token and returns the newly completed text, holding back an incomplete UTF-8
-    /// sequence (decoded as U+FFFD) until the following tokens complete it.
-    fn push(&mut self, id: u32) -> anyhow::Result<String> {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
-            return Ok(String::new());
-        }
-        let delta = text[self.printed..].to_string();
-        self.printed = text.len();
-        Ok(delta)
-    }
-}
-
 /// Runs the subcommand.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling = SamplingParams {
@@ -135,11 +114,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let kv = KvCacheConfig::for_sequences(1, request.prompt.len() + request.max_new_tokens, args.kv_block_size);
     let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
-    let mut detok = Detokenizer { tokenizer, ids: Vec::new(), printed: 0 };
+    let mut detok = Detokenizer::after_prompt(tokenizer, true, &request.prompt);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     engine.generate(std::slice::from_ref(&request), |_, id| {
-        let delta = detok.push(id);
+        let delta = detok.push(&[id]).map_err(anyhow::Error::from);
         let result = delta.and_then(|d| {
             stdout.write_all(d.as_bytes())?;
             stdout.flush()?;
@@ -152,6 +131,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(e) = write_error {
         return Err(e).context("writing the output");
     }
+    write!(stdout, "{}", detok.finish()?)?;
     writeln!(stdout)?;
     Ok(())
 }
