@@ -10,11 +10,17 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v cc >/dev/null || need_apt+=(build-essential)
 # promtool lints the worker's /metrics in the integration tests.
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# A real etcd for the registration and discovery tests (the tests start their own on free
+# ports; the package's service, where systemd runs one, is not used).
+command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   echo "installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+  # Non-interactive: no debconf prompts in CI.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 if ! command -v cargo >/dev/null; then
   echo "error: cargo not found; install Rust 1.95+ (rustup) first" >&2

@@ -10,6 +10,7 @@ use tessera_proto::worker_v1 as pb;
 use tessera_worker::backend;
 use tessera_worker::engine::{Engine, EngineOptions};
 use tessera_worker::kv_cache::KvCacheConfig;
+use tessera_worker::serving::registration::{self, RegistrationConfig};
 use tessera_worker::serving::server::{self, ServeConfig, WorkerParts};
 use tessera_worker::structured::ConstraintCompiler;
 
@@ -54,10 +55,41 @@ pub struct WorkerArgs {
     /// This worker's id in discovery and metrics [default: random].
     #[arg(long, env = "TESSERA_WORKER_ID")]
     worker_id: Option<String>,
+    /// etcd client URLs to register in, comma-separated (e.g. http://etcd:2379); without it the
+    /// worker does not register (routers then need --worker ADDR).
+    #[arg(long = "etcd", env = "TESSERA_ETCD", value_delimiter = ',', value_name = "URL[,URL...]")]
+    etcd: Vec<String>,
+    /// TTL of the etcd lease (at least 2s): a worker that dies leaves discovery within it.
+    #[arg(long, env = "TESSERA_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
+    lease_ttl: Duration,
+    /// HOST:PORT that routers dial, as registered in etcd [default: the bound gRPC address;
+    /// required when listening on 0.0.0.0 or [::]].
+    #[arg(long, env = "TESSERA_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+}
+
+/// Parses `--lease-ttl`: a humantime duration of at least [`registration::MIN_TTL`].
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < registration::MIN_TTL {
+        return Err(format!("{s:?} is below the minimum of {}", humantime::format_duration(registration::MIN_TTL)));
+    }
+    Ok(d)
 }
 
 /// Runs the worker until a shutdown signal, then drains.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>()));
+    // Registration settings are checked before the (slow) model load.
+    let registration = if args.etcd.is_empty() {
+        None
+    } else {
+        let r =
+            RegistrationConfig { endpoints: args.etcd.clone(), ttl: args.lease_ttl, advertise: args.advertise.clone() };
+        r.validate(args.listen).context("--etcd / --advertise")?;
+        registration::validate_worker_id(&worker_id).context("--worker-id")?;
+        Some(r)
+    };
     let resolved = args.model.resolve()?;
     let bytes_per_elem = match args.model.device {
         Device::Cpu => backend::CPU_KV_ELEM_BYTES,
@@ -87,7 +119,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .ok()
             .map(Arc::new);
     let info = pb::WorkerInfo {
-        worker_id: args.worker_id.clone().unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>())),
+        worker_id,
         model_id: resolved.id.clone(),
         architecture: resolved.config.architecture.hf_name().to_string(),
         tp_size: 1,
@@ -108,6 +140,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         listen: args.listen,
         metrics_listen: Some(args.metrics_listen),
         drain_timeout: args.drain_timeout,
+        registration,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,5 +1,5 @@
 //! Helpers for black-box tests: locate (and build, if needed) the `tessera` binary and run it
-//! as a user would.
+//! as a user would; run the services it talks to (etcd) on free loopback ports.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -117,15 +117,157 @@ impl WorkerProcess {
 
     /// GETs `path` on the probe port; returns (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.metrics_addr).unwrap_or_else(|e| panic!("connect: {e}"));
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.metrics_addr);
-        s.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("write: {e}"));
-        let mut response = String::new();
-        s.read_to_string(&mut response).unwrap_or_else(|e| panic!("read: {e}"));
-        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (code, body)
+        http_get(&self.metrics_addr, path).unwrap_or_else(|e| panic!("GET {path} on {}: {e}", self.metrics_addr))
+    }
+
+    /// Sends SIGKILL (no drain, no deregistration) and reaps the process.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr` (`host:port`); returns (status code, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
+}
+
+/// A single-member etcd on free loopback ports with its data under `/dev/shm` (a temp dir where
+/// there is none). It keeps its ports and data across [`EtcdProcess::stop`] /
+/// [`EtcdProcess::restart`], so a test can stage an outage; dropping it kills it and removes its
+/// files. Its log is `etcd.log` beside the data, shown when it fails to come up.
+pub struct EtcdProcess {
+    binary: PathBuf,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl EtcdProcess {
+    /// Starts etcd and waits until it is healthy; `None` (after [`missing_tool`]) when etcd is
+    /// not installed.
+    pub fn start() -> Option<Self> {
+        let Some(binary) = tool("etcd") else {
+            missing_tool("etcd");
+            return None;
+        };
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let shm = PathBuf::from("/dev/shm");
+        let base = if shm.is_dir() { shm } else { std::env::temp_dir() };
+        let dir = base.join(format!("tessera-etcd-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let mut etcd = EtcdProcess { binary, dir, client_port: free_port(), peer_port: free_port(), child: None };
+        etcd.spawn();
+        Some(etcd)
+    }
+
+    /// The client URL (`http://127.0.0.1:PORT`).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stops it with SIGTERM (SIGKILL after 10 s) and waits for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills it with SIGKILL and waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again (stopping it first if it runs) on the same ports and data, and waits
+    /// until it is healthy.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let (client, peer) =
+            (format!("http://127.0.0.1:{}", self.client_port), format!("http://127.0.0.1:{}", self.peer_port));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .unwrap_or_else(|e| panic!("opening the etcd log: {e}"));
+        let child = Command::new(&self.binary)
+            .args(["--name", "tessera-test", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("tessera-test={peer}"), "--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.client_port);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok((200, body)) = http_get(&addr, "/health")
+                && body.contains("\"true\"")
+            {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("etcd exited with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("etcd did not become healthy within 20 s:\n{}", self.log());
+    }
+
+    /// What etcd has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

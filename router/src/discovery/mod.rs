@@ -8,6 +8,8 @@
 //! its whole view with it (workers missing from the snapshot are gone). Keys identify workers:
 //! the etcd key, or `static/{addr}` for static entries.
 
+pub mod etcd;
+
 use tessera_proto::worker_v1::WorkerInfo;
 
 /// One worker as discovery knows it.

@@ -31,6 +31,8 @@ pub struct WorkerMetrics {
     request_duration: Histogram,
     step_duration: Histogram,
     ready: IntGauge,
+    registered: IntGauge,
+    registrations: IntCounter,
 }
 
 /// Registers `m` on `registry` and hands it back.
@@ -89,6 +91,11 @@ impl WorkerMetrics {
                 16,
             )?,
             ready: gauge("tessera_worker_ready", "1 while the worker accepts requests")?,
+            registered: gauge("tessera_worker_registered", "1 while the worker's key is registered in etcd")?,
+            registrations: counter(
+                "tessera_worker_registrations_total",
+                "Times the worker registered in etcd (1 + re-registrations after a lost lease or outage)",
+            )?,
             registry: registry.clone(),
         };
         let names: Vec<&str> = info.iter().map(|(k, _)| *k).collect();
@@ -115,6 +122,16 @@ impl WorkerMetrics {
     /// Marks the worker ready (or not).
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// Records whether the worker's etcd key is registered.
+    pub fn set_registered(&self, registered: bool) {
+        self.registered.set(i64::from(registered));
+    }
+
+    /// Counts a successful registration (lease granted, key put).
+    pub fn registration_succeeded(&self) {
+        self.registrations.inc();
     }
 
     fn count(vec: &IntCounterVec, label: &str) {

@@ -2,12 +2,14 @@
 //! probe port, and drain on shutdown.
 //!
 //! Phases: **starting** (listeners bound, `/readyz` 503) → **serving** (health SERVING, `/readyz`
-//! 200) → **draining** once the shutdown future resolves (health NOT_SERVING, `/readyz` 503,
-//! `Generate` refused with UNAVAILABLE, no new connections, KV-event streams closed, in-flight
-//! streams run to completion) → after `drain_timeout`, whatever still runs is aborted → the
-//! engine thread is joined and the probe port closed. Every task spawned here (the gRPC and
-//! probe servers, one task per KV-event subscriber) is cancelled and joined before [`serve`]
-//! returns.
+//! 200, and, when configured, the key registered in etcd under a lease) → **draining** once the
+//! shutdown future resolves (first of all deregistration starts: the registration task deletes
+//! the etcd key and revokes the lease, at most 2 s, while the rest proceeds, so routers stop
+//! sending here at once; then health NOT_SERVING, `/readyz` 503, `Generate` refused with
+//! UNAVAILABLE, no new connections, KV-event streams closed, in-flight streams run to completion) → after `drain_timeout`, whatever still runs is aborted →
+//! the engine thread is joined and the probe port closed. Every task spawned here (the gRPC and
+//! probe servers, one task per KV-event subscriber, the registration) is cancelled and joined
+//! before [`serve`] returns; the registration also when serving fails without a drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use crate::serving::engine_loop;
 use crate::serving::grpc::WorkerService;
 use crate::serving::http;
 use crate::serving::metrics::WorkerMetrics;
+use crate::serving::registration::{Registration, RegistrationConfig, RegistrationConfigError, RegistrationSpec};
 use crate::structured::ConstraintCompiler;
 
 /// How long aborted streams get to close after the drain timeout.
@@ -40,6 +43,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long in-flight requests may run after shutdown begins.
     pub drain_timeout: Duration,
+    /// Registration in etcd, if any.
+    pub registration: Option<RegistrationConfig>,
 }
 
 /// What the server serves.
@@ -81,6 +86,9 @@ pub enum ServeError {
     /// Reflection or the metrics registry could not be set up.
     #[error("setting up {0}")]
     Setup(String),
+    /// The registration settings cannot work (e.g. nothing dialable to advertise).
+    #[error("etcd registration: {0}")]
+    Registration(#[from] RegistrationConfigError),
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -90,7 +98,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 /// Serves until `shutdown` resolves, then drains. `on_bound` is called once the listeners are
 /// bound (with the real ports).
 pub async fn serve(
-    parts: WorkerParts,
+    mut parts: WorkerParts,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(BoundAddrs),
@@ -101,10 +109,25 @@ pub async fn serve(
         None => None,
     };
     let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-    on_bound(BoundAddrs {
+    let bound = BoundAddrs {
         grpc: local(&grpc_listener, config.listen),
         metrics: http_listener.as_ref().zip(config.metrics_listen).map(|(l, a)| local(l, a)),
-    });
+    };
+    let registration = match &config.registration {
+        Some(r) => {
+            crate::serving::registration::validate_worker_id(&parts.info.worker_id)?;
+            parts.info.address = r.advertise_address(bound.grpc)?;
+            let spec = RegistrationSpec {
+                endpoints: r.endpoints.clone(),
+                key: tessera_proto::registry::worker_key(&parts.info.model_id, &parts.info.worker_id),
+                value: prost::Message::encode_to_vec(&parts.info),
+                ttl: r.ttl,
+            };
+            Some(spec)
+        }
+        None => None,
+    };
+    on_bound(bound);
 
     let metrics = Arc::new(
         WorkerMetrics::new(vec![
@@ -142,6 +165,7 @@ pub async fn serve(
     let streams_stop = CancellationToken::new();
     let stream_tasks = TaskTracker::new();
     let drain_started = CancellationToken::new();
+    let deregister = CancellationToken::new();
     let service = WorkerService {
         engine: engine.clone(),
         info: Arc::new(parts.info),
@@ -152,10 +176,19 @@ pub async fn serve(
         tasks: stream_tasks.clone(),
     };
     let signal = {
-        let (ready, draining, metrics, drain_started, streams_stop) =
-            (ready.clone(), draining.clone(), metrics.clone(), drain_started.clone(), streams_stop.clone());
+        let (ready, draining, metrics, drain_started, streams_stop, deregister) = (
+            ready.clone(),
+            draining.clone(),
+            metrics.clone(),
+            drain_started.clone(),
+            streams_stop.clone(),
+            deregister.clone(),
+        );
         async move {
             shutdown.await;
+            // First: leave discovery (the registration task deletes the key and revokes the
+            // lease while the rest of the drain proceeds; it is joined after the drain).
+            deregister.cancel();
             ready.store(false, Ordering::Release);
             draining.store(true, Ordering::Release);
             metrics.set_ready(false);
@@ -175,6 +208,7 @@ pub async fn serve(
     let mut server = tokio::spawn(server);
     ready.store(true, Ordering::Release);
     metrics.set_ready(true);
+    let registration = registration.map(|spec| Registration::spawn(spec, metrics.clone(), deregister));
 
     let served = tokio::select! {
         r = &mut server => r,
@@ -193,6 +227,10 @@ pub async fn serve(
             }
         },
     };
+    if let Some(r) = registration {
+        // Already deregistering when the drain began; this also covers a server that failed.
+        r.shutdown().await;
+    }
     streams_stop.cancel();
     stream_tasks.close();
     // Stream tasks end on the token; waiting here makes them joined, not detached.
