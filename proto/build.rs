@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["tessera/worker/v1/worker.proto"];
+    let files = ["tessera/v1/generation.proto", "tessera/worker/v1/worker.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -18,6 +18,11 @@ struct Cli {
 enum Command {
     /// Serve a model over the worker gRPC API (token ids in, token ids out).
     Worker(commands::worker::WorkerArgs),
+    /// Serve the public gRPC API (tessera.v1.Generation) in front of workers, routing each
+    /// request to the worker that caches most of its prompt.
+    Router(commands::router::RouterArgs),
+    /// Run a whole cluster here: N workers and a router (Ctrl-C stops everything).
+    Up(commands::up::UpArgs),
     /// Generate text from a prompt with a local model.
     Generate(commands::generate::GenerateArgs),
     /// Fetch the default model into the cache (if needed) and print its local path.
@@ -38,6 +43,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Worker(args) => commands::worker::run(args),
+        Command::Router(args) => commands::router::run(args),
+        Command::Up(args) => commands::up::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Plan(args) => commands::plan::run(args),
         Command::Pull(args) => commands::pull::run(args),

@@ -11,6 +11,12 @@ pub mod registry;
 pub use block_hash::{BLOCK_HASH_SEED, BlockHash, hash_block, hash_prefix_blocks};
 pub use ids::{Rank, TokenCount, TokenId};
 
+/// Generated code of `tessera.v1` (the public API, served by the router).
+#[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used, reason = "generated code")]
+pub mod v1 {
+    tonic::include_proto!("tessera.v1");
+}
+
 /// Generated code of `tessera.worker.v1` (the worker's gRPC API).
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used, reason = "generated code")]
 pub mod worker_v1 {

@@ -5,5 +5,9 @@ pub mod chat_template;
 pub mod discovery;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};
+pub mod metrics;
+pub mod pool;
 pub mod routing;
+pub mod server;
+pub mod service;
 pub mod text;

@@ -1,6 +1,8 @@
 //! The incremental detokenizer against whole-sequence decoding, on real tokenizers (byte-level
 //! BPE from SmolLM2, SentencePiece-style from stories260K).
 
+#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
+
 use proptest::prelude::*;
 use tessera_router::text::Detokenizer;
 use tokenizers::Tokenizer;

@@ -8,5 +8,8 @@ pub mod generate;
 pub mod model_args;
 pub mod plan;
 pub mod pull;
+pub mod router;
+pub mod signals;
 pub mod units;
+pub mod up;
 pub mod worker;

@@ -106,7 +106,7 @@ impl Watcher {
                 self.view = workers.into_iter().map(|w| (w.key.clone(), w)).collect();
             }
             MembershipEvent::Put(w) => {
-                self.view.insert(w.key.clone(), w);
+                self.view.insert(w.key.clone(), *w);
             }
             MembershipEvent::Delete { key } => {
                 self.view.remove(&key);

@@ -237,7 +237,7 @@ fn change(prefix: &str, event: &etcd::Event) -> Option<MembershipEvent> {
     let key = std::str::from_utf8(&kv.key).ok().filter(|k| worker_id_in(prefix, k).is_some())?;
     match etcd::event::EventType::try_from(event.r#type) {
         Ok(etcd::event::EventType::Put) => match worker(prefix, kv) {
-            Ok(w) => Some(MembershipEvent::Put(w)),
+            Ok(w) => Some(MembershipEvent::Put(Box::new(w))),
             Err(why) => {
                 eprintln!("tessera router: {key} no longer names a usable worker: {why}");
                 Some(MembershipEvent::Delete { key: key.to_string() })

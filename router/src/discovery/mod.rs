@@ -29,7 +29,7 @@ pub enum MembershipEvent {
     /// The complete set of workers (replaces everything known before).
     Snapshot(Vec<DiscoveredWorker>),
     /// A worker appeared or changed.
-    Put(DiscoveredWorker),
+    Put(Box<DiscoveredWorker>),
     /// A worker left (lease expired, deregistered on drain).
     Delete {
         /// Its key.

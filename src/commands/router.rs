@@ -1,0 +1,118 @@
+//! `tessera router`: the public gRPC API in front of discovered workers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tessera_router::ChatTemplate;
+use tessera_router::routing::{CostWeights, Policy};
+use tessera_router::server::{self, Discovery, RouterAddrs, RouterConfig};
+use tessera_router::service::TextModel;
+
+use crate::commands::model_args::ModelArgs;
+use crate::commands::signals::shutdown_signal;
+
+/// Routing and listening options shared by `tessera router` and `tessera up`.
+#[derive(Debug, Clone, Args)]
+pub struct RoutingArgs {
+    /// Public gRPC address (tessera.v1.Generation, health, reflection).
+    #[arg(long, env = "TESSERA_LISTEN_GRPC", default_value = "127.0.0.1:50050")]
+    pub listen_grpc: SocketAddr,
+    /// HTTP address with /livez, /readyz and /metrics.
+    #[arg(long, env = "TESSERA_LISTEN_HTTP", default_value = "127.0.0.1:8080")]
+    pub listen_http: SocketAddr,
+    /// How a worker is picked: round-robin, least-load, power-of-two, prefix or kv.
+    #[arg(long, env = "TESSERA_POLICY", default_value = "kv")]
+    pub policy: Policy,
+    /// Cost per prompt token the chosen worker must compute (policies kv and prefix).
+    #[arg(long, default_value_t = CostWeights::default().prefill)]
+    pub prefill_weight: f64,
+    /// Cost per token of work already on the worker (policies kv and prefix).
+    #[arg(long, default_value_t = CostWeights::default().load)]
+    pub load_weight: f64,
+    /// Tokens per KV block on the workers (prefix hashes are computed per block).
+    #[arg(long, env = "TESSERA_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// How long in-flight calls may finish after SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Options of `tessera router`.
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
+    /// A worker's gRPC address (repeat for more); static discovery.
+    #[arg(long = "worker", value_name = "HOST:PORT", conflicts_with = "etcd")]
+    workers: Vec<String>,
+    /// etcd client URLs to discover workers in, comma-separated.
+    #[arg(long = "etcd", env = "TESSERA_ETCD", value_delimiter = ',', value_name = "URL[,URL...]")]
+    etcd: Vec<String>,
+}
+
+/// The router's text side of `model`: tokenizer, template, limits.
+pub fn text_model(model: &ModelArgs, block_size: usize) -> anyhow::Result<TextModel> {
+    anyhow::ensure!(block_size > 0, "--block-size must be positive");
+    let resolved = model.resolve()?;
+    let template = match &resolved.text.chat_template {
+        Some(t) => Some(ChatTemplate::new(&t.source, t.bos_token.clone(), t.eos_token.clone())?),
+        None => None,
+    };
+    Ok(TextModel {
+        id: resolved.id.clone(),
+        tokenizer: resolved.text.tokenizer.clone(),
+        tokenizer_sha256: resolved.text.tokenizer_sha256.clone(),
+        template,
+        max_context: resolved.config.max_position_embeddings,
+        vocab_size: resolved.config.vocab_size,
+        block_size,
+    })
+}
+
+/// Runs a router for `model` with `discovery` until SIGTERM or Ctrl-C.
+pub fn serve(
+    model: TextModel,
+    routing: &RoutingArgs,
+    discovery: Discovery,
+    on_bound: impl FnOnce(RouterAddrs),
+) -> anyhow::Result<()> {
+    let config = RouterConfig {
+        listen_grpc: routing.listen_grpc,
+        listen_http: Some(routing.listen_http),
+        discovery,
+        policy: routing.policy,
+        weights: CostWeights { prefill: routing.prefill_weight, load: routing.load_weight },
+        drain_timeout: routing.drain_timeout,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(server::serve(model, config, shutdown_signal(), on_bound))?;
+    Ok(())
+}
+
+/// Runs the subcommand.
+pub fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let discovery = if !args.etcd.is_empty() {
+        Discovery::Etcd(args.etcd.clone())
+    } else if !args.workers.is_empty() {
+        Discovery::Static(args.workers.clone())
+    } else {
+        anyhow::bail!("give workers with --worker HOST:PORT (repeatable) or discover them with --etcd URL");
+    };
+    let model = text_model(&args.model, args.routing.block_size)?;
+    let id = model.id.clone();
+    serve(model, &args.routing, discovery, |a| {
+        let http = a.http.map(|h| h.to_string()).unwrap_or_default();
+        // One line on stdout that scripts and tests wait for.
+        println!("tessera router ready: grpc={} http={http} model={id}", a.grpc);
+    })?;
+    eprintln!("tessera router: drained, exiting");
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The router, black-box: real `tessera worker` processes (SmolLM2-135M) behind a real
+//! `tessera router`, driven through the public `tessera.v1.Generation` API as clients would.
+
+#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tessera_proto::v1 as api;
+use tessera_proto::v1::generation_client::GenerationClient;
+use tessera_proto::worker_v1 as wpb;
+use tessera_proto::worker_v1::worker_client::WorkerClient;
+use tessera_tests::{WorkerProcess, http_get, tessera_bin};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A `tessera router` process on free loopback ports, killed when dropped.
+struct RouterProcess {
+    child: Child,
+    grpc_url: String,
+    http_addr: String,
+}
+
+impl RouterProcess {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(tessera_bin())
+            .args(["router", "--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("tessera router ready:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap();
+        let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap().to_string();
+        RouterProcess { grpc_url: format!("http://{}", field("grpc=")), http_addr: field("http="), child }
+    }
+
+    async fn client(&self) -> GenerationClient<Channel> {
+        GenerationClient::connect(self.grpc_url.clone()).await.unwrap()
+    }
+
+    /// Waits until the router reports `n` routable workers.
+    async fn wait_healthy(&self, n: u32) {
+        let mut c = self.client().await;
+        for _ in 0..200 {
+            let models = c.list_models(api::ListModelsRequest {}).await.unwrap().into_inner();
+            if models.models.first().is_some_and(|m| m.healthy_workers == n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("router never saw {n} healthy workers");
+    }
+
+    fn kv_index(&self) -> serde_json::Value {
+        let (code, body) = http_get(&self.http_addr, "/debug/kv-index").unwrap();
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn addr(w: &WorkerProcess) -> String {
+    w.grpc_url.trim_start_matches("http://").to_string()
+}
+
+fn greedy(max_tokens: u32) -> Option<api::SamplingParams> {
+    Some(api::SamplingParams { temperature: Some(0.0), max_tokens, ignore_eos: true, ..Default::default() })
+}
+
+fn text_request(text: &str, max_tokens: u32) -> api::GenerateRequest {
+    api::GenerateRequest {
+        prompt: Some(api::generate_request::Prompt::Text(text.into())),
+        sampling: greedy(max_tokens),
+        return_token_ids: true,
+        ..Default::default()
+    }
+}
+
+/// A long shared "system prompt" plus a per-request suffix.
+fn shared_prefix_prompt(i: usize) -> String {
+    let system = "You are a meticulous assistant for the Tessera project. ".repeat(20);
+    format!("{system}Question number {i}: what is {i} plus {i}?")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_routing_sends_shared_prefixes_to_the_worker_that_holds_them_and_a_late_router_agrees() {
+    let workers = [WorkerProcess::start(&["--kv-memory", "64MiB"]), WorkerProcess::start(&["--kv-memory", "64MiB"])];
+    let addrs: Vec<String> = workers.iter().map(addr).collect();
+    let router = RouterProcess::start(&["--worker", &addrs[0], "--worker", &addrs[1], "--policy", "kv"]);
+    router.wait_healthy(2).await;
+    let mut c = router.client().await;
+
+    // The first request computes the prefix somewhere; every later one must find it cached.
+    let mut cached = Vec::new();
+    for i in 0..4 {
+        let r = c.generate(text_request(&shared_prefix_prompt(i), 2)).await.unwrap().into_inner();
+        let u = r.usage.unwrap();
+        assert_eq!(r.completions.len(), 1);
+        assert_eq!(r.completions[0].token_ids.len(), 2);
+        cached.push((u.prompt_tokens, u.cached_prompt_tokens));
+    }
+    let (prompt, _) = cached[0];
+    assert!(prompt > 200, "prompt of {prompt} tokens");
+    for (i, (p, hit)) in cached.iter().enumerate().skip(1) {
+        // All full blocks of the shared system prompt (the suffix differs).
+        assert!(*hit >= p - 32, "request {i}: {hit} of {p} prompt tokens cached: {cached:?}");
+    }
+
+    // A second router started late builds the same exact index from snapshots.
+    let late = RouterProcess::start(&["--worker", &addrs[0], "--worker", &addrs[1]]);
+    late.wait_healthy(2).await;
+    let (a, b) = (router.kv_index(), late.kv_index());
+    let total: usize = a["workers"].as_object().unwrap().values().map(|v| v.as_array().unwrap().len()).sum();
+    assert!(total >= 12, "the index holds {total} blocks: {a}");
+    assert_eq!(a, b, "late router's index differs");
+
+    let metrics = http_get(&router.http_addr, "/metrics").unwrap().1;
+    assert!(metrics.contains("tessera_router_routed_total{mode=\"exact\"} 4"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_stream_and_bad_input_through_the_router() {
+    let worker = WorkerProcess::start(&["--kv-memory", "64MiB"]);
+    let router = RouterProcess::start(&["--worker", &addr(&worker)]);
+    router.wait_healthy(1).await;
+    let mut c = router.client().await;
+
+    let chat = api::ChatRequest {
+        messages: vec![api::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+            ..Default::default()
+        }],
+        sampling: Some(api::SamplingParams { temperature: Some(0.0), max_tokens: 24, ..Default::default() }),
+        ..Default::default()
+    };
+    let r = c.chat(chat.clone()).await.unwrap().into_inner();
+    let answer = r.choices[0].message.as_ref().unwrap().content.clone();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    assert_eq!(r.choices[0].finish_reason, api::FinishReason::Stop as i32);
+
+    // Streaming gives the same text, in deltas, with usage last.
+    let mut stream = c.chat_stream(chat).await.unwrap().into_inner();
+    let (mut text, mut usage, mut deltas) = (String::new(), None, 0);
+    while let Some(m) = stream.message().await.unwrap() {
+        text.push_str(&m.content);
+        deltas += 1;
+        if m.usage.is_some() {
+            usage = m.usage;
+        }
+    }
+    assert_eq!(text, answer);
+    assert!(deltas > 3);
+    assert!(usage.unwrap().completion_tokens > 3);
+
+    // Stop strings end the stream without the stop text.
+    let mut req = text_request("Once upon a time", 40);
+    req.sampling.as_mut().unwrap().stop = vec![" the".into()];
+    let r = c.generate(req).await.unwrap().into_inner();
+    assert_eq!(r.completions[0].matched_stop, " the");
+    assert!(!r.completions[0].text.contains(" the"));
+
+    // Bad input: the right code and the field named.
+    let cases: Vec<(api::GenerateRequest, Code, &str)> = vec![
+        (api::GenerateRequest { model: "gpt-9".into(), ..text_request("x", 1) }, Code::NotFound, "model"),
+        (api::GenerateRequest { prompt: None, ..text_request("x", 1) }, Code::InvalidArgument, "prompt"),
+        (text_request("x", 1_000_000), Code::InvalidArgument, "sampling.max_tokens"),
+        (
+            api::GenerateRequest {
+                prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds { ids: vec![1, 999_999] })),
+                ..text_request("", 1)
+            },
+            Code::InvalidArgument,
+            "prompt",
+        ),
+        (
+            api::GenerateRequest {
+                sampling: Some(api::SamplingParams { top_p: Some(1.5), ..Default::default() }),
+                ..text_request("x", 1)
+            },
+            Code::InvalidArgument,
+            "sampling.top_p",
+        ),
+        (
+            api::GenerateRequest {
+                response_format: Some(api::ResponseFormat {
+                    format: Some(api::response_format::Format::JsonSchema(api::JsonSchema {
+                        name: "s".into(),
+                        schema_json: "{not json".into(),
+                    })),
+                }),
+                ..text_request("x", 1)
+            },
+            Code::InvalidArgument,
+            "response_format.json_schema",
+        ),
+        (text_request(&"word ".repeat(9000), 1), Code::InvalidArgument, "prompt"),
+    ];
+    for (req, code, field) in cases {
+        let err = c.generate(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{field}: {err:?}");
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+    }
+    let bad_tool = api::ChatRequest {
+        messages: vec![api::ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() }],
+        tools: vec![api::Tool { name: "f".into(), parameters_json: "{oops".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let err = c.chat(bad_tool).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("tools[0].parameters_json"), "{}", err.message());
+    let bad_role = api::ChatRequest {
+        messages: vec![api::ChatMessage { role: "wizard".into(), content: "hi".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(c.chat(bad_role).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // A short deadline ends a long generation, and the worker request is aborted with it
+    // (tonic clients report their own timer as CANCELLED; the router passes the deadline on).
+    let mut short = tonic::Request::new(text_request("Once upon a time", 1000));
+    short.set_timeout(Duration::from_millis(300));
+    let err = c.generate(short).await.unwrap_err();
+    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err:?}");
+    wait_idle(&worker).await;
+
+    // A client that drops its stream aborts the worker request.
+    let mut stream = c.generate_stream(text_request("Once upon a time", 1000)).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+    wait_idle(&worker).await;
+
+    // Tokenize agrees with what Generate counted.
+    let t = c
+        .tokenize(api::TokenizeRequest {
+            model: String::new(),
+            input: Some(api::tokenize_request::Input::Text("Once upon a time".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let g = c.generate(text_request("Once upon a time", 1)).await.unwrap().into_inner();
+    assert_eq!(t.token_ids.len() as u32, g.usage.unwrap().prompt_tokens);
+    assert_eq!(t.max_context, 8192);
+}
+
+/// Waits until `worker` runs nothing and owns no KV blocks.
+async fn wait_idle(worker: &WorkerProcess) {
+    let mut wc = WorkerClient::connect(worker.grpc_url.clone()).await.unwrap();
+    for _ in 0..100 {
+        let load = wc.get_load(wpb::GetLoadRequest {}).await.unwrap().into_inner();
+        if load.running_sequences == 0 && load.waiting_sequences == 0 && load.kv_blocks_used == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the worker still runs a request its client gave up on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_tokenizer_is_refused() {
+    // stories260K has its own tokenizer: a SmolLM2 router must never route to it.
+    let model = tessera_tests::shared_models().join("stories260K");
+    let worker = WorkerProcess::start(&["--model", model.to_str().unwrap(), "--kv-memory", "16MiB"]);
+    let router = RouterProcess::start(&["--worker", &addr(&worker)]);
+    let mut refused = false;
+    for _ in 0..100 {
+        let m = http_get(&router.http_addr, "/metrics").unwrap().1;
+        if m.contains("tessera_router_workers_refused_total 1") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the mismatched worker was not refused");
+    let mut c = router.client().await;
+    let err = c.generate(text_request("hello", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(http_get(&router.http_addr, "/readyz").unwrap().0, 503);
+}
