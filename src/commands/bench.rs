@@ -22,6 +22,12 @@ pub enum BenchCommand {
     /// roofline (read bandwidth ÷ bytes read per decoded token) on the CPU; with
     /// `--concurrency`, closed-loop serving load (throughput, TTFT, ITL, prefix-cache hits).
     Engine(EngineBenchArgs),
+    /// Router overhead against mock workers: added latency (p50/p99) at a fixed request rate,
+    /// and the most requests/s the router sustains.
+    Router(super::bench_router::RouterBenchArgs),
+    /// Routing policies compared on a simulated cluster (multi-tenant multi-turn chat, finite
+    /// KV caches, continuous batching) whose router runs the real policy code.
+    RouteSim(super::bench_route_sim::RouteSimArgs),
 }
 
 /// Arguments of `tessera bench engine`.
@@ -79,6 +85,8 @@ fn per_second(count: usize, time: Duration) -> f64 {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Router(args) => super::bench_router::run(args),
+        BenchCommand::RouteSim(args) => super::bench_route_sim::run(&args),
     }
 }
 

@@ -3,8 +3,11 @@
 pub mod batch;
 pub mod bench;
 pub mod bench_concurrency;
+pub mod bench_route_sim;
+pub mod bench_router;
 pub mod check;
 pub mod generate;
+pub mod local_cluster;
 pub mod model_args;
 pub mod plan;
 pub mod pull;

@@ -8,16 +8,12 @@
 //! its drain timeout plus a grace period is killed. Invariant: `up` never returns while a child
 //! it started is still running.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use tessera_router::server::Discovery;
 
+use crate::commands::local_cluster::{Children, field};
 use crate::commands::model_args::ModelArgs;
 use crate::commands::router::{self, RoutingArgs};
 
@@ -43,97 +39,33 @@ pub struct UpArgs {
     start_timeout: Duration,
 }
 
-/// The started workers; dropping it stops them (SIGTERM, then SIGKILL after `grace`).
-struct Workers {
-    children: Vec<Child>,
-    grace: Duration,
-}
-
-impl Workers {
-    fn stop(&mut self) {
-        for c in &self.children {
-            if let Ok(pid) = i32::try_from(c.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + self.grace;
-        for c in &mut self.children {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        }
-        self.children.clear();
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Starts one worker and returns it with the gRPC address from its ready line.
-fn start_worker(args: &UpArgs, index: usize, threads: usize) -> anyhow::Result<(Child, String)> {
-    let exe = std::env::current_exe().context("locating the tessera binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("worker")
-        .args(["--model", &args.model.model])
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--threads", &threads.to_string()])
-        .args(["--kv-memory", &args.kv_memory])
-        .args(["--block-size", &args.routing.block_size.to_string()])
-        .args(["--worker-id", &format!("up-{}-{index}", std::process::id())])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+/// The `tessera worker` arguments of worker `index`.
+fn worker_args(args: &UpArgs, index: usize, threads: usize) -> Vec<String> {
+    let mut v: Vec<String> = vec!["worker".into(), "--model".into(), args.model.model.clone()];
     let m = &args.model;
     for (flag, value) in
         [("--weights-dtype", m.weights_dtype.to_possible_value()), ("--device", m.device.to_possible_value())]
     {
-        if let Some(v) = value {
-            cmd.args([flag, v.get_name()]);
+        if let Some(value) = value {
+            v.extend([flag.to_string(), value.get_name().to_string()]);
         }
     }
-    cmd.args(["--dummy-seed", &m.dummy_seed.to_string()]);
-    if let Some(dir) = &args.model.cache_dir {
-        cmd.arg("--cache-dir").arg(dir);
+    v.extend(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"].map(String::from));
+    v.extend(["--threads".into(), threads.to_string(), "--kv-memory".into(), args.kv_memory.clone()]);
+    v.extend([
+        "--block-size".into(),
+        args.routing.block_size.to_string(),
+        "--dummy-seed".into(),
+        m.dummy_seed.to_string(),
+    ]);
+    v.extend(["--worker-id".into(), format!("up-{}-{index}", std::process::id())]);
+    if let Some(dir) = &m.cache_dir {
+        v.extend(["--cache-dir".into(), dir.display().to_string()]);
     }
     if !args.etcd.is_empty() {
-        cmd.args(["--etcd", &args.etcd.join(",")]);
+        v.extend(["--etcd".into(), args.etcd.join(",")]);
     }
-    let mut child = cmd.spawn().context("starting a worker process")?;
-    let Some(stdout) = child.stdout.take() else { bail!("worker {index} has no stdout") };
-    // The ready line is read on a thread so the wait can time out.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = lines.by_ref().map_while(Result::ok).find_map(|l| {
-            l.strip_prefix("tessera worker ready: grpc=").and_then(|r| r.split_whitespace().next()).map(str::to_string)
-        });
-        let _ = tx.send(ready);
-        // Keep draining stdout so the worker never blocks on a full pipe.
-        for _ in lines {}
-    });
-    match rx.recv_timeout(args.start_timeout) {
-        Ok(Some(addr)) => Ok((child, addr)),
-        Ok(None) => {
-            let status = child.wait().ok();
-            bail!("worker {index} exited before it was ready ({status:?}); see its errors above")
-        }
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("worker {index} was not ready within {}", humantime::format_duration(args.start_timeout))
-        }
-    }
+    v
 }
 
 /// Runs the subcommand.
@@ -143,11 +75,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let model = router::text_model(&args.model, args.routing.block_size)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if args.model.threads > 0 { args.model.threads } else { (cores / args.workers).max(1) };
-    let mut workers = Workers { children: Vec::new(), grace: Duration::from_secs(35) };
+    let mut workers = Children::new(Duration::from_secs(35));
     let mut addrs = Vec::new();
     for i in 0..args.workers {
-        let (child, addr) = start_worker(&args, i, threads)?;
-        workers.children.push(child);
+        let line = workers.spawn(&worker_args(&args, i, threads), "tessera worker ready:", args.start_timeout)?;
+        let addr = field(&line, "grpc")?;
         eprintln!("tessera up: worker {i} ready at {addr}");
         addrs.push(addr);
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tessera_proto::worker_v1 as pb;
-use tessera_worker::backend;
+use tessera_worker::backend::{self, ModelBackend, mock::MockBackend};
 use tessera_worker::engine::{Engine, EngineOptions};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::serving::registration::{self, RegistrationConfig};
@@ -17,11 +17,24 @@ use tessera_worker::structured::ConstraintCompiler;
 use crate::commands::model_args::{Device, ModelArgs};
 use crate::commands::units::parse_bytes;
 
+/// What computes the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// The model's forward pass.
+    Model,
+    /// No compute: deterministic tokens (see `tessera_worker::backend::mock`).
+    Mock,
+}
+
 /// Options of `tessera worker`.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// `model` runs the model; `mock` streams deterministic tokens with no model compute (the
+    /// tokenizer, limits, scheduler, KV bookkeeping and gRPC are real) — for router benchmarks.
+    #[arg(long, env = "TESSERA_ENGINE", value_enum, default_value = "model")]
+    engine: EngineKind,
     /// gRPC listen address (port 0 picks a free one; the bound address is printed).
     #[arg(long, env = "TESSERA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -104,7 +117,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         ),
     };
     kv.validate().context("--kv-memory / --kv-blocks / --block-size")?;
-    let backend = args.model.backend(&resolved, kv)?;
+    let backend = match args.engine {
+        EngineKind::Model => args.model.backend(&resolved, kv)?,
+        EngineKind::Mock => Box::new(MockBackend::new(resolved.config.clone())) as Box<dyn ModelBackend>,
+    };
     let device = backend.info().device;
     let options = EngineOptions {
         prefix_caching: !args.no_prefix_cache,

@@ -8,6 +8,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod mock;
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
