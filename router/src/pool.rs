@@ -453,7 +453,7 @@ impl WorkerPool {
     }
 
     /// Blocks the exact index holds per worker address (to compare router replicas).
-    pub fn index_by_address(&self) -> HashMap<String, std::collections::BTreeSet<u64>> {
+    pub fn index_by_address(&self) -> std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> {
         let st = lock(&self.shared.state);
         let router = lock(&self.shared.router);
         st.workers

@@ -310,3 +310,78 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
     }
     child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"))
 }
+
+/// A `tessera router` process on free loopback ports, killed when dropped.
+pub struct RouterProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT` of its public gRPC API.
+    pub grpc_url: String,
+    /// `127.0.0.1:PORT` of its probe, metrics and debug port.
+    pub http_addr: String,
+}
+
+impl RouterProcess {
+    /// Starts `tessera router --listen-grpc 127.0.0.1:0 --listen-http 127.0.0.1:0 ARGS` and waits
+    /// for its ready line.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(tessera_bin())
+            .args(["router", "--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning tessera router: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("tessera router ready:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("tessera router did not become ready"));
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_string()
+        };
+        RouterProcess { grpc_url: format!("http://{}", field("grpc=")), http_addr: field("http="), child }
+    }
+
+    /// The value of an unlabelled metric on `/metrics` (None when absent).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.http_addr, "/metrics").ok()?;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Waits up to `timeout` until exactly `n` workers are routable; false if that never happened.
+    pub fn wait_healthy(&self, n: usize, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.metric("tessera_router_workers_healthy") == Some(n as f64) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The router's exact KV index (`/debug/kv-index`, JSON text).
+    pub fn kv_index(&self) -> String {
+        let (code, body) = http_get(&self.http_addr, "/debug/kv-index").unwrap_or_else(|e| panic!("kv-index: {e}"));
+        assert_eq!(code, 200, "kv-index: {body}");
+        body
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

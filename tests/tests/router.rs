@@ -3,76 +3,22 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tessera_proto::v1 as api;
 use tessera_proto::v1::generation_client::GenerationClient;
 use tessera_proto::worker_v1 as wpb;
 use tessera_proto::worker_v1::worker_client::WorkerClient;
-use tessera_tests::{WorkerProcess, http_get, tessera_bin};
+use tessera_tests::{RouterProcess, WorkerProcess, http_get};
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A `tessera router` process on free loopback ports, killed when dropped.
-struct RouterProcess {
-    child: Child,
-    grpc_url: String,
-    http_addr: String,
+async fn client(r: &RouterProcess) -> GenerationClient<Channel> {
+    GenerationClient::connect(r.grpc_url.clone()).await.unwrap()
 }
 
-impl RouterProcess {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(tessera_bin())
-            .args(["router", "--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("tessera router ready:") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap();
-        let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap().to_string();
-        RouterProcess { grpc_url: format!("http://{}", field("grpc=")), http_addr: field("http="), child }
-    }
-
-    async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::connect(self.grpc_url.clone()).await.unwrap()
-    }
-
-    /// Waits until the router reports `n` routable workers.
-    async fn wait_healthy(&self, n: u32) {
-        let mut c = self.client().await;
-        for _ in 0..200 {
-            let models = c.list_models(api::ListModelsRequest {}).await.unwrap().into_inner();
-            if models.models.first().is_some_and(|m| m.healthy_workers == n) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("router never saw {n} healthy workers");
-    }
-
-    fn kv_index(&self) -> serde_json::Value {
-        let (code, body) = http_get(&self.http_addr, "/debug/kv-index").unwrap();
-        assert_eq!(code, 200);
-        serde_json::from_str(&body).unwrap()
-    }
-}
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn kv_index(r: &RouterProcess) -> serde_json::Value {
+    serde_json::from_str(&r.kv_index()).unwrap()
 }
 
 fn addr(w: &WorkerProcess) -> String {
@@ -103,8 +49,8 @@ async fn kv_routing_sends_shared_prefixes_to_the_worker_that_holds_them_and_a_la
     let workers = [WorkerProcess::start(&["--kv-memory", "64MiB"]), WorkerProcess::start(&["--kv-memory", "64MiB"])];
     let addrs: Vec<String> = workers.iter().map(addr).collect();
     let router = RouterProcess::start(&["--worker", &addrs[0], "--worker", &addrs[1], "--policy", "kv"]);
-    router.wait_healthy(2).await;
-    let mut c = router.client().await;
+    assert!(router.wait_healthy(2, Duration::from_secs(30)));
+    let mut c = client(&router).await;
 
     // The first request computes the prefix somewhere; every later one must find it cached.
     let mut cached = Vec::new();
@@ -124,8 +70,8 @@ async fn kv_routing_sends_shared_prefixes_to_the_worker_that_holds_them_and_a_la
 
     // A second router started late builds the same exact index from snapshots.
     let late = RouterProcess::start(&["--worker", &addrs[0], "--worker", &addrs[1]]);
-    late.wait_healthy(2).await;
-    let (a, b) = (router.kv_index(), late.kv_index());
+    assert!(late.wait_healthy(2, Duration::from_secs(30)));
+    let (a, b) = (kv_index(&router), kv_index(&late));
     let total: usize = a["workers"].as_object().unwrap().values().map(|v| v.as_array().unwrap().len()).sum();
     assert!(total >= 12, "the index holds {total} blocks: {a}");
     assert_eq!(a, b, "late router's index differs");
@@ -138,8 +84,8 @@ async fn kv_routing_sends_shared_prefixes_to_the_worker_that_holds_them_and_a_la
 async fn chat_stream_and_bad_input_through_the_router() {
     let worker = WorkerProcess::start(&["--kv-memory", "64MiB"]);
     let router = RouterProcess::start(&["--worker", &addr(&worker)]);
-    router.wait_healthy(1).await;
-    let mut c = router.client().await;
+    assert!(router.wait_healthy(1, Duration::from_secs(30)));
+    let mut c = client(&router).await;
 
     let chat = api::ChatRequest {
         messages: vec![api::ChatMessage {
@@ -288,7 +234,7 @@ async fn a_worker_with_another_tokenizer_is_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused, "the mismatched worker was not refused");
-    let mut c = router.client().await;
+    let mut c = client(&router).await;
     let err = c.generate(text_request("hello", 1)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(http_get(&router.http_addr, "/readyz").unwrap().0, 503);
