@@ -3,12 +3,22 @@
 //! Compatible with `transformers`' `apply_chat_template`: blocks are trimmed (`trim_blocks`,
 //! `lstrip_blocks`), Python string methods work through `minijinja-contrib`'s pycompat
 //! callback, and templates may call `raise_exception(msg)` (a render error carrying `msg`) and
-//! `strftime_now(fmt)`. The context has `messages`, `add_generation_prompt`, `bos_token` and
-//! `eos_token`. Invariant: a template that compiled once renders without touching the
-//! environment again (the compiled form is shared, rendering is `&self`).
+//! `strftime_now(fmt)`. The context is what transformers gives a template: `messages` (assistant
+//! turns may carry `tool_calls` as `{"id", "type": "function", "function": {"name",
+//! "arguments"}}` with `arguments` an object, tool turns `tool_call_id` and `name`), `tools` (as
+//! `{"type": "function", "function": {"name", "description", "parameters"}}`, or `none` when there
+//! are none), `documents` (`none`), `add_generation_prompt`, `bos_token` and `eos_token`.
+//! `tojson` is transformers' own: Python's `json.dumps` with `ensure_ascii=False` (`", "` and
+//! `": "` separators, no HTML escaping, Python float repr; `indent`, `separators`, `sort_keys`
+//! and `ensure_ascii` work), so tool schemas reach the model byte for byte as with transformers.
+//! Invariant: a template that compiled once renders without touching the environment again (the
+//! compiled form is shared, rendering is `&self`).
 
+use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value, context};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+use crate::text::tools::{ParsedToolCall, ToolSpec};
 
 /// Template compilation or rendering failure.
 #[derive(Debug, thiserror::Error)]
@@ -21,20 +31,91 @@ pub enum TemplateError {
     Render(String),
 }
 
-/// One chat message.
+/// One chat message, serialized the way transformers hands messages to a template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text.
+    /// The text (empty for an assistant turn that only calls tools).
     pub content: String,
+    /// Assistant turns: the tools it called (absent from the template's view when empty).
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "hf_tool_calls")]
+    pub tool_calls: Vec<ParsedToolCall>,
+    /// Tool turns: the id of the call this answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// Tool turns: the tool's name; other turns: an optional participant name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
     /// A message with the given role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
     }
+
+    /// This message with the tool calls an assistant made.
+    pub fn with_tool_calls(mut self, calls: Vec<ParsedToolCall>) -> Self {
+        self.tool_calls = calls;
+        self
+    }
+
+    /// This message as the answer to tool call `id`.
+    pub fn with_tool_call_id(mut self, id: impl Into<String>) -> Self {
+        self.tool_call_id = Some(id.into());
+        self
+    }
+
+    /// This message with a `name`.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+/// OpenAI's shape of a call, as templates read it (`tool_call.function.arguments` an object).
+fn hf_tool_calls<S: Serializer>(calls: &[ParsedToolCall], serializer: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Function<'a> {
+        name: &'a str,
+        arguments: &'a serde_json::Value,
+    }
+    #[derive(Serialize)]
+    struct Call<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        function: Function<'a>,
+    }
+    serializer.collect_seq(calls.iter().map(|c| Call {
+        id: &c.id,
+        kind: "function",
+        function: Function { name: &c.name, arguments: &c.arguments },
+    }))
+}
+
+/// OpenAI's shape of a tool, as templates read it.
+#[derive(Serialize)]
+struct HfTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: HfFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct HfFunction<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    description: &'a str,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    parameters: &'a serde_json::Value,
 }
 
 /// A compiled chat template.
@@ -50,13 +131,14 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// Python's `datetime.now().strftime(format)` for the directives templates use, in UTC.
 fn strftime_now(format: String) -> String {
-    // Only the date parts templates use (e.g. "%d %b %Y"); computed from the system clock in UTC.
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let (y, m, d) = civil_from_days(days);
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    const FULL: [&str; 12] = [
+    strftime(&format, secs)
+}
+
+fn strftime(format: &str, unix_secs: u64) -> String {
+    const MONTHS: [&str; 12] = [
         "January",
         "February",
         "March",
@@ -70,13 +152,49 @@ fn strftime_now(format: String) -> String {
         "November",
         "December",
     ];
-    let mi = (m - 1) as usize;
-    format
-        .replace("%Y", &y.to_string())
-        .replace("%m", &format!("{m:02}"))
-        .replace("%d", &format!("{d:02}"))
-        .replace("%B", FULL[mi])
-        .replace("%b", MONTHS[mi])
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    let days = (unix_secs / 86_400) as i64;
+    let secs_of_day = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    let (hour, minute, second) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60);
+    let month = MONTHS[(m - 1) as usize];
+    // 1970-01-01 was a Thursday.
+    let weekday = DAYS[(days + 3).rem_euclid(7) as usize];
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let Some(directive) = chars.next() else {
+            out.push('%');
+            break;
+        };
+        match directive {
+            'Y' => out.push_str(&y.to_string()),
+            'y' => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            'm' => out.push_str(&format!("{m:02}")),
+            'd' => out.push_str(&format!("{d:02}")),
+            'e' => out.push_str(&format!("{d:2}")),
+            'B' => out.push_str(month),
+            'b' | 'h' => out.push_str(&month[..3]),
+            'A' => out.push_str(weekday),
+            'a' => out.push_str(&weekday[..3]),
+            'H' => out.push_str(&format!("{hour:02}")),
+            'I' => out.push_str(&format!("{:02}", (hour + 11) % 12 + 1)),
+            'p' => out.push_str(if hour < 12 { "AM" } else { "PM" }),
+            'M' => out.push_str(&format!("{minute:02}")),
+            'S' => out.push_str(&format!("{second:02}")),
+            'j' => out.push_str(&format!("{:03}", days - days_from_civil(y, 1, 1) + 1)),
+            '%' => out.push('%'),
+            other => {
+                out.push('%');
+                out.push(other);
+            }
+        }
+    }
+    out
 }
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
@@ -92,6 +210,203 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// (year, month, day) to days since 1970-01-01; the inverse of [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
+fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<Value, Error> {
+    let ensure_ascii = match ensure_ascii {
+        Some(b) => b,
+        None => kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
+    let indent = match kwargs.get::<Option<Value>>("indent")? {
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(match v.as_str() {
+            Some(s) => s.to_string(),
+            None => " ".repeat(usize::try_from(i64::try_from(v)?.max(0)).unwrap_or(0)),
+        }),
+        None => None,
+    };
+    let (item_sep, key_sep) = match kwargs.get::<Option<Value>>("separators")? {
+        Some(v) if !v.is_none() => {
+            let a = v.get_item_by_index(0)?;
+            let b = v.get_item_by_index(1)?;
+            match (a.as_str(), b.as_str()) {
+                (Some(a), Some(b)) => (a.to_string(), b.to_string()),
+                _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
+            }
+        }
+        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let dumper = PyJson { ensure_ascii, indent, item_sep, key_sep, sort_keys };
+    let mut out = String::new();
+    dumper.write(&mut out, value, 0)?;
+    Ok(Value::from_safe_string(out))
+}
+
+/// Python's `json.dumps` over template values.
+struct PyJson {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+impl PyJson {
+    fn write(&self, out: &mut String, value: &Value, depth: usize) -> Result<(), Error> {
+        match value.kind() {
+            ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+            ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
+            ValueKind::Number => out.push_str(&py_float(f64::try_from(value.clone())?)),
+            ValueKind::String => self.write_str(out, value.as_str().unwrap_or_default()),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = value.try_iter()?.collect();
+                self.write_container(out, ('[', ']'), items.len(), depth, |out, i| {
+                    self.write(out, &items[i], depth + 1)
+                })?;
+            }
+            ValueKind::Map => {
+                let mut entries = Vec::new();
+                for key in value.try_iter()? {
+                    let item = value.get_item(&key)?;
+                    entries.push((py_key(&key)?, item));
+                }
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                self.write_container(out, ('{', '}'), entries.len(), depth, |out, i| {
+                    self.write_str(out, &entries[i].0);
+                    out.push_str(&self.key_sep);
+                    self.write(out, &entries[i].1, depth + 1)
+                })?;
+            }
+            kind => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: a value of type {kind} is not JSON serializable"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_container(
+        &self,
+        out: &mut String,
+        (open, close): (char, char),
+        len: usize,
+        depth: usize,
+        mut item: impl FnMut(&mut String, usize) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        out.push(open);
+        if len == 0 {
+            out.push(close);
+            return Ok(());
+        }
+        let newline = |out: &mut String, depth: usize| {
+            if let Some(indent) = &self.indent {
+                out.push('\n');
+                for _ in 0..depth {
+                    out.push_str(indent);
+                }
+            }
+        };
+        for i in 0..len {
+            if i > 0 {
+                out.push_str(&self.item_sep);
+            }
+            newline(out, depth + 1);
+            item(out, i)?;
+        }
+        newline(out, depth);
+        out.push(close);
+        Ok(())
+    }
+
+    fn write_str(&self, out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if c < ' ' || (self.ensure_ascii && !(' '..='~').contains(&c)) => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A map key as Python's `json.dumps` writes it.
+fn py_key(key: &Value) -> Result<String, Error> {
+    Ok(match key.kind() {
+        ValueKind::String => key.as_str().unwrap_or_default().to_string(),
+        ValueKind::None => "null".to_string(),
+        ValueKind::Bool => if key.is_true() { "true" } else { "false" }.to_string(),
+        ValueKind::Number if key.is_integer() => key.to_string(),
+        ValueKind::Number => py_float(f64::try_from(key.clone())?),
+        kind => {
+            return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: keys must be str, not {kind}")));
+        }
+    })
+}
+
+/// Python's `repr(float)`: the shortest round-trip digits, positional for exponents -5 < e < 16.
+fn py_float(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let sign = if x.is_sign_negative() { "-" } else { "" };
+    // `{:e}` gives the shortest round-trip digits: "1.2345e2", "1e-5", "0e0".
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1;
+        if point <= 0 {
+            format!("{sign}0.{}{digits}", "0".repeat(point.unsigned_abs() as usize))
+        } else {
+            let point = point as usize;
+            if digits.len() <= point {
+                format!("{sign}{digits}{}.0", "0".repeat(point - digits.len()))
+            } else {
+                format!("{sign}{}.{}", &digits[..point], &digits[point..])
+            }
+        }
+    } else {
+        let (first, rest) = digits.split_at(1.min(digits.len()));
+        let mantissa = if rest.is_empty() { first.to_string() } else { format!("{first}.{rest}") };
+        let exp_sign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{mantissa}e{exp_sign}{:02}", exp.unsigned_abs())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the strings templates may insert.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
@@ -105,17 +420,40 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| TemplateError::Compile(e.to_string()))?;
         Ok(ChatTemplate { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
     }
 
-    /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's
-    /// reply begins.
+    /// Renders a conversation without tools; with `add_generation_prompt` the text ends where the
+    /// assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders a conversation with the tools the model may call (`tools` is `none` to the
+    /// template when the slice is empty, as when transformers gets no tools).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TemplateError::Render(e.to_string()))?;
+        let tools: Option<Vec<HfTool<'_>>> = (!tools.is_empty()).then(|| {
+            tools
+                .iter()
+                .map(|t| HfTool {
+                    kind: "function",
+                    function: HfFunction { name: &t.name, description: &t.description, parameters: &t.parameters },
+                })
+                .collect()
+        });
         template
             .render(context! {
                 messages => Value::from(minijinja::value::Serde(messages)),
+                tools => Value::from(minijinja::value::Serde(&tools)),
+                documents => Value::from(()),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
@@ -134,9 +472,181 @@ fn render_message(e: &Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::text::tools::{ToolCallStyle, parse_tool_calls};
 
     const SMOLLM2: &str = include_str!("../../../shared/models/smollm2-135m-instruct/chat_template.jinja");
+    const SMOLLM2_CONFIG: &str = include_str!("../../../shared/models/smollm2-135m-instruct/tokenizer_config.json");
+
+    /// Modelled on Mistral-7B-Instruct-v0.3's tool template (not a copy): tools in
+    /// `[AVAILABLE_TOOLS]` before the last user turn, calls after `[TOOL_CALLS]` with 9-character
+    /// ids, results in `[TOOL_RESULTS]`.
+    const MISTRAL_V3: &str = r##"{#- Test fixture modelled on Mistral's v3 (7B-Instruct-v0.3) tool template. -#}
+{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
+{%- for message in loop_messages | rejectattr("role", "equalto", "tool") | selectattr("tool_calls", "undefined") %}
+    {%- if (message["role"] == "user") != (loop.index0 % 2 == 0) %}
+        {{- raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif %}
+{%- endfor %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message["role"] == "user" %}
+        {%- if tools is not none and (message == user_messages[-1]) %}
+            {{- "[AVAILABLE_TOOLS] [" }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != "return" %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val|tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}{{- ", " }}{%- endif %}
+                {%- endfor %}
+                {{- "}}" }}
+                {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" }}{%- endif %}
+            {%- endfor %}
+            {{- "[/AVAILABLE_TOOLS]" }}
+        {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\n\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- "[TOOL_CALLS] [" }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function|tojson %}
+            {{- out[:-1] }}
+            {%- if not tool_call.id is defined or tool_call.id|length != 9 %}
+                {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}{{- ", " }}{%- else %}{{- "]" + eos_token }}{%- endif %}
+        {%- endfor %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"]|trim + eos_token }}
+    {%- elif message["role"] == "tool" %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content|string + ", " }}
+        {%- if not message.tool_call_id is defined or message.tool_call_id|length != 9 %}
+            {{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception("Only user, assistant and tool roles are supported after an optional system message!") }}
+    {%- endif %}
+{%- endfor %}
+"##;
+
+    /// Modelled on the Hermes / Qwen2.5 tool template: tools as JSON lines in `<tools>`, calls in
+    /// `<tool_call>` tags, results in `<tool_response>` inside a user turn.
+    const HERMES: &str = r##"{#- Test fixture modelled on the Hermes / Qwen2.5 tool template. -#}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions. Function signatures are within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "user" or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"##;
+
+    /// The expected outputs below are what Python's Jinja2 renders with transformers' template
+    /// environment (trim/lstrip blocks, loop controls, its `tojson`, `raise_exception`).
+    fn tools() -> Vec<ToolSpec> {
+        // Keys in sorted order: without serde_json's `preserve_order` (a router-only build) maps
+        // come out sorted, with it (the workspace build) in insertion order.
+        vec![
+            ToolSpec {
+                name: "get_weather".into(),
+                description: "Get the user's weather <now> & later".into(),
+                parameters: json!({
+                    "properties": {
+                        "city": {"description": "City, e.g. Zürich", "type": "string"},
+                        "days": {"maximum": 1.5e16, "minimum": 0.5, "type": "integer"},
+                    },
+                    "required": ["city"],
+                    "type": "object",
+                }),
+            },
+            ToolSpec {
+                name: "get_time".into(),
+                description: String::new(),
+                parameters: json!({"properties": {}, "type": "object"}),
+            },
+        ]
+    }
+
+    fn conversation() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Weather in Zürich?"),
+            ChatMessage::new("assistant", "").with_tool_calls(vec![
+                ParsedToolCall {
+                    id: "abcDEF123".into(),
+                    name: "get_weather".into(),
+                    arguments: json!({"city": "Zürich", "days": 2}),
+                },
+                ParsedToolCall { id: "xyz987UVW".into(), name: "get_time".into(), arguments: json!({}) },
+            ]),
+            ChatMessage::new("tool", r#"{"temp": "21°C"}"#).with_tool_call_id("abcDEF123").with_name("get_weather"),
+            ChatMessage::new("tool", "12:00").with_tool_call_id("xyz987UVW").with_name("get_time"),
+            ChatMessage::new("assistant", "21°C at noon."),
+            ChatMessage::new("user", "Thanks!"),
+        ]
+    }
 
     #[test]
     fn smollm2_template_matches_transformers() {
@@ -154,6 +664,116 @@ mod tests {
     }
 
     #[test]
+    fn smollm2_from_tokenizer_config_renders_tool_turns_as_text() {
+        let config: serde_json::Value = serde_json::from_str(SMOLLM2_CONFIG).unwrap();
+        let source = config["chat_template"].as_str().unwrap();
+        assert_eq!(source, SMOLLM2);
+        let bos = config["bos_token"].as_str().map(str::to_string);
+        let eos = config["eos_token"].as_str().map(str::to_string);
+        let t = ChatTemplate::new(source, bos, eos).unwrap();
+        // SmolLM2's template knows nothing of tools: the calls vanish, tool results are turns.
+        let text = t.render_with_tools(&conversation(), &tools(), true).unwrap();
+        assert_eq!(text, SMOL0);
+        assert_eq!(t.render(&conversation(), true).unwrap(), text);
+    }
+
+    #[test]
+    fn mistral_v3_style_template_matches_transformers() {
+        let t = ChatTemplate::new(MISTRAL_V3, Some("<s>".into()), Some("</s>".into())).unwrap();
+        let conversation = conversation();
+        assert_eq!(t.render_with_tools(&conversation, &tools(), true).unwrap(), MISTRAL0);
+        assert_eq!(t.render_with_tools(&conversation[..2], &tools(), true).unwrap(), MISTRAL1);
+        // No tools: `tools` is none, so no [AVAILABLE_TOOLS] block at all.
+        assert_eq!(t.render(&conversation[..2], true).unwrap(), MISTRAL2);
+        assert_eq!(t.render_with_tools(&conversation[..2], &[], true).unwrap(), MISTRAL2);
+    }
+
+    #[test]
+    fn mistral_template_rejects_ids_it_cannot_use_and_accepts_the_ids_we_make() {
+        let t = ChatTemplate::new(MISTRAL_V3, Some("<s>".into()), Some("</s>".into())).unwrap();
+        let mut messages = conversation();
+        messages[2].tool_calls[0].id = "call_0123456789".into();
+        let err = t.render_with_tools(&messages, &tools(), true).unwrap_err();
+        assert!(err.to_string().contains("Tool call IDs should be alphanumeric strings with length 9!"), "{err}");
+
+        // A call parsed from Mistral output goes back into the next prompt as it came out.
+        let output =
+            r#"Let me look. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich", "days": 1}}]"#;
+        let parsed = parse_tool_calls(ToolCallStyle::Mistral, output, &tools());
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let id = parsed.calls[0].id.clone();
+        let messages = vec![
+            ChatMessage::new("user", "Weather in Zürich?"),
+            ChatMessage::new("assistant", parsed.content).with_tool_calls(parsed.calls),
+            ChatMessage::new("tool", "21").with_tool_call_id(id.clone()).with_name("get_weather"),
+        ];
+        let text = t.render_with_tools(&messages, &tools(), false).unwrap();
+        let call = format!(
+            r#"[TOOL_CALLS] [{{"name": "get_weather", "arguments": {{"city": "Zürich", "days": 1}}, "id": "{id}"}}]</s>"#
+        );
+        assert!(text.contains(&call), "{text}");
+        assert!(
+            text.ends_with(&format!(r#"[TOOL_RESULTS] {{"content": 21, "call_id": "{id}"}}[/TOOL_RESULTS]"#)),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hermes_style_template_matches_transformers() {
+        let t = ChatTemplate::new(HERMES, None, Some("<|im_end|>".into())).unwrap();
+        let conversation = conversation();
+        assert_eq!(t.render_with_tools(&conversation, &tools(), true).unwrap(), HERMES0);
+        assert_eq!(t.render(&conversation[..2], true).unwrap(), HERMES1);
+        // What the model writes back parses into the same call.
+        let start = HERMES0.find("<tool_call>\n{\"name\": \"get_weather\"").unwrap();
+        let end = HERMES0[start..].find("<|im_end|>").unwrap() + start;
+        let parsed = parse_tool_calls(ToolCallStyle::Hermes, &HERMES0[start..end], &tools());
+        assert!(parsed.errors.is_empty() && parsed.content.is_empty(), "{parsed:?}");
+        let names: Vec<&str> = parsed.calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["get_weather", "get_time"]);
+        assert_eq!(parsed.calls[0].arguments, json!({"city": "Zürich", "days": 2}));
+    }
+
+    #[test]
+    fn template_context_is_what_transformers_gives() {
+        // Expected: Jinja2 with transformers' arguments (booleans print the Python way).
+        let src = "{{ tools is none }} {{ documents is none }} {{ add_generation_prompt }} [{{ bos_token }}|{{ eos_token }}]\
+                   {% for m in messages %} {{ m.role }}:{{ m.tool_calls is defined }}:{{ m.tool_call_id is defined }}:{{ m.name is defined }}\
+                   {% if m.tool_calls %}={{ m.tool_calls[0].type }}/{{ m.tool_calls[0].function.arguments.city }}{% endif %}{% endfor %}\
+                   {% if tools %} {{ tools[1].function is mapping }}:{{ tools[1].function.description is defined }}{% endif %}";
+        let t = ChatTemplate::new(src, Some("<s>".into()), Some("</s>".into())).unwrap();
+        let messages = &conversation()[1..4];
+        assert_eq!(
+            t.render(messages, false).unwrap(),
+            "True True False [<s>|</s>] user:False:False:False assistant:True:False:False=function/Zürich tool:False:True:True"
+        );
+        assert_eq!(
+            t.render_with_tools(messages, &tools(), true).unwrap(),
+            "False True True [<s>|</s>] user:False:False:False assistant:True:False:False=function/Zürich tool:False:True:True \
+             True:False"
+        );
+    }
+
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let src = r##"{%- set x = {"b": [1, 2.0, 0.1, 1e-05, 1e16, 123456789012345678, -0.0, 1.5e-7, 100.0, 1e15, true, none], "a": s, "c": {}, "d": [], "e": {"z": {"y": [[]]}}} -%}
+{{ x|tojson }}|{{ x|tojson(indent=2) }}|{{ x|tojson(sort_keys=true, separators=(',', ':')) }}|{{ x|tojson(ensure_ascii=true) }}|{{ x|tojson(indent='\t') }}"##;
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let template = t.env.get_template(TEMPLATE_NAME).unwrap();
+        let text = template.render(context! { s => "q\"\\/\n\t\u{1}\u{7f} é 😀 <'&>" }).unwrap();
+        assert_eq!(text, TOJSON_OUT);
+        let err = ChatTemplate::new("{{ nothing|tojson }}", None, None).unwrap().render(&[], false).unwrap_err();
+        assert!(err.to_string().contains("not JSON serializable"), "{err}");
+        assert_eq!(py_float(f64::NAN), "NaN");
+        assert_eq!(py_float(f64::NEG_INFINITY), "-Infinity");
+        assert_eq!(py_float(0.0), "0.0");
+        assert_eq!(py_float(123.456), "123.456");
+        assert_eq!(py_float(0.0001), "0.0001");
+        assert_eq!(py_float(-2.5e-300), "-2.5e-300");
+        assert_eq!(py_float(1.7976931348623157e308), "1.7976931348623157e+308");
+    }
+
+    #[test]
     fn raise_exception_and_python_methods() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}\
                    {{ bos_token }}{{ messages[0]['content'].strip().upper() }}";
@@ -165,8 +785,33 @@ mod tests {
     }
 
     #[test]
+    fn strftime_matches_python() {
+        // Python: datetime.fromtimestamp(ts, timezone.utc).strftime(fmt).
+        let fmt = "%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %e %% %d %b %Y";
+        assert_eq!(strftime(fmt, 1_727_997_296), STRFTIME);
+        assert_eq!(strftime("%Y-%m-%d %a %j %I%p", 951_782_400), STRFTIME2);
+        assert_eq!(strftime("trailing %", 0), "trailing %");
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
+        assert_eq!(t.render(&[], false).unwrap().len(), 4);
+    }
+
+    #[test]
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_000), (2024, 10, 4));
+        for days in [-800_000, -1, 0, 59, 11_016, 20_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
+
+    const SMOL0: &str = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n{\"temp\": \"21°C\"}<|im_end|>\n<|im_start|>tool\n12:00<|im_end|>\n<|im_start|>assistant\n21°C at noon.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n";
+    const MISTRAL0: &str = "<s>[INST] Weather in Zürich?[/INST][TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"days\": 2}, \"id\": \"abcDEF123\"}, {\"name\": \"get_time\", \"arguments\": {}, \"id\": \"xyz987UVW\"}]</s>[TOOL_RESULTS] {\"content\": {\"temp\": \"21°C\"}, \"call_id\": \"abcDEF123\"}[/TOOL_RESULTS][TOOL_RESULTS] {\"content\": 12:00, \"call_id\": \"xyz987UVW\"}[/TOOL_RESULTS] 21°C at noon.</s>[AVAILABLE_TOOLS] [{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the user's weather <now> & later\", \"parameters\": {\"properties\": {\"city\": {\"description\": \"City, e.g. Zürich\", \"type\": \"string\"}, \"days\": {\"maximum\": 1.5e+16, \"minimum\": 0.5, \"type\": \"integer\"}}, \"required\": [\"city\"], \"type\": \"object\"}}}, {\"type\": \"function\", \"function\": {\"name\": \"get_time\", \"parameters\": {\"properties\": {}, \"type\": \"object\"}}}][/AVAILABLE_TOOLS][INST] Be brief.\n\nThanks![/INST]";
+    const MISTRAL1: &str = "<s>[AVAILABLE_TOOLS] [{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the user's weather <now> & later\", \"parameters\": {\"properties\": {\"city\": {\"description\": \"City, e.g. Zürich\", \"type\": \"string\"}, \"days\": {\"maximum\": 1.5e+16, \"minimum\": 0.5, \"type\": \"integer\"}}, \"required\": [\"city\"], \"type\": \"object\"}}}, {\"type\": \"function\", \"function\": {\"name\": \"get_time\", \"parameters\": {\"properties\": {}, \"type\": \"object\"}}}][/AVAILABLE_TOOLS][INST] Be brief.\n\nWeather in Zürich?[/INST]";
+    const MISTRAL2: &str = "<s>[INST] Be brief.\n\nWeather in Zürich?[/INST]";
+    const HERMES0: &str = "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions. Function signatures are within <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the user's weather <now> & later\", \"parameters\": {\"properties\": {\"city\": {\"description\": \"City, e.g. Zürich\", \"type\": \"string\"}, \"days\": {\"maximum\": 1.5e+16, \"minimum\": 0.5, \"type\": \"integer\"}}, \"required\": [\"city\"], \"type\": \"object\"}}}\n{\"type\": \"function\", \"function\": {\"name\": \"get_time\", \"parameters\": {\"properties\": {}, \"type\": \"object\"}}}\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"days\": 2}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": \"21°C\"}\n</tool_response>\n<tool_response>\n12:00\n</tool_response><|im_end|>\n<|im_start|>assistant\n21°C at noon.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n";
+    const HERMES1: &str = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n";
+    const TOJSON_OUT: &str = "{\"b\": [1, 2.0, 0.1, 1e-05, 1e+16, 123456789012345678, -0.0, 1.5e-07, 100.0, 1000000000000000.0, true, null], \"a\": \"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\", \"c\": {}, \"d\": [], \"e\": {\"z\": {\"y\": [[]]}}}|{\n  \"b\": [\n    1,\n    2.0,\n    0.1,\n    1e-05,\n    1e+16,\n    123456789012345678,\n    -0.0,\n    1.5e-07,\n    100.0,\n    1000000000000000.0,\n    true,\n    null\n  ],\n  \"a\": \"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\",\n  \"c\": {},\n  \"d\": [],\n  \"e\": {\n    \"z\": {\n      \"y\": [\n        []\n      ]\n    }\n  }\n}|{\"a\":\"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\",\"b\":[1,2.0,0.1,1e-05,1e+16,123456789012345678,-0.0,1.5e-07,100.0,1000000000000000.0,true,null],\"c\":{},\"d\":[],\"e\":{\"z\":{\"y\":[[]]}}}|{\"b\": [1, 2.0, 0.1, 1e-05, 1e+16, 123456789012345678, -0.0, 1.5e-07, 100.0, 1000000000000000.0, true, null], \"a\": \"q\\\"\\\\/\\n\\t\\u0001\\u007f \\u00e9 \\ud83d\\ude00 <'&>\", \"c\": {}, \"d\": [], \"e\": {\"z\": {\"y\": [[]]}}}|{\n\t\"b\": [\n\t\t1,\n\t\t2.0,\n\t\t0.1,\n\t\t1e-05,\n\t\t1e+16,\n\t\t123456789012345678,\n\t\t-0.0,\n\t\t1.5e-07,\n\t\t100.0,\n\t\t1000000000000000.0,\n\t\ttrue,\n\t\tnull\n\t],\n\t\"a\": \"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\",\n\t\"c\": {},\n\t\"d\": [],\n\t\"e\": {\n\t\t\"z\": {\n\t\t\t\"y\": [\n\t\t\t\t[]\n\t\t\t]\n\t\t}\n\t}\n}";
+    const STRFTIME: &str = "2024-10-03 23:14:56 Thu Thursday Oct October 277 24 11PM  3 % 03 Oct 2024";
+    const STRFTIME2: &str = "2000-02-29 Tue 060 12AM";
 }
