@@ -25,6 +25,8 @@ pub struct RouterMetrics {
     pub routed: IntCounterVec,
     /// Prompt tokens routed.
     pub routed_prompt_tokens: IntCounter,
+    /// Requests routed per worker address.
+    pub worker_requests: IntCounterVec,
     /// Prompt tokens the router expected the chosen worker to hold.
     pub predicted_cached_tokens: IntCounter,
     /// Prompt tokens the workers reported served from cache.
@@ -80,6 +82,13 @@ impl RouterMetrics {
                 ),
             )?,
             routed_prompt_tokens: counter("tessera_router_routed_prompt_tokens_total", "Prompt tokens routed")?,
+            worker_requests: add(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("tessera_router_worker_requests_total", "Requests routed, by worker address"),
+                    &["worker"],
+                ),
+            )?,
             predicted_cached_tokens: counter(
                 "tessera_router_predicted_cached_tokens_total",
                 "Prompt tokens the router expected the chosen worker to hold",

@@ -420,6 +420,7 @@ impl WorkerPool {
         let m = &self.shared.metrics;
         m.routed.with_label_values(&[if decision.exact { "exact" } else { "approximate" }]).inc();
         m.routed_prompt_tokens.inc_by(prompt_tokens as u64);
+        m.worker_requests.with_label_values(&[e.address.as_str()]).inc();
         m.predicted_cached_tokens.inc_by(((decision.matched_blocks * block_size).min(prompt_tokens)) as u64);
         Ok(RoutedWorker { slot: decision.slot, address: e.address.clone(), client: e.client.clone(), decision })
     }

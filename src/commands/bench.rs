@@ -25,6 +25,9 @@ pub enum BenchCommand {
     /// Router overhead against mock workers: added latency (p50/p99) at a fixed request rate,
     /// and the most requests/s the router sustains.
     Router(super::bench_router::RouterBenchArgs),
+    /// Open-loop multi-tenant, multi-turn chat load against a running router: throughput,
+    /// TTFT / ITL / end-to-end percentiles, prefix-cache hit rate, spread over workers.
+    Serve(super::bench_serve::ServeBenchArgs),
     /// Routing policies compared on a simulated cluster (multi-tenant multi-turn chat, finite
     /// KV caches, continuous batching) whose router runs the real policy code.
     RouteSim(super::bench_route_sim::RouteSimArgs),
@@ -86,6 +89,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Router(args) => super::bench_router::run(args),
+        BenchCommand::Serve(args) => super::bench_serve::run(args),
         BenchCommand::RouteSim(args) => super::bench_route_sim::run(&args),
     }
 }

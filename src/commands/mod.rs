@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_concurrency;
 pub mod bench_route_sim;
 pub mod bench_router;
+pub mod bench_serve;
 pub mod check;
 pub mod generate;
 pub mod local_cluster;
