@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::metrics::RouterMetrics;
 use crate::pool::WorkerPool;
-use crate::text::{Detokenizer, StopMatcher};
+use crate::text::{Detokenizer, ParsedToolCall, StopMatcher, ToolCallStreamer, ToolCallStyle, ToolSpec};
 
 /// Workers tried for one request before giving up (before its first token).
 pub const MAX_ATTEMPTS: usize = 3;
@@ -53,6 +53,8 @@ pub struct TextModel {
     pub vocab_size: usize,
     /// KV block size of the workers (for prefix hashes).
     pub block_size: usize,
+    /// How this model writes tool calls (detected from its chat template).
+    pub tool_style: ToolCallStyle,
 }
 
 /// The service.
@@ -99,6 +101,8 @@ struct Prepared {
     return_ids: bool,
     logprobs: bool,
     deadline: Option<Duration>,
+    /// Tools the model may call: its output is parsed for calls.
+    tools: Vec<ToolSpec>,
 }
 
 /// One streamed increment of one sample, after detokenization and stop strings.
@@ -110,6 +114,7 @@ struct Delta {
     logprobs: Vec<api::TokenLogprob>,
     finish: Option<(api::FinishReason, String)>,
     usage: Option<api::Usage>,
+    tool_calls: Vec<ParsedToolCall>,
 }
 
 impl GenerationService {
@@ -134,7 +139,13 @@ impl GenerationService {
             .map_err(|e| Status::internal(format!("tokenizing: {e}")))
     }
 
-    fn render_chat(&self, messages: &[api::ChatMessage], tools: &[api::Tool]) -> Result<String, Status> {
+    /// Renders a conversation with the chat template; `tools` (validated here) are offered to
+    /// the model when given.
+    fn render_chat(
+        &self,
+        messages: &[api::ChatMessage],
+        tools: &[api::Tool],
+    ) -> Result<(String, Vec<ToolSpec>), Status> {
         let Some(template) = &self.model.template else {
             return Err(Status::failed_precondition(format!("model {:?} has no chat template", self.model.id)));
         };
@@ -149,8 +160,29 @@ impl GenerationService {
                     format!("{:?} is not system, user, assistant or tool", m.role),
                 ));
             }
-            out.push(ChatMessage::new(m.role.clone(), m.content.clone()));
+            let mut calls = Vec::with_capacity(m.tool_calls.len());
+            for (j, c) in m.tool_calls.iter().enumerate() {
+                let field = format!("messages[{i}].tool_calls[{j}]");
+                if c.name.is_empty() {
+                    return Err(invalid(&format!("{field}.name"), "is empty"));
+                }
+                let arguments: serde_json::Value = serde_json::from_str(&c.arguments_json)
+                    .map_err(|e| invalid(&format!("{field}.arguments_json"), format!("not JSON: {e}")))?;
+                if !arguments.is_object() {
+                    return Err(invalid(&format!("{field}.arguments_json"), "must be a JSON object"));
+                }
+                calls.push(ParsedToolCall { id: c.id.clone(), name: c.name.clone(), arguments });
+            }
+            let mut msg = ChatMessage::new(m.role.clone(), m.content.clone()).with_tool_calls(calls);
+            if !m.tool_call_id.is_empty() {
+                msg = msg.with_tool_call_id(m.tool_call_id.clone());
+            }
+            if !m.name.is_empty() {
+                msg = msg.with_name(m.name.clone());
+            }
+            out.push(msg);
         }
+        let mut specs = Vec::with_capacity(tools.len());
         for (i, t) in tools.iter().enumerate() {
             if t.name.is_empty() {
                 return Err(invalid(&format!("tools[{i}].name"), "is empty"));
@@ -160,8 +192,13 @@ impl GenerationService {
             if !schema.is_object() {
                 return Err(invalid(&format!("tools[{i}].parameters_json"), "must be a JSON Schema object"));
             }
+            if let Err(e) = jsonschema::validator_for(&schema) {
+                return Err(invalid(&format!("tools[{i}].parameters_json"), format!("not a valid JSON Schema: {e}")));
+            }
+            specs.push(ToolSpec { name: t.name.clone(), description: t.description.clone(), parameters: schema });
         }
-        template.render(&out, true).map_err(|e| invalid("messages", e))
+        let text = template.render_with_tools(&out, &specs, true).map_err(|e| invalid("messages", e))?;
+        Ok((text, specs))
     }
 
     /// Validates sampling and builds the worker request for `prompt`.
@@ -277,6 +314,7 @@ impl GenerationService {
             return_ids,
             logprobs,
             deadline,
+            tools: Vec::new(),
         })
     }
 
@@ -338,7 +376,7 @@ async fn drive(
         }
     };
     let mut samples: Vec<SampleText> =
-        (0..p.n).map(|_| SampleText::new(&model.tokenizer, &p.prompt, &p.stops)).collect();
+        (0..p.n).map(|_| SampleText::new(model, &p.prompt, &p.stops, &p.tools)).collect();
     let mut usage = api::Usage { prompt_tokens: p.prompt.len() as u32, ..Default::default() };
     let mut open = p.n as usize;
     let mut first = true;
@@ -374,16 +412,15 @@ async fn drive(
             usage.cached_prompt_tokens = usage.cached_prompt_tokens.max(u.cached_prompt_tokens);
         }
         if delta.finish.is_none() && worker_finish != wpb::FinishReason::Unspecified {
-            let tail = sample.finish().map_err(|e| Status::internal(e.to_string()))?;
+            let (tail, calls) = sample.finish().map_err(|e| Status::internal(e.to_string()))?;
             delta.text.push_str(&tail);
-            delta.finish = Some((
-                match worker_finish {
-                    wpb::FinishReason::Length => api::FinishReason::Length,
-                    wpb::FinishReason::Aborted => api::FinishReason::Aborted,
-                    _ => api::FinishReason::Stop,
-                },
-                String::new(),
-            ));
+            delta.tool_calls.extend(calls);
+            let reason = match worker_finish {
+                wpb::FinishReason::Length => api::FinishReason::Length,
+                wpb::FinishReason::Aborted => api::FinishReason::Aborted,
+                _ => api::FinishReason::Stop,
+            };
+            delta.finish = Some((sample.reason(reason), String::new()));
         }
         if delta.finish.is_some() {
             sample.done = true;
@@ -424,22 +461,42 @@ fn logprob(tok: &Tokenizer, t: &wpb::GeneratedToken) -> api::TokenLogprob {
     }
 }
 
-/// The text state of one sample: detokenizer plus stop strings.
+/// The text state of one sample: detokenizer, stop strings, then (with tools) the tool-call
+/// parser, which holds back text that may start a call and emits each call once complete.
 struct SampleText<'t> {
     detok: Detokenizer<'t>,
     stops: StopMatcher,
+    tools: Option<ToolCallStreamer>,
+    called: bool,
     generated: u32,
     done: bool,
 }
 
 impl<'t> SampleText<'t> {
-    fn new(tok: &'t Tokenizer, prompt: &[u32], stops: &[String]) -> Self {
+    fn new(model: &'t TextModel, prompt: &[u32], stops: &[String], tools: &[ToolSpec]) -> Self {
+        // Mistral's tool-call markers are special tokens: keep them in the text to be parsed.
+        let skip_special = tools.is_empty() || model.tool_style != ToolCallStyle::Mistral;
         SampleText {
-            detok: Detokenizer::after_prompt(tok, true, prompt),
+            detok: Detokenizer::after_prompt(&model.tokenizer, skip_special, prompt),
             stops: StopMatcher::new(stops),
+            tools: (!tools.is_empty()).then(|| ToolCallStreamer::new(model.tool_style, tools)),
+            called: false,
             generated: 0,
             done: false,
         }
+    }
+
+    /// Routes text through the tool-call parser, if any.
+    fn parse(&mut self, text: String, end: bool) -> (String, Vec<ParsedToolCall>) {
+        let Some(streamer) = &mut self.tools else { return (text, Vec::new()) };
+        let mut out = streamer.push(&text);
+        if end {
+            let rest = streamer.finish();
+            out.content.push_str(&rest.content);
+            out.calls.extend(rest.calls);
+        }
+        self.called |= !out.calls.is_empty();
+        (out.content, out.calls)
     }
 
     /// New tokens → the text they add; `finish` is set when a stop string matched.
@@ -447,27 +504,44 @@ impl<'t> SampleText<'t> {
         self.generated += ids.len() as u32;
         let text = self.detok.push(ids)?;
         let out = self.stops.push(&text);
-        Ok(Delta { text: out.text, finish: out.stopped.map(|s| (api::FinishReason::Stop, s)), ..Default::default() })
+        let stopped = out.stopped.is_some();
+        let (text, tool_calls) = self.parse(out.text, stopped);
+        let finish = out.stopped.map(|s| (self.reason(api::FinishReason::Stop), s));
+        Ok(Delta { text, tool_calls, finish, ..Default::default() })
     }
 
-    /// The text still held back when the worker ended the sample.
-    fn finish(&mut self) -> Result<String, crate::text::DetokenizeError> {
+    /// The text (and calls) still held back when the worker ended the sample.
+    fn finish(&mut self) -> Result<(String, Vec<ParsedToolCall>), crate::text::DetokenizeError> {
         let rest = self.detok.finish()?;
         let out = self.stops.push(&rest);
-        Ok(out.text + &self.stops.finish())
+        let text = out.text + &self.stops.finish();
+        Ok(self.parse(text, true))
+    }
+
+    /// A stop turns into TOOL_CALLS when the sample called tools.
+    fn reason(&self, r: api::FinishReason) -> api::FinishReason {
+        if self.called && r == api::FinishReason::Stop { api::FinishReason::ToolCalls } else { r }
     }
 }
 
 /// Collects a whole request's deltas into per-sample results.
-async fn collect(
-    mut rx: mpsc::Receiver<Result<Delta, Status>>,
-    n: u32,
-) -> Result<(Vec<api::Completion>, api::Usage), Status> {
+/// A request's samples, whole: completions, their tool calls, usage.
+struct Collected {
+    completions: Vec<api::Completion>,
+    tool_calls: Vec<Vec<api::ToolCall>>,
+    usage: api::Usage,
+}
+
+async fn collect(mut rx: mpsc::Receiver<Result<Delta, Status>>, n: u32) -> Result<Collected, Status> {
     let mut out: Vec<api::Completion> = (0..n).map(|i| api::Completion { index: i, ..Default::default() }).collect();
+    let mut calls: Vec<Vec<api::ToolCall>> = vec![Vec::new(); n as usize];
     let mut usage = api::Usage::default();
     while let Some(d) = rx.recv().await {
         let d = d?;
         let Some(c) = out.get_mut(d.index as usize) else { continue };
+        if let Some(list) = calls.get_mut(d.index as usize) {
+            list.extend(d.tool_calls.iter().map(to_api_call));
+        }
         c.text.push_str(&d.text);
         c.token_ids.extend(d.token_ids);
         c.logprobs.extend(d.logprobs);
@@ -479,7 +553,11 @@ async fn collect(
             usage = u;
         }
     }
-    Ok((out, usage))
+    Ok(Collected { completions: out, tool_calls: calls, usage })
+}
+
+fn to_api_call(c: &ParsedToolCall) -> api::ToolCall {
+    api::ToolCall { id: c.id.clone(), name: c.name.clone(), arguments_json: c.arguments_json() }
 }
 
 fn request_id(given: &str) -> String {
@@ -510,19 +588,27 @@ impl GenerationService {
         let deadline = deadline(req)?;
         let r = req.get_ref();
         self.check_model(&r.model)?;
-        let text = self.render_chat(&r.messages, &r.tools)?;
-        if !r.tools.is_empty() {
-            return Err(Status::unimplemented("tools: tool calling is not supported by this router yet"));
-        }
+        let offer_tools = match r.tool_choice.as_ref().and_then(|c| c.choice.as_ref()) {
+            None | Some(api::tool_choice::Choice::Auto(_)) => true,
+            Some(api::tool_choice::Choice::None(_)) => false,
+            Some(api::tool_choice::Choice::Required(_) | api::tool_choice::Choice::Function(_)) => {
+                return Err(Status::unimplemented(
+                    "tool_choice: forcing tool calls (required or a named function) is not supported yet; use auto or none",
+                ));
+            }
+        };
+        let (text, tools) = self.render_chat(&r.messages, if offer_tools { &r.tools } else { &[] })?;
         let prompt = self.encode(&text, false)?;
-        self.prepare(
+        let mut p = self.prepare(
             &request_id(&r.request_id),
             prompt,
             r.sampling.as_ref(),
             r.response_format.as_ref(),
             false,
             deadline,
-        )
+        )?;
+        p.tools = tools;
+        Ok(p)
     }
 }
 
@@ -531,12 +617,12 @@ impl Generation for GenerationService {
     async fn generate(&self, req: Request<api::GenerateRequest>) -> Result<Response<api::GenerateResponse>, Status> {
         let p = self.prepare_generate(&req)?;
         let (id, n) = (p.request_id.clone(), p.n);
-        let (completions, usage) = collect(self.start(p, "Generate"), n).await?;
+        let c = collect(self.start(p, "Generate"), n).await?;
         Ok(Response::new(api::GenerateResponse {
             request_id: id,
             model: self.model.id.clone(),
-            completions,
-            usage: Some(usage),
+            completions: c.completions,
+            usage: Some(c.usage),
         }))
     }
 
@@ -570,12 +656,18 @@ impl Generation for GenerationService {
     async fn chat(&self, req: Request<api::ChatRequest>) -> Result<Response<api::ChatResponse>, Status> {
         let p = self.prepare_chat(&req)?;
         let (id, n) = (p.request_id.clone(), p.n);
-        let (completions, usage) = collect(self.start(p, "Chat"), n).await?;
+        let Collected { completions, tool_calls, usage } = collect(self.start(p, "Chat"), n).await?;
         let choices = completions
             .into_iter()
-            .map(|c| api::ChatChoice {
+            .zip(tool_calls)
+            .map(|(c, tool_calls)| api::ChatChoice {
                 index: c.index,
-                message: Some(api::ChatMessage { role: "assistant".into(), content: c.text, ..Default::default() }),
+                message: Some(api::ChatMessage {
+                    role: "assistant".into(),
+                    content: c.text,
+                    tool_calls,
+                    ..Default::default()
+                }),
                 finish_reason: c.finish_reason,
                 logprobs: c.logprobs,
             })
@@ -599,7 +691,7 @@ impl Generation for GenerationService {
                 request_id: id.clone(),
                 index: d.index,
                 content: d.text,
-                tool_calls: Vec::new(),
+                tool_calls: d.tool_calls.iter().map(to_api_call).collect(),
                 logprobs: d.logprobs,
                 finish_reason: d.finish.map_or(api::FinishReason::Unspecified, |(f, _)| f) as i32,
                 usage: d.usage,
@@ -613,7 +705,7 @@ impl Generation for GenerationService {
         self.check_model(&r.model)?;
         let (text, special) = match r.input {
             Some(api::tokenize_request::Input::Text(t)) => (t, true),
-            Some(api::tokenize_request::Input::Messages(m)) => (self.render_chat(&m.messages, &m.tools)?, false),
+            Some(api::tokenize_request::Input::Messages(m)) => (self.render_chat(&m.messages, &m.tools)?.0, false),
             None => return Err(invalid("input", "set text or messages")),
         };
         let token_ids = self.encode(&text, special)?;

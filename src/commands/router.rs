@@ -9,6 +9,7 @@ use tessera_router::ChatTemplate;
 use tessera_router::routing::{CostWeights, Policy};
 use tessera_router::server::{self, Discovery, RouterAddrs, RouterConfig};
 use tessera_router::service::TextModel;
+use tessera_router::text::ToolCallStyle;
 
 use crate::commands::model_args::ModelArgs;
 use crate::commands::signals::shutdown_signal;
@@ -62,6 +63,8 @@ pub fn text_model(model: &ModelArgs, block_size: usize) -> anyhow::Result<TextMo
         Some(t) => Some(ChatTemplate::new(&t.source, t.bos_token.clone(), t.eos_token.clone())?),
         None => None,
     };
+    let tool_style =
+        resolved.text.chat_template.as_ref().map_or(ToolCallStyle::Json, |t| ToolCallStyle::detect(&t.source));
     Ok(TextModel {
         id: resolved.id.clone(),
         tokenizer: resolved.text.tokenizer.clone(),
@@ -70,6 +73,7 @@ pub fn text_model(model: &ModelArgs, block_size: usize) -> anyhow::Result<TextMo
         max_context: resolved.config.max_position_embeddings,
         vocab_size: resolved.config.vocab_size,
         block_size,
+        tool_style,
     })
 }
 

@@ -171,6 +171,55 @@ async fn chat_stream_and_bad_input_through_the_router() {
     let err = c.chat(bad_tool).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("tools[0].parameters_json"), "{}", err.message());
+    let not_a_schema = api::ChatRequest {
+        messages: vec![api::ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() }],
+        tools: vec![api::Tool { name: "f".into(), parameters_json: r#"{"type": 12}"#.into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let err = c.chat(not_a_schema).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("not a valid JSON Schema"), "{}", err.message());
+
+    // Tools are validated and handed to the template; a chat with tools runs.
+    let weather = api::Tool {
+        name: "get_weather".into(),
+        description: "Current weather in a city".into(),
+        parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#.into(),
+    };
+    let messages = vec![api::ChatMessage {
+        role: "user".into(),
+        content: "What's the weather in Paris?".into(),
+        ..Default::default()
+    }];
+    let t = c
+        .tokenize(api::TokenizeRequest {
+            model: String::new(),
+            input: Some(api::tokenize_request::Input::Messages(api::ChatMessages {
+                messages: messages.clone(),
+                tools: vec![weather.clone()],
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // SmolLM2's template ignores `tools` (as in transformers); the request is still valid.
+    assert!(t.text.contains("What's the weather in Paris?"), "{}", t.text);
+    let with_tools = api::ChatRequest {
+        messages,
+        tools: vec![weather],
+        sampling: Some(api::SamplingParams { temperature: Some(0.0), max_tokens: 40, ..Default::default() }),
+        ..Default::default()
+    };
+    let r = c.chat(with_tools).await.unwrap().into_inner();
+    let choice = &r.choices[0];
+    let msg = choice.message.as_ref().unwrap();
+    if msg.tool_calls.is_empty() {
+        assert_ne!(choice.finish_reason, api::FinishReason::ToolCalls as i32);
+    } else {
+        assert_eq!(choice.finish_reason, api::FinishReason::ToolCalls as i32);
+        assert!(msg.tool_calls.iter().all(|c| c.name == "get_weather" && c.arguments_json.starts_with('{')));
+    }
+
     let bad_role = api::ChatRequest {
         messages: vec![api::ChatMessage { role: "wizard".into(), content: "hi".into(), ..Default::default() }],
         ..Default::default()
