@@ -24,7 +24,9 @@
 //!   worker's events when its step ends; `prefix` the approximate LRU, sized like the real cache.
 //! - **Metrics** cover requests that arrive in `[warmup, duration)`; no turn starts after
 //!   `duration`, and the cluster then drains (for at most another `duration`). Throughput counts
-//!   completions inside the window.
+//!   completions inside the window; the hit rate is cached ÷ prompt tokens at admission; load
+//!   (running + waiting tokens) spread is given both as the busiest worker's time average over
+//!   the mean and as the instantaneous max ÷ mean averaged over the window.
 //!
 //! Invariants: simulated time never goes back (one event queue ordered by time, then by push
 //! order, which also makes a run a pure function of its config and seed); each worker numbers
@@ -668,7 +670,11 @@ struct RunResult {
     hit_rate: f64,
     ttft_ms: (f64, f64),
     e2e_ms: (f64, f64),
+    /// The busiest worker's time-averaged load over the cluster's mean (persistent hot spots).
     load_max_over_mean: f64,
+    /// Max over mean of the workers' loads at one moment, averaged over the window (transient
+    /// imbalance).
+    instant_max_over_mean: f64,
 }
 
 struct Sim<'t> {
@@ -684,6 +690,8 @@ struct Sim<'t> {
     conversations: Vec<Option<Conversation>>,
     requests: Vec<RequestRecord>,
     load_sum: Vec<f64>,
+    /// Sum and count of the instantaneous max ÷ mean load, sampled at worker 0's reports.
+    spread: (f64, u64),
     candidates: Vec<Candidate>,
 }
 
@@ -710,6 +718,7 @@ impl<'t> Sim<'t> {
             conversations: (0..trace.len()).map(|_| None).collect(),
             requests: Vec::new(),
             load_sum: vec![0.0; n],
+            spread: (0.0, 0),
             candidates: Vec::with_capacity(n),
         }
     }
@@ -840,6 +849,14 @@ impl<'t> Sim<'t> {
         self.views[w as usize] = LoadView { running, waiting, in_flight: 0 };
         if self.in_window(now) {
             self.load_sum[w as usize] += (running + waiting) as f64;
+            if w == 0 {
+                let loads: Vec<u64> = self.workers.iter().map(|x| x.load()).map(|(r, q)| r + q).collect();
+                let mean = loads.iter().sum::<u64>() as f64 / loads.len() as f64;
+                if mean > 0.0 {
+                    let max = loads.iter().copied().max().unwrap_or(0);
+                    self.spread = (self.spread.0 + max as f64 / mean, self.spread.1 + 1);
+                }
+            }
         }
         let next = now + self.config.report_interval_us;
         if next < self.config.duration_us {
@@ -870,6 +887,7 @@ impl<'t> Sim<'t> {
             ttft_ms: (percentile_ms(&mut ttft, 50.0), percentile_ms(&mut ttft, 99.0)),
             e2e_ms: (percentile_ms(&mut e2e, 50.0), percentile_ms(&mut e2e, 99.0)),
             load_max_over_mean: if mean > 0.0 { max / mean } else { 0.0 },
+            instant_max_over_mean: self.spread.0 / self.spread.1.max(1) as f64,
         }
     }
 }
@@ -1009,7 +1027,7 @@ fn print_header(args: &RouteSimArgs, warmup: Duration) {
 
 fn print_columns() {
     println!(
-        "{:>12} {:>13} {:>7} {:>7} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>13} {:>6}",
+        "{:>12} {:>13} {:>7} {:>7} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>13} {:>13} {:>6}",
         "policy",
         "done/arrived",
         "arr/s",
@@ -1021,6 +1039,7 @@ fn print_columns() {
         "E2E p50",
         "E2E p99",
         "load max/mean",
+        "inst max/mean",
         "wall"
     );
 }
@@ -1033,13 +1052,14 @@ fn print_result(json: bool, workers: u32, policy: Policy, rate: f64, r: &RunResu
             "output_tok_s": r.output_tok_per_s, "prefix_hit_rate": r.hit_rate,
             "ttft_p50_ms": r.ttft_ms.0, "ttft_p99_ms": r.ttft_ms.1,
             "e2e_p50_ms": r.e2e_ms.0, "e2e_p99_ms": r.e2e_ms.1,
-            "load_max_over_mean": r.load_max_over_mean, "wall_s": wall.as_secs_f64(),
+            "load_max_over_mean": r.load_max_over_mean, "instant_load_max_over_mean": r.instant_max_over_mean,
+            "wall_s": wall.as_secs_f64(),
         });
         println!("{line}");
         return;
     }
     println!(
-        "{:>12} {:>13} {:>7.1} {:>7.1} {:>9.0} {:>5.1}% {:>7.0}ms {:>7.0}ms {:>8.2}s {:>8.2}s {:>13.2} {:>5.1}s",
+        "{:>12} {:>13} {:>7.1} {:>7.1} {:>9.0} {:>5.1}% {:>7.0}ms {:>7.0}ms {:>8.2}s {:>8.2}s {:>13.2} {:>13.2} {:>5.1}s",
         policy.to_string(),
         format!("{}/{}", r.completed, r.measured),
         r.arrived_per_s,
@@ -1051,6 +1071,7 @@ fn print_result(json: bool, workers: u32, policy: Policy, rate: f64, r: &RunResu
         r.e2e_ms.0 / 1e3,
         r.e2e_ms.1 / 1e3,
         r.load_max_over_mean,
+        r.instant_max_over_mean,
         wall.as_secs_f64()
     );
 }
