@@ -194,13 +194,19 @@ impl Router {
                         (self.approx.matched(c.slot, hashes), false)
                     }
                 };
-                let cost = |c: &Candidate| {
-                    let cached = (matched(c).0 * block_size).min(prompt_tokens);
+                // One prefix lookup per candidate, used for both its cost and the decision.
+                let cost = |c: &Candidate, blocks: usize| {
+                    let cached = (blocks * block_size).min(prompt_tokens);
                     let uncached = (prompt_tokens - cached) as f64;
                     self.weights.prefill * uncached + self.weights.load * c.load() as f64
                 };
-                let scored: Vec<(Candidate, f64, (usize, bool))> =
-                    candidates.iter().map(|c| (*c, cost(c), matched(c))).collect();
+                let scored: Vec<(Candidate, f64, (usize, bool))> = candidates
+                    .iter()
+                    .map(|c| {
+                        let m = matched(c);
+                        (*c, cost(c, m.0), m)
+                    })
+                    .collect();
                 let costs: Vec<(Candidate, f64)> = scored.iter().map(|(c, s, _)| (*c, *s)).collect();
                 let best = self.lowest_by(&costs);
                 let (matched_blocks, exact) =
