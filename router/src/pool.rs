@@ -77,25 +77,10 @@ pub enum WorkerState {
 pub struct RoutedWorker {
     /// Its slot.
     pub slot: WorkerSlot,
-    /// Its address.
-    pub address: String,
     /// A client on its shared connection.
     pub client: WorkerClient<Channel>,
     /// The routing decision.
     pub decision: Decision,
-}
-
-/// A worker's public status (for `ListModels`, readiness and tests).
-#[derive(Debug, Clone)]
-pub struct WorkerStatus {
-    /// Discovery key.
-    pub key: String,
-    /// Address.
-    pub address: String,
-    /// State.
-    pub state: WorkerState,
-    /// What it reported about itself.
-    pub info: Option<pb::WorkerInfo>,
 }
 
 struct Entry {
@@ -422,30 +407,13 @@ impl WorkerPool {
         m.routed_prompt_tokens.inc_by(prompt_tokens as u64);
         m.worker_requests.with_label_values(&[e.address.as_str()]).inc();
         m.predicted_cached_tokens.inc_by(((decision.matched_blocks * block_size).min(prompt_tokens)) as u64);
-        Ok(RoutedWorker { slot: decision.slot, address: e.address.clone(), client: e.client.clone(), decision })
+        Ok(RoutedWorker { slot: decision.slot, client: e.client.clone(), decision })
     }
 
     /// Marks a worker unhealthy after a request to it failed at the transport level (its
     /// supervisor restores it when contact succeeds again).
     pub fn report_failure(&self, slot: WorkerSlot, why: &str) {
         self.set_state(slot, WorkerState::Unhealthy(why.to_string()));
-    }
-
-    /// Every known worker.
-    pub fn statuses(&self) -> Vec<WorkerStatus> {
-        let st = lock(&self.shared.state);
-        let mut v: Vec<WorkerStatus> = st
-            .workers
-            .values()
-            .map(|e| WorkerStatus {
-                key: e.key.clone(),
-                address: e.address.clone(),
-                state: e.state.clone(),
-                info: e.info.clone(),
-            })
-            .collect();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
-        v
     }
 
     /// Number of routable workers.
