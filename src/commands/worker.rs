@@ -15,6 +15,7 @@ use tessera_worker::serving::server::{self, ServeConfig, WorkerParts};
 use tessera_worker::structured::ConstraintCompiler;
 
 use crate::commands::model_args::{Device, ModelArgs};
+use crate::commands::signals::shutdown_signal;
 use crate::commands::units::parse_bytes;
 
 /// What computes the tokens.
@@ -174,27 +175,4 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     })?;
     eprintln!("tessera worker: drained, exiting");
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
