@@ -2,9 +2,11 @@
 //!
 //! This crate holds no logic beyond what both sides must compute identically: the id and unit
 //! newtypes that cross the wire, the chained block hash that keys prefix caches
-//! (DESIGN.md, decision 2), the etcd key layout of worker registration, and generated gRPC code.
+//! (DESIGN.md, decision 2), the etcd key layout of worker registration and how both sides
+//! connect to etcd, and generated gRPC code.
 
 pub mod block_hash;
+pub mod etcd_client;
 pub mod ids;
 pub mod registry;
 

@@ -17,6 +17,8 @@
 use std::time::Duration;
 
 use prost::Message as _;
+use tessera_proto::etcd_client::{Backoff, CONNECT_TIMEOUT, connect_first, error_chain as causes};
+pub use tessera_proto::etcd_client::{EndpointError, validate_endpoints};
 use tessera_proto::etcd_v3 as etcd;
 use tessera_proto::etcd_v3::kv_client::KvClient;
 use tessera_proto::etcd_v3::watch_client::WatchClient;
@@ -25,55 +27,11 @@ use tessera_proto::worker_v1::WorkerInfo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::discovery::{DiscoveredWorker, MembershipEvent};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RANGE_TIMEOUT: Duration = Duration::from_secs(5);
-const BACKOFF_START: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(3);
-
-/// An etcd endpoint that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum EndpointError {
-    /// None given.
-    #[error("no etcd endpoint given")]
-    None,
-    /// Not a plain `http://host:port` URL.
-    #[error("etcd endpoint {endpoint:?}: {reason}")]
-    Bad {
-        /// As given.
-        endpoint: String,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-/// Checks the endpoints [`watch_workers`] will use (call at start-up: the watch itself skips a
-/// bad one like an unreachable one).
-pub fn validate_endpoints(endpoints: &[String]) -> Result<(), EndpointError> {
-    if endpoints.is_empty() {
-        return Err(EndpointError::None);
-    }
-    endpoints.iter().try_for_each(|e| endpoint(e).map(drop))
-}
-
-fn endpoint(url: &str) -> Result<Endpoint, EndpointError> {
-    let bad = |reason: String| EndpointError::Bad { endpoint: url.to_string(), reason };
-    if !url.starts_with("http://") {
-        return Err(bad("expected http://HOST:PORT (TLS is not supported)".into()));
-    }
-    Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string())).map(|e| {
-        // HTTP/2 pings find a dead connection (etcd host gone without a reset) within ~10 s,
-        // which ends the watch stream and starts a re-list.
-        e.connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-    })
-}
 
 /// Why one list-and-watch round ended.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +85,7 @@ pub async fn watch_workers(
         if matches!(end, RoundEnd::SinkClosed) {
             return;
         }
-        let delay = backoff.next();
+        let delay = backoff.next_delay();
         failures += 1;
         // The 1st, 2nd, 4th … failure in a row: an outage stays visible without flooding.
         if failures.is_power_of_two() {
@@ -262,52 +220,12 @@ fn worker(prefix: &str, kv: &etcd::KeyValue) -> Result<DiscoveredWorker, Skip> {
     Ok(DiscoveredWorker { key: key.to_string(), address: info.address.clone(), info: Some(info) })
 }
 
-/// An error with its chain of causes ("transport error: tcp connect error: Connection refused").
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    text
-}
-
 /// The first endpoint that accepts a connection, with its URL.
 async fn connect(endpoints: &[String]) -> Result<(Channel, String), RoundEnd> {
-    let mut last = None;
-    for url in endpoints {
-        let e = match endpoint(url) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("tessera router: skipping {e}");
-                continue;
-            }
-        };
-        match e.connect().await {
-            Ok(channel) => return Ok((channel, url.clone())),
-            Err(source) => last = Some(RoundEnd::Connect { endpoint: url.clone(), source }),
-        }
-    }
-    Err(last.unwrap_or(RoundEnd::Timeout { op: "connect", after: CONNECT_TIMEOUT }))
-}
-
-/// 200 ms doubling to 3 s.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(BACKOFF_START)
-    }
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (d * 2).min(BACKOFF_MAX);
-        d
-    }
-    fn reset(&mut self) {
-        self.0 = BACKOFF_START;
-    }
+    connect_first(endpoints, |e| eprintln!("tessera router: skipping {e}")).await.map_err(|last| match last {
+        Some((endpoint, source)) => RoundEnd::Connect { endpoint, source },
+        None => RoundEnd::Timeout { op: "connect", after: CONNECT_TIMEOUT },
+    })
 }
 
 #[cfg(test)]
@@ -379,15 +297,6 @@ mod tests {
         for bad in ["https://e:2379", "e:2379", "http://"] {
             assert!(matches!(validate_endpoints(&[bad.into()]), Err(EndpointError::Bad { .. })), "{bad}");
         }
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new();
-        let delays: Vec<u128> = (0..6).map(|_| b.next().as_millis()).collect();
-        assert_eq!(delays, [200, 400, 800, 1600, 3000, 3000]);
-        b.reset();
-        assert_eq!(b.next(), BACKOFF_START);
     }
 
     #[tokio::test]

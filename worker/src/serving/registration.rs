@@ -21,6 +21,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_proto::etcd_client::{
+    Backoff, CONNECT_TIMEOUT, EndpointError, connect_first, endpoint, error_chain as causes,
+};
 use tessera_proto::etcd_v3 as etcd;
 use tessera_proto::etcd_v3::kv_client::KvClient;
 use tessera_proto::etcd_v3::lease_client::LeaseClient;
@@ -28,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::serving::metrics::WorkerMetrics;
 
@@ -38,9 +41,6 @@ pub const MIN_TTL: Duration = Duration::from_secs(2);
 pub const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Limit on each unary etcd call and on each TCP connect.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const BACKOFF_START: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
 /// How the worker registers (part of `ServeConfig`).
 #[derive(Debug, Clone)]
@@ -126,19 +126,13 @@ pub fn validate_worker_id(worker_id: &str) -> Result<(), RegistrationConfigError
     Ok(())
 }
 
-/// A tonic endpoint for an etcd URL (plain HTTP/2: the build has no TLS).
-fn endpoint(url: &str) -> Result<Endpoint, RegistrationConfigError> {
-    let bad = |reason: String| RegistrationConfigError::BadEndpoint { endpoint: url.to_string(), reason };
-    if !url.starts_with("http://") {
-        return Err(bad("expected http://HOST:PORT (TLS is not supported)".into()));
+impl From<EndpointError> for RegistrationConfigError {
+    fn from(e: EndpointError) -> Self {
+        match e {
+            EndpointError::None => RegistrationConfigError::NoEndpoints,
+            EndpointError::Bad { endpoint, reason } => RegistrationConfigError::BadEndpoint { endpoint, reason },
+        }
     }
-    Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string())).map(|e| {
-        e.connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-    })
 }
 
 /// Why a registration session ended (logged, then retried; never leaves this module).
@@ -207,23 +201,6 @@ struct Session {
     registered: bool,
 }
 
-/// 200 ms doubling to 3 s.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(BACKOFF_START)
-    }
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (d * 2).min(BACKOFF_MAX);
-        d
-    }
-    fn reset(&mut self) {
-        self.0 = BACKOFF_START;
-    }
-}
-
 async fn run(spec: RegistrationSpec, metrics: Arc<WorkerMetrics>, stop: CancellationToken) {
     let mut session = Session::default();
     let mut backoff = Backoff::new();
@@ -233,7 +210,7 @@ async fn run(spec: RegistrationSpec, metrics: Arc<WorkerMetrics>, stop: Cancella
             e = register_and_keep_alive(&spec, &metrics, &mut session, &mut backoff) => e,
             () = stop.cancelled() => break,
         };
-        let delay = backoff.next();
+        let delay = backoff.next_delay();
         if std::mem::take(&mut session.registered) {
             metrics.set_registered(false);
             failures = 0;
@@ -366,29 +343,13 @@ async fn remove(channel: Channel, key: &str, lease: Option<i64>) -> Result<(), E
     Ok(())
 }
 
-/// An error with its chain of causes ("transport error: tcp connect error: Connection refused").
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    text
-}
-
-/// The first endpoint that accepts a connection, with its URL.
+/// The first endpoint that accepts a connection, with its URL (bad URLs were refused at
+/// start-up by [`RegistrationConfig::validate`]).
 async fn connect(endpoints: &[String]) -> Result<(Channel, String), EtcdError> {
-    let mut last = None;
-    for url in endpoints {
-        let Ok(e) = endpoint(url) else { continue };
-        match e.connect().await {
-            Ok(channel) => return Ok((channel, url.clone())),
-            Err(source) => last = Some(EtcdError::Connect { endpoint: url.clone(), source }),
-        }
-    }
-    Err(last.unwrap_or(EtcdError::Timeout { op: "connect", after: CONNECT_TIMEOUT }))
+    connect_first(endpoints, |_| {}).await.map_err(|last| match last {
+        Some((endpoint, source)) => EtcdError::Connect { endpoint, source },
+        None => EtcdError::Timeout { op: "connect", after: CONNECT_TIMEOUT },
+    })
 }
 
 /// One unary call with [`RPC_TIMEOUT`].
@@ -454,15 +415,6 @@ mod tests {
         }
         assert!(validate_worker_id("w-1").is_ok());
         assert!(validate_worker_id("").is_err() && validate_worker_id("a/b").is_err());
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new();
-        let delays: Vec<u64> = (0..6).map(|_| b.next().as_millis() as u64).collect();
-        assert_eq!(delays, [200, 400, 800, 1600, 3000, 3000]);
-        b.reset();
-        assert_eq!(b.next(), BACKOFF_START);
     }
 
     #[tokio::test]
