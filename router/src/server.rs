@@ -18,9 +18,9 @@ use axum::routing::get;
 use tessera_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 
 use crate::discovery::{self, MembershipEvent};
 use crate::metrics::RouterMetrics;
@@ -167,7 +167,13 @@ pub async fn serve(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(GenerationServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal),
+            .serve_with_incoming_shutdown(
+                // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` covers only the
+                // listeners tonic binds itself, and with Nagle on, a small response frame can wait
+                // for the peer's delayed ACK (~40 ms).
+                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                signal,
+            ),
     );
     let served = tokio::select! {
         r = &mut server => r,

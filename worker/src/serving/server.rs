@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use tessera_proto::worker_v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
 
 use crate::engine::Engine;
 use crate::kv_events::{DEFAULT_REPLAY_CAPACITY, KvEventLog};
@@ -204,7 +204,13 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::worker_server::WorkerServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal);
+        .serve_with_incoming_shutdown(
+            // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` covers only the
+            // listeners tonic binds itself, and with Nagle on, a small response frame can wait
+            // for the peer's delayed ACK (~40 ms).
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            signal,
+        );
     let mut server = tokio::spawn(server);
     ready.store(true, Ordering::Release);
     metrics.set_ready(true);
