@@ -7,7 +7,9 @@
 //!
 //! Cost of a candidate (policies `kv` and `prefix`):
 //! `w_prefill · uncached_prompt_tokens + w_load · (running + waiting + in-flight tokens)`;
-//! the lowest cost wins, ties go to the lower load, then to a random pick. `uncached` comes from
+//! the lowest cost wins, ties go to the lower load, then to the worker holding the fewest cached
+//! blocks (so prefixes nobody holds yet spread over the caches instead of piling up wherever a
+//! random tie-break sends them), then to a random pick. `uncached` comes from
 //! the exact index for workers that stream KV events and, under `kv`, from the approximate view
 //! for workers that don't (a fallback the caller counts in metrics, see [`Decision::exact`]).
 
@@ -233,12 +235,24 @@ impl Router {
         self.lowest_by(&scored)
     }
 
-    /// The lowest score; ties to the lower load, then uniformly at random.
+    /// Blocks `slot` holds: exact when its events are indexed, else this router's own view.
+    fn cached_blocks(&self, slot: WorkerSlot) -> usize {
+        match self.index.blocks_of(slot) {
+            Some(blocks) => blocks.len(),
+            None => self.approx.len(slot),
+        }
+    }
+
+    /// The lowest score; ties to the lower load, then to the fewest cached blocks, then
+    /// uniformly at random.
     fn lowest_by(&mut self, scored: &[(Candidate, f64)]) -> WorkerSlot {
         let best = scored.iter().map(|(_, s)| *s).fold(f64::INFINITY, f64::min);
         let tied: Vec<&Candidate> = scored.iter().filter(|(_, s)| *s <= best + 1e-9).map(|(c, _)| c).collect();
         let min_load = tied.iter().map(|c| c.load()).min().unwrap_or(0);
-        let tied: Vec<&&Candidate> = tied.iter().filter(|c| c.load() == min_load).collect();
+        let tied: Vec<(&Candidate, usize)> =
+            tied.into_iter().filter(|c| c.load() == min_load).map(|c| (c, self.cached_blocks(c.slot))).collect();
+        let fewest = tied.iter().map(|(_, b)| *b).min().unwrap_or(0);
+        let tied: Vec<&Candidate> = tied.into_iter().filter(|(_, b)| *b == fewest).map(|(c, _)| c).collect();
         if tied.is_empty() {
             return scored[0].0.slot;
         }
@@ -323,5 +337,20 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(r.choose(&cs, &[1, 2, 3], 16, 48).unwrap().slot, first);
         }
+    }
+
+    #[test]
+    fn prefixes_nobody_holds_spread_over_the_emptiest_caches() {
+        let mut r = Router::new(Policy::Prefix, CostWeights::default(), 9);
+        for w in 1..=3 {
+            r.approx.add_worker(w, 1000);
+        }
+        let cs = [cand(1, 0), cand(2, 0), cand(3, 0)];
+        let mut per_worker = [0usize; 4];
+        for tenant in 0..6u64 {
+            let hashes: Vec<u64> = (0..4).map(|b| tenant * 100 + b).collect();
+            per_worker[r.choose(&cs, &hashes, 16, 64).unwrap().slot as usize] += 1;
+        }
+        assert_eq!(per_worker[1..], [2, 2, 2], "six new prefixes on three idle workers: two each");
     }
 }
