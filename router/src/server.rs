@@ -24,6 +24,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::discovery::{self, MembershipEvent};
 use crate::metrics::RouterMetrics;
+use crate::openai::{self, OpenAiConfig};
 use crate::pool::{PoolConfig, WorkerPool};
 use crate::routing::{CostWeights, Policy, Router};
 use crate::service::{GenerationService, TextModel};
@@ -52,6 +53,10 @@ pub struct RouterConfig {
     pub weights: CostWeights,
     /// How long in-flight calls may run after shutdown begins.
     pub drain_timeout: Duration,
+    /// Most requests in flight through this router (more get `RESOURCE_EXHAUSTED` / 429).
+    pub max_in_flight: usize,
+    /// The OpenAI-compatible HTTP API (on `listen_http`).
+    pub openai: OpenAiConfig,
 }
 
 /// The addresses actually bound.
@@ -129,28 +134,36 @@ pub async fn serve(
     let router = Router::new(config.policy, config.weights, rand::random());
     let pool = WorkerPool::spawn(pool_config, router, metrics.clone(), membership_rx);
 
+    let service =
+        Arc::new(GenerationService::new(Arc::new(model), pool.clone(), metrics.clone(), config.max_in_flight));
     let http_task = http_listener.map(|l| {
         let app = axum::Router::new()
             .route("/livez", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text))
             .route("/debug/kv-index", get(kv_index))
-            .with_state(Probes { pool: pool.clone(), metrics: metrics.clone() });
+            .with_state(Probes { pool: pool.clone(), metrics: metrics.clone() })
+            .merge(openai::routes(service.clone(), &config.openai));
         let stop = stop.clone();
         tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await })
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GenerationServer<GenerationService>>().await;
-    let reflection = || {
+    // Reflection lists exactly the services served here (the descriptor set also describes the
+    // worker's API, which the router does not serve).
+    let reflection = |own: &str| {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("tessera.v1.Generation")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(own)
     };
     let reflection_error = |e: tonic_reflection::server::Error| RouterError::Setup(format!("reflection: {e}"));
-    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
-    let service = GenerationService::new(Arc::new(model), pool.clone(), metrics.clone());
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection").build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha =
+        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().map_err(reflection_error)?;
     let drain_started = CancellationToken::new();
     let signal = {
         let drain_started = drain_started.clone();
@@ -166,7 +179,7 @@ pub async fn serve(
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(GenerationServer::new(service))
+            .add_service(GenerationServer::from_arc(service))
             .serve_with_incoming_shutdown(
                 // TCP_NODELAY on every accepted connection: `Server::tcp_nodelay` covers only the
                 // listeners tonic binds itself, and with Nagle on, a small response frame can wait

@@ -1,11 +1,14 @@
-//! `tessera router`: the public gRPC API in front of discovered workers.
+//! `tessera router`: the public gRPC and OpenAI-compatible HTTP APIs in front of discovered
+//! workers.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tessera_router::ChatTemplate;
+use tessera_router::openai::{self, OpenAiConfig};
 use tessera_router::routing::{CostWeights, Policy};
 use tessera_router::server::{self, Discovery, RouterAddrs, RouterConfig};
 use tessera_router::service::TextModel;
@@ -20,7 +23,7 @@ pub struct RoutingArgs {
     /// Public gRPC address (tessera.v1.Generation, health, reflection).
     #[arg(long, env = "TESSERA_LISTEN_GRPC", default_value = "127.0.0.1:50050")]
     pub listen_grpc: SocketAddr,
-    /// HTTP address with /livez, /readyz and /metrics.
+    /// HTTP address: the OpenAI-compatible API (/v1/...), /livez, /readyz and /metrics.
     #[arg(long, env = "TESSERA_LISTEN_HTTP", default_value = "127.0.0.1:8080")]
     pub listen_http: SocketAddr,
     /// How a worker is picked: round-robin, least-load, power-of-two, prefix or kv.
@@ -38,6 +41,47 @@ pub struct RoutingArgs {
     /// How long in-flight calls may finish after SIGTERM.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Most requests in flight through the router; more are refused (gRPC RESOURCE_EXHAUSTED,
+    /// HTTP 429 with Retry-After).
+    #[arg(long, env = "TESSERA_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// File of API keys for the HTTP API, one per line (`#` comments allowed); without it the
+    /// API is open.
+    #[arg(long, env = "TESSERA_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest HTTP request body, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = openai::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Origin allowed to call the HTTP API from browsers (CORS), or `*`; none = CORS off.
+    #[arg(long)]
+    pub cors_origin: Option<String>,
+}
+
+impl RoutingArgs {
+    /// The HTTP API's settings; reads the key file.
+    fn openai(&self) -> anyhow::Result<OpenAiConfig> {
+        anyhow::ensure!(self.max_in_flight > 0, "--max-in-flight must be positive");
+        anyhow::ensure!(self.max_body_bytes > 0, "--max-body-bytes must be positive");
+        let api_keys = match &self.api_key_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+                let keys = openai::read_api_keys(&text);
+                anyhow::ensure!(!keys.is_empty(), "--api-key-file {} holds no key", path.display());
+                keys
+            }
+            None => {
+                if !self.listen_http.ip().is_loopback() {
+                    eprintln!(
+                        "tessera router: warning: the HTTP API on {} is open to anyone who can reach it (no --api-key-file)",
+                        self.listen_http
+                    );
+                }
+                Vec::new()
+            }
+        };
+        Ok(OpenAiConfig { api_keys, max_body_bytes: self.max_body_bytes, cors_origin: self.cors_origin.clone() })
+    }
 }
 
 /// Options of `tessera router`.
@@ -91,6 +135,8 @@ pub fn serve(
         policy: routing.policy,
         weights: CostWeights { prefill: routing.prefill_weight, load: routing.load_weight },
         drain_timeout: routing.drain_timeout,
+        max_in_flight: routing.max_in_flight,
+        openai: routing.openai()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -311,46 +311,65 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
     child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"))
 }
 
-/// A `tessera router` process on free loopback ports, killed when dropped.
+/// A `tessera router` (or `tessera up`) process on free loopback ports, stopped when dropped.
 pub struct RouterProcess {
     child: std::process::Child,
     /// `http://127.0.0.1:PORT` of its public gRPC API.
     pub grpc_url: String,
-    /// `127.0.0.1:PORT` of its probe, metrics and debug port.
+    /// `127.0.0.1:PORT` of its HTTP port (OpenAI API, probes, metrics, debug).
     pub http_addr: String,
+    /// Whether it started processes of its own (`tessera up`) that it must be let stop.
+    stops_children: bool,
 }
 
 impl RouterProcess {
     /// Starts `tessera router --listen-grpc 127.0.0.1:0 --listen-http 127.0.0.1:0 ARGS` and waits
     /// for its ready line.
     pub fn start(args: &[&str]) -> Self {
+        Self::spawn("router", args)
+    }
+
+    /// Starts a whole local cluster, `tessera up --listen-grpc 127.0.0.1:0 --listen-http
+    /// 127.0.0.1:0 ARGS`, and waits for its ready line; dropping it stops it with SIGTERM (it then
+    /// stops its workers).
+    pub fn start_up(args: &[&str]) -> Self {
+        Self::spawn("up", args)
+    }
+
+    fn spawn(subcommand: &'static str, args: &[&str]) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(tessera_bin())
-            .args(["router", "--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"])
+            .args([subcommand, "--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"])
             .args(args)
             .env("RUST_BACKTRACE", "1")
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning tessera router: {e}"));
+            .unwrap_or_else(|e| panic!("spawning tessera {subcommand}: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
         let (tx, rx) = std::sync::mpsc::channel();
+        let ready = format!("tessera {subcommand} ready:");
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("tessera router ready:") {
+                if line.starts_with(&ready) {
                     let _ = tx.send(line);
                 }
             }
         });
         let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("tessera router did not become ready"));
+            .recv_timeout(std::time::Duration::from_secs(240))
+            .unwrap_or_else(|_| panic!("tessera {subcommand} did not become ready"));
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name))
                 .unwrap_or_else(|| panic!("no {name} in {line:?}"))
                 .to_string()
         };
-        RouterProcess { grpc_url: format!("http://{}", field("grpc=")), http_addr: field("http="), child }
+        RouterProcess {
+            grpc_url: format!("http://{}", field("grpc=")),
+            http_addr: field("http="),
+            child,
+            stops_children: subcommand == "up",
+        }
     }
 
     /// The value of an unlabelled metric on `/metrics` (None when absent).
@@ -381,6 +400,16 @@ impl RouterProcess {
 
 impl Drop for RouterProcess {
     fn drop(&mut self) {
+        if self.stops_children {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
