@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod discovery;
+pub mod http_server;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};
 pub mod metrics;

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 use crate::discovery::{self, MembershipEvent};
+use crate::http_server;
 use crate::metrics::RouterMetrics;
 use crate::openai::{self, OpenAiConfig};
 use crate::pool::{PoolConfig, WorkerPool};
@@ -57,6 +58,8 @@ pub struct RouterConfig {
     pub max_in_flight: usize,
     /// The OpenAI-compatible HTTP API (on `listen_http`).
     pub openai: OpenAiConfig,
+    /// How long an HTTP client may take to send its request headers.
+    pub header_timeout: Duration,
 }
 
 /// The addresses actually bound.
@@ -145,7 +148,7 @@ pub async fn serve(
             .with_state(Probes { pool: pool.clone(), metrics: metrics.clone() })
             .merge(openai::routes(service.clone(), &config.openai));
         let stop = stop.clone();
-        tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await })
+        tokio::spawn(http_server::serve(l, app, config.header_timeout, stop))
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

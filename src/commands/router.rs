@@ -55,6 +55,9 @@ pub struct RoutingArgs {
     /// Origin allowed to call the HTTP API from browsers (CORS), or `*`; none = CORS off.
     #[arg(long)]
     pub cors_origin: Option<String>,
+    /// How long an HTTP client may take to send its request headers before it is disconnected.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
 }
 
 impl RoutingArgs {
@@ -137,6 +140,7 @@ pub fn serve(
         drain_timeout: routing.drain_timeout,
         max_in_flight: routing.max_in_flight,
         openai: routing.openai()?,
+        header_timeout: routing.header_timeout,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -274,7 +274,7 @@ async fn chat_completions(State(api): State<Arc<Api>>, body: Result<Bytes, Bytes
         if r.stream {
             let include_usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
             let mut writer = chat::ChunkWriter::new(head, started.n, include_usage, r.logprobs);
-            let deltas = tokio_stream::wrappers::ReceiverStream::new(started.rx);
+            let deltas = tokio_stream::wrappers::ReceiverStream::new(started.spawn().1);
             let chunks = deltas.map(move |d| d.map(|d| writer.push(d)));
             sse::respond(chunks).await
         } else {
@@ -292,7 +292,8 @@ async fn text_completions(State(api): State<Arc<Api>>, body: Result<Bytes, Bytes
         let requests = completions::to_proto(&r)?;
         let n = r.n.unwrap_or(1);
         let want_logprobs = r.logprobs.is_some();
-        // Every prompt starts before any is awaited: they run side by side on the workers.
+        // Every prompt is admitted before any runs; with several, each runs in its own task so
+        // they proceed side by side on the workers while the first is awaited.
         let mut runs = Vec::with_capacity(requests.len());
         for req in &requests {
             let echo = if r.echo { Some(api.echo_text(req)?) } else { None };
@@ -300,13 +301,16 @@ async fn text_completions(State(api): State<Arc<Api>>, body: Result<Bytes, Bytes
                 api.service.start_generate(req, None, "openai.Completions").map_err(|s| ApiError::from_status(&s))?;
             runs.push((echo, started));
         }
+        if runs.len() > 1 || r.stream {
+            runs = runs.into_iter().map(|(echo, s)| (echo, s.spawned())).collect();
+        }
         let head = Head::new("cmpl", &runs[0].1.request_id, &r.model);
         if r.stream {
             let include_usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
             let mut merged = tokio_stream::StreamMap::new();
             let mut echoes = Vec::with_capacity(runs.len());
             for (i, (echo, started)) in runs.into_iter().enumerate() {
-                merged.insert(i, tokio_stream::wrappers::ReceiverStream::new(started.rx));
+                merged.insert(i, tokio_stream::wrappers::ReceiverStream::new(started.spawn().1));
                 echoes.push(vec![echo; n as usize]);
             }
             let mut total = api::Usage::default();

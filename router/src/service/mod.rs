@@ -74,15 +74,45 @@ pub struct GenerationService {
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// A request on its way to a worker: its id, its sample count, and the channel its deltas
-/// arrive on (it ends after the last sample finished, or with the error that ended the request).
+/// An admitted request: its id, its sample count, the channel its deltas arrive on (it ends
+/// after the last sample finished, or with the error that ended the request) and, until it is
+/// spawned, the future that runs it. Dropping the receiver cancels the request.
 pub struct Started {
     /// The request id (the client's or a generated one).
     pub request_id: String,
     /// Samples (choices) it has.
     pub n: u32,
-    /// Its deltas; dropping this cancels the request.
-    pub rx: mpsc::Receiver<Result<Delta, Status>>,
+    rx: mpsc::Receiver<Result<Delta, Status>>,
+    run: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Started {
+    /// Runs the request in a task of its own (for streaming responses, and for requests that
+    /// must make progress while others are awaited); returns the channel of its deltas.
+    pub fn spawn(mut self) -> (String, mpsc::Receiver<Result<Delta, Status>>) {
+        if let Some(run) = self.run.take() {
+            tokio::spawn(run);
+        }
+        (self.request_id, self.rx)
+    }
+
+    /// Runs the request (here, unless spawned) and collects it whole. A unary call reads the
+    /// deltas in the same task that produces them: no task hand-off per token.
+    async fn collect(self) -> Result<Collected, Status> {
+        let Started { n, rx, run, .. } = self;
+        match run {
+            Some(run) => tokio::join!(run, run::collect(rx, n)).1,
+            None => run::collect(rx, n).await,
+        }
+    }
+
+    /// Spawns the request now, so it runs while the caller awaits something else, and keeps it
+    /// collectable.
+    pub fn spawned(self) -> Started {
+        let n = self.n;
+        let (request_id, rx) = self.spawn();
+        Started { request_id, n, rx, run: None }
+    }
 }
 
 impl GenerationService {
@@ -121,9 +151,10 @@ impl GenerationService {
 
     /// Waits for a started `Generate` request and returns it whole.
     pub async fn finish_generate(&self, s: Started) -> Result<api::GenerateResponse, Status> {
-        let c = run::collect(s.rx, s.n).await?;
+        let request_id = s.request_id.clone();
+        let c = s.collect().await?;
         Ok(api::GenerateResponse {
-            request_id: s.request_id,
+            request_id,
             model: self.model.id.clone(),
             completions: c.completions,
             usage: Some(c.usage),
@@ -132,7 +163,8 @@ impl GenerationService {
 
     /// Waits for a started `Chat` request and returns it whole.
     pub async fn finish_chat(&self, s: Started) -> Result<api::ChatResponse, Status> {
-        let Collected { completions, tool_calls, usage } = run::collect(s.rx, s.n).await?;
+        let request_id = s.request_id.clone();
+        let Collected { completions, tool_calls, usage } = s.collect().await?;
         let choices = completions
             .into_iter()
             .zip(tool_calls)
@@ -148,7 +180,7 @@ impl GenerationService {
                 logprobs: c.logprobs,
             })
             .collect();
-        Ok(api::ChatResponse { request_id: s.request_id, model: self.model.id.clone(), choices, usage: Some(usage) })
+        Ok(api::ChatResponse { request_id, model: self.model.id.clone(), choices, usage: Some(usage) })
     }
 }
 
@@ -165,8 +197,7 @@ impl Generation for GenerationService {
         &self,
         req: Request<api::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let Started { request_id, rx, .. } =
-            self.start_generate(req.get_ref(), prepare::deadline(&req)?, "GenerateStream")?;
+        let (request_id, rx) = self.start_generate(req.get_ref(), prepare::deadline(&req)?, "GenerateStream")?.spawn();
         let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |d| {
             d.map(|d| {
                 let (finish, stop) = d.finish.map_or((api::FinishReason::Unspecified, String::new()), |(f, s)| (f, s));
@@ -193,7 +224,7 @@ impl Generation for GenerationService {
     type ChatStreamStream = Stream_<api::ChatStreamResponse>;
 
     async fn chat_stream(&self, req: Request<api::ChatRequest>) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let Started { request_id, rx, .. } = self.start_chat(req.get_ref(), prepare::deadline(&req)?, "ChatStream")?;
+        let (request_id, rx) = self.start_chat(req.get_ref(), prepare::deadline(&req)?, "ChatStream")?.spawn();
         let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |d| {
             d.map(|d| api::ChatStreamResponse {
                 request_id: request_id.clone(),

@@ -30,19 +30,20 @@ pub struct Delta {
 }
 
 impl GenerationService {
-    /// Admits `p` and routes it; its deltas stream into the returned [`Started`]'s channel from
-    /// a task that owns the worker call. Over the in-flight limit it is `RESOURCE_EXHAUSTED`.
+    /// Admits `p`; the returned [`Started`] holds the future that routes it and streams its
+    /// deltas into its channel (run it with [`Started::spawn`], or alongside the reader for a
+    /// unary call). Over the in-flight limit it is `RESOURCE_EXHAUSTED`.
     pub(crate) fn start(&self, p: Prepared, method: &'static str) -> Result<Started, Status> {
         let Ok(permit) = self.admission.clone().try_acquire_owned() else {
             self.metrics.requests.with_label_values(&[method, "ResourceExhausted"]).inc();
             return Err(Status::resource_exhausted("the router is at its limit of requests in flight; retry shortly"));
         };
         let (tx, rx) = mpsc::channel(64);
-        let started = Started { request_id: p.request_id.clone(), n: p.n, rx };
+        let (request_id, n) = (p.request_id.clone(), p.n);
         let model = self.model.clone();
         let pool = self.pool.clone();
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        let run = Box::pin(async move {
             let _permit = permit;
             let began = Instant::now();
             let run = drive(&model, &pool, &metrics, p, method, began, &tx);
@@ -57,7 +58,7 @@ impl GenerationService {
             metrics.requests.with_label_values(&[method, &format!("{code:?}")]).inc();
             metrics.request_duration.observe(began.elapsed().as_secs_f64());
         });
-        Ok(started)
+        Ok(Started { request_id, n, rx, run: Some(run) })
     }
 }
 
