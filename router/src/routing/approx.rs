@@ -70,11 +70,6 @@ impl ApproxPrefixIndex {
         }
     }
 
-    /// How many block hashes this router believes `worker` holds.
-    pub fn len(&self, worker: WorkerSlot) -> usize {
-        self.workers.get(&worker).map_or(0, |lru| lru.ticks.len())
-    }
-
     /// How many leading blocks of `hashes` this router believes `worker` holds.
     pub fn matched(&self, worker: WorkerSlot, hashes: &[u64]) -> usize {
         self.workers.get(&worker).map_or(0, |lru| hashes.iter().take_while(|h| lru.ticks.contains_key(h)).count())

@@ -7,9 +7,11 @@
 //!
 //! Cost of a candidate (policies `kv` and `prefix`):
 //! `w_prefill · uncached_prompt_tokens + w_load · (running + waiting + in-flight tokens)`;
-//! the lowest cost wins, ties go to the lower load, then to the worker holding the fewest cached
-//! blocks (so prefixes nobody holds yet spread over the caches instead of piling up wherever a
-//! random tie-break sends them), then to a random pick. `uncached` comes from
+//! the lowest cost wins, ties go to the lower load, then to a random pick. A prompt no candidate
+//! holds any block of (a new prefix: its full prefill is due wherever it goes) goes instead to
+//! the worker that received the least recent traffic among those whose load is within one such
+//! prefill of the lowest: since later requests with that prefix follow it, placing new prefixes
+//! by long-run traffic rather than by the momentary queue keeps workers evenly loaded. `uncached` comes from
 //! the exact index for workers that stream KV events and, under `kv`, from the approximate view
 //! for workers that don't (a fallback the caller counts in metrics, see [`Decision::exact`]).
 
@@ -136,6 +138,40 @@ pub struct Router {
     pub approx: ApproxPrefixIndex,
     next: usize,
     rng: SmallRng,
+    traffic: Traffic,
+}
+
+/// Requests routed to each worker, decayed so that a decision's weight halves after
+/// [`TRAFFIC_HALF_LIFE_PER_WORKER`] decisions per candidate worker. Stored scaled: each new
+/// decision adds a growing `unit` instead of decaying every count, so recording is O(1); counts
+/// are only ever compared with each other, and are rescaled before `unit` could overflow.
+#[derive(Debug)]
+struct Traffic {
+    counts: std::collections::HashMap<WorkerSlot, f64>,
+    unit: f64,
+}
+
+/// Half-life of [`Traffic`], in routing decisions per candidate worker.
+const TRAFFIC_HALF_LIFE_PER_WORKER: f64 = 32.0;
+
+impl Traffic {
+    fn new() -> Self {
+        Traffic { counts: Default::default(), unit: 1.0 }
+    }
+
+    fn get(&self, slot: WorkerSlot) -> f64 {
+        self.counts.get(&slot).copied().unwrap_or(0.0)
+    }
+
+    fn record(&mut self, slot: WorkerSlot, workers: usize) {
+        *self.counts.entry(slot).or_insert(0.0) += self.unit;
+        self.unit *= 2f64.powf(1.0 / (TRAFFIC_HALF_LIFE_PER_WORKER * workers.max(1) as f64));
+        if self.unit > 1e150 {
+            let scale = self.unit;
+            self.counts.values_mut().for_each(|c| *c /= scale);
+            self.unit = 1.0;
+        }
+    }
 }
 
 impl Router {
@@ -148,6 +184,7 @@ impl Router {
             approx: ApproxPrefixIndex::new(),
             next: 0,
             rng: SmallRng::seed_from_u64(seed),
+            traffic: Traffic::new(),
         }
     }
 
@@ -213,14 +250,19 @@ impl Router {
                         (*c, cost(c, m.0), m)
                     })
                     .collect();
-                let costs: Vec<(Candidate, f64)> = scored.iter().map(|(c, s, _)| (*c, *s)).collect();
-                let best = self.lowest_by(&costs);
+                let best = if scored.iter().all(|(_, _, (blocks, _))| *blocks == 0) {
+                    self.place_new_prefix(candidates, prompt_tokens)
+                } else {
+                    let costs: Vec<(Candidate, f64)> = scored.iter().map(|(c, s, _)| (*c, *s)).collect();
+                    self.lowest_by(&costs)
+                };
                 let (matched_blocks, exact) =
                     scored.iter().find(|(c, _, _)| c.slot == best).map_or((0, false), |(_, _, m)| *m);
                 Decision { slot: best, matched_blocks, exact }
             }
         };
         self.approx.record(decision.slot, hashes);
+        self.traffic.record(decision.slot, candidates.len());
         Some(decision)
     }
 
@@ -239,24 +281,24 @@ impl Router {
         self.lowest_by(&scored)
     }
 
-    /// Blocks `slot` holds: exact when its events are indexed, else this router's own view.
-    fn cached_blocks(&self, slot: WorkerSlot) -> usize {
-        match self.index.blocks_of(slot) {
-            Some(blocks) => blocks.len(),
-            None => self.approx.len(slot),
-        }
+    /// Where a prompt nobody holds goes: the least recent traffic among the candidates whose
+    /// load is within one full prefill of `prompt_tokens` of the lowest; ties as [`Self::lowest_by`].
+    fn place_new_prefix(&mut self, candidates: &[Candidate], prompt_tokens: usize) -> WorkerSlot {
+        let min_load = candidates.iter().map(Candidate::load).min().unwrap_or(0);
+        let eligible: Vec<(Candidate, f64)> = candidates
+            .iter()
+            .filter(|c| c.load() <= min_load + prompt_tokens as u64)
+            .map(|c| (*c, self.traffic.get(c.slot)))
+            .collect();
+        self.lowest_by(&eligible)
     }
 
-    /// The lowest score; ties to the lower load, then to the fewest cached blocks, then
-    /// uniformly at random.
+    /// The lowest score; ties to the lower load, then uniformly at random.
     fn lowest_by(&mut self, scored: &[(Candidate, f64)]) -> WorkerSlot {
         let best = scored.iter().map(|(_, s)| *s).fold(f64::INFINITY, f64::min);
         let tied: Vec<&Candidate> = scored.iter().filter(|(_, s)| *s <= best + 1e-9).map(|(c, _)| c).collect();
         let min_load = tied.iter().map(|c| c.load()).min().unwrap_or(0);
-        let tied: Vec<(&Candidate, usize)> =
-            tied.into_iter().filter(|c| c.load() == min_load).map(|c| (c, self.cached_blocks(c.slot))).collect();
-        let fewest = tied.iter().map(|(_, b)| *b).min().unwrap_or(0);
-        let tied: Vec<&Candidate> = tied.into_iter().filter(|(_, b)| *b == fewest).map(|(c, _)| c).collect();
+        let tied: Vec<&&Candidate> = tied.iter().filter(|c| c.load() == min_load).collect();
         if tied.is_empty() {
             return scored[0].0.slot;
         }
@@ -344,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_nobody_holds_spread_over_the_emptiest_caches() {
+    fn new_prefixes_spread_by_recent_traffic_not_by_the_momentary_queue() {
         let mut r = Router::new(Policy::Prefix, CostWeights::default(), 9);
         for w in 1..=3 {
             r.approx.add_worker(w, 1000);
@@ -356,5 +398,22 @@ mod tests {
             per_worker[r.choose(&cs, &hashes, 16, 64).unwrap().slot as usize] += 1;
         }
         assert_eq!(per_worker[1..], [2, 2, 2], "six new prefixes on three idle workers: two each");
+
+        // Worker 1 is briefly busier (by less than one prefill), but it received the least
+        // traffic: the new prefix goes there, not to the emptiest queue.
+        let mut r = Router::new(Policy::Kv, CostWeights::default(), 9);
+        for w in 1..=3 {
+            r.index.reset_worker(w, 0, []);
+        }
+        for (slot, n) in [(2, 3), (3, 3)] {
+            for _ in 0..n {
+                r.choose(&[cand(slot, 0)], &[slot as u64 * 1000], 16, 16);
+            }
+        }
+        let cs = [cand(1, 40), cand(2, 0), cand(3, 0)];
+        assert_eq!(r.choose(&cs, &[77, 78, 79, 80], 16, 64).unwrap().slot, 1);
+        // Unless its queue is more than a prefill longer.
+        let cs = [cand(1, 100), cand(2, 0), cand(3, 0)];
+        assert_ne!(r.choose(&cs, &[90, 91, 92, 93], 16, 64).unwrap().slot, 1);
     }
 }
