@@ -8,8 +8,9 @@
 //! router's added latency, with tokenization skipped on both sides (prompts are ids) but
 //! routing, the KV index, detokenization and the extra hop included. Finally a closed loop with
 //! `--max-concurrency` clients measures the most requests/s the router sustains. The client runs
-//! in this process and shares the machine's cores with the router and the workers: on a small
-//! machine the figures include that contention.
+//! in this process on one thread (a current-thread runtime: fewer wake-ups across threads, so it
+//! takes as little as it can of the cores it shares with the router and the workers); on a small
+//! machine the figures still include that contention.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -244,7 +245,7 @@ pub fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
     }
     let router_addr = field(&children.spawn(&router_args, "tessera router ready:", timeout)?, "grpc")?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (direct, routed, max_rps) = runtime.block_on(async {
         let mut workers = Vec::new();
         for a in &worker_addrs {
