@@ -92,6 +92,43 @@ def test_streamed_text_equals_unary_text_at_temperature_0(client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_content_parts_developer_role_and_stop_sequences(client):
+    plain = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}] + user("Describe the sea in two sentences."),
+        temperature=0,
+        max_tokens=40,
+    )
+    parts = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Describe the sea "}, {"type": "text", "text": "in two sentences."}]},
+        ],
+        temperature=0,
+        max_tokens=40,
+    )
+    # Text parts are joined, and developer is the system role: the same prompt, the same answer.
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    text = plain.choices[0].message.content
+    assert "." in text, text
+    stopped = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}] + user("Describe the sea in two sentences."),
+        temperature=0,
+        max_tokens=40,
+        stop=["."],
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text.split(".")[0]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        )
+
+
 def test_usage_counts_equal_the_tokenizers(client):
     messages = [{"role": "system", "content": "You answer briefly."}] + user("Name three colours.")
     counted = http_post("/tokenize", {"model": MODEL, "messages": messages})
