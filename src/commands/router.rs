@@ -83,7 +83,10 @@ impl RoutingArgs {
                 Vec::new()
             }
         };
-        Ok(OpenAiConfig { api_keys, max_body_bytes: self.max_body_bytes, cors_origin: self.cors_origin.clone() })
+        let config =
+            OpenAiConfig { api_keys, max_body_bytes: self.max_body_bytes, cors_origin: self.cors_origin.clone() };
+        config.validate().map_err(|e| anyhow::anyhow!("--cors-origin: {e}"))?;
+        Ok(config)
     }
 }
 

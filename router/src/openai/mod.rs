@@ -61,6 +61,18 @@ impl Default for OpenAiConfig {
     }
 }
 
+impl OpenAiConfig {
+    /// Checks what `routes` cannot: the CORS origin must be a valid header value.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.cors_origin {
+            Some(o) if HeaderValue::from_str(o).is_err() => {
+                Err(format!("CORS origin {o:?} is not a valid header value"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Reads an API key file: one key per line; blank lines and `#` comments are skipped.
 pub fn read_api_keys(text: &str) -> Vec<String> {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
@@ -73,7 +85,8 @@ struct Api {
     cors_origin: Option<HeaderValue>,
 }
 
-/// The API's routes (under `/v1`), to merge into the router's HTTP app.
+/// The API's routes (under `/v1`, and `/tokenize`), to merge into the router's HTTP app; `config`
+/// is expected to have passed [`OpenAiConfig::validate`].
 pub fn routes(service: Arc<GenerationService>, config: &OpenAiConfig) -> axum::Router {
     let api = Arc::new(Api {
         service,
