@@ -95,8 +95,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
 
-/// Serves until `shutdown` resolves, then drains. `on_bound` is called once the listeners are
-/// bound (with the real ports).
+/// Serves until `shutdown` resolves, then drains. `on_bound` is called once serving has begun
+/// (listeners bound, with the real ports; `/readyz` 200).
 pub async fn serve(
     mut parts: WorkerParts,
     config: ServeConfig,
@@ -127,8 +127,6 @@ pub async fn serve(
         }
         None => None,
     };
-    on_bound(bound);
-
     let metrics = Arc::new(
         WorkerMetrics::new(vec![
             ("model", parts.info.model_id.clone()),
@@ -214,6 +212,9 @@ pub async fn serve(
     let mut server = tokio::spawn(server);
     ready.store(true, Ordering::Release);
     metrics.set_ready(true);
+    // Only now: whoever waits for this (the ready line of `tessera worker`) may rely on
+    // `/readyz` answering 200 and on `Generate` being served.
+    on_bound(bound);
     let registration = registration.map(|spec| Registration::spawn(spec, metrics.clone(), deregister));
 
     let served = tokio::select! {
