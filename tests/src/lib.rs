@@ -48,6 +48,51 @@ pub fn tessera(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("spawning tessera: {e}"))
 }
 
+/// The `tessera … ready: key=value …` line a process prints once it serves.
+struct ReadyLine(String);
+
+impl ReadyLine {
+    /// The value after `name` (e.g. `grpc=`).
+    fn field(&self, name: &str) -> String {
+        let line = &self.0;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_string()
+    }
+}
+
+/// Starts `tessera SUBCOMMAND FIXED ARGS` and waits up to `timeout` for its ready line; a
+/// thread keeps draining its stdout afterwards so it never blocks on it.
+fn spawn_until_ready(
+    subcommand: &str,
+    fixed: &[&str],
+    args: &[&str],
+    timeout: std::time::Duration,
+) -> (std::process::Child, ReadyLine) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(tessera_bin())
+        .arg(subcommand)
+        .args(fixed)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning tessera {subcommand}: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = format!("tessera {subcommand} ready:");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with(&ready) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx.recv_timeout(timeout).unwrap_or_else(|_| panic!("tessera {subcommand} did not become ready"));
+    (child, ReadyLine(line))
+}
+
 /// A `tessera worker` process on free loopback ports, killed when dropped.
 pub struct WorkerProcess {
     child: std::process::Child,
@@ -61,35 +106,13 @@ impl WorkerProcess {
     /// Starts `tessera worker --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 ARGS` and waits
     /// for its ready line (up to two minutes: the first start may build the binary).
     pub fn start(args: &[&str]) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(tessera_bin())
-            .args(["worker", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--threads", "2"])
-            .args(args)
-            .env("RUST_BACKTRACE", "1")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning tessera worker: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the ready line, then keeps draining stdout so the worker never blocks on it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("tessera worker ready:") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("tessera worker did not become ready"));
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_string()
-        };
-        WorkerProcess { grpc_url: format!("http://{}", field("grpc=")), metrics_addr: field("metrics="), child }
+        let fixed = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--threads", "2"];
+        let (child, ready) = spawn_until_ready("worker", &fixed, args, std::time::Duration::from_secs(120));
+        WorkerProcess {
+            grpc_url: format!("http://{}", ready.field("grpc=")),
+            metrics_addr: ready.field("metrics="),
+            child,
+        }
     }
 
     /// The process id.
@@ -337,36 +360,11 @@ impl RouterProcess {
     }
 
     fn spawn(subcommand: &'static str, args: &[&str]) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(tessera_bin())
-            .args([subcommand, "--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_BACKTRACE", "1")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning tessera {subcommand}: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let ready = format!("tessera {subcommand} ready:");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with(&ready) {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(240))
-            .unwrap_or_else(|_| panic!("tessera {subcommand} did not become ready"));
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_string()
-        };
+        let fixed = ["--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"];
+        let (child, ready) = spawn_until_ready(subcommand, &fixed, args, std::time::Duration::from_secs(240));
         RouterProcess {
-            grpc_url: format!("http://{}", field("grpc=")),
-            http_addr: field("http="),
+            grpc_url: format!("http://{}", ready.field("grpc=")),
+            http_addr: ready.field("http="),
             child,
             stops_children: subcommand == "up",
         }
