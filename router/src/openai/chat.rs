@@ -320,10 +320,7 @@ impl ChunkWriter {
             out.push(self.chunk(d.index, json!({}), Value::Null, Some(finish_reason(reason))));
         }
         if let (true, Some(u)) = (self.include_usage, d.usage) {
-            let mut c = self.head.object("chat.completion.chunk");
-            c["choices"] = json!([]);
-            c["usage"] = usage(&u);
-            out.push(c);
+            out.push(self.head.usage_chunk("chat.completion.chunk", &u));
         }
         out
     }

@@ -201,6 +201,14 @@ impl Head {
         Head { id: format!("{prefix}-{request_id}"), created, model: model.to_string() }
     }
 
+    /// The last chunk of a stream with `stream_options.include_usage`: no choices, the usage.
+    fn usage_chunk(&self, object: &str, usage: &api::Usage) -> Value {
+        let mut c = self.object(object);
+        c["choices"] = json!([]);
+        c["usage"] = chat::usage(usage);
+        c
+    }
+
     /// `{"id", "object", "created", "model", "system_fingerprint"}`.
     fn object(&self, object: &str) -> Value {
         json!({
@@ -306,7 +314,8 @@ async fn text_completions(State(api): State<Arc<Api>>, body: Result<Bytes, Bytes
         let n = r.n.unwrap_or(1);
         let want_logprobs = r.logprobs.is_some();
         // Every prompt is admitted before any runs; with several, each runs in its own task so
-        // they proceed side by side on the workers while the first is awaited.
+        // they proceed side by side on the workers while the first is awaited (streamed ones are
+        // spawned below anyway).
         let mut runs = Vec::with_capacity(requests.len());
         for req in &requests {
             let echo = if r.echo { Some(api.echo_text(req)?) } else { None };
@@ -314,7 +323,7 @@ async fn text_completions(State(api): State<Arc<Api>>, body: Result<Bytes, Bytes
                 api.service.start_generate(req, None, "openai.Completions").map_err(|s| ApiError::from_status(&s))?;
             runs.push((echo, started));
         }
-        if runs.len() > 1 || r.stream {
+        if runs.len() > 1 {
             runs = runs.into_iter().map(|(echo, s)| (echo, s.spawned())).collect();
         }
         let head = Head::new("cmpl", &runs[0].1.request_id, &r.model);
@@ -336,10 +345,7 @@ async fn text_completions(State(api): State<Arc<Api>>, body: Result<Bytes, Bytes
                     add_usage(&mut total, u);
                     open -= 1;
                     if open == 0 && include_usage {
-                        let mut c = head.object("text_completion");
-                        c["choices"] = json!([]);
-                        c["usage"] = chat::usage(&total);
-                        out.push(c);
+                        out.push(head.usage_chunk("text_completion", &total));
                     }
                 }
                 Ok(out)

@@ -87,13 +87,20 @@ pub struct Started {
 }
 
 impl Started {
-    /// Runs the request in a task of its own (for streaming responses, and for requests that
-    /// must make progress while others are awaited); returns the channel of its deltas.
-    pub fn spawn(mut self) -> (String, mpsc::Receiver<Result<Delta, Status>>) {
+    /// Runs the request in a task of its own now (for streaming responses, and for requests that
+    /// must make progress while others are awaited); it stays collectable.
+    pub fn spawned(mut self) -> Started {
         if let Some(run) = self.run.take() {
             tokio::spawn(run);
         }
-        (self.request_id, self.rx)
+        self
+    }
+
+    /// Spawns the request (see [`Self::spawned`]) and returns its id and the channel of its
+    /// deltas.
+    pub fn spawn(self) -> (String, mpsc::Receiver<Result<Delta, Status>>) {
+        let s = self.spawned();
+        (s.request_id, s.rx)
     }
 
     /// Runs the request (here, unless spawned) and collects it whole. A unary call reads the
@@ -104,14 +111,6 @@ impl Started {
             Some(run) => tokio::join!(run, run::collect(rx, n)).1,
             None => run::collect(rx, n).await,
         }
-    }
-
-    /// Spawns the request now, so it runs while the caller awaits something else, and keeps it
-    /// collectable.
-    pub fn spawned(self) -> Started {
-        let n = self.n;
-        let (request_id, rx) = self.spawn();
-        Started { request_id, n, rx, run: None }
     }
 }
 
