@@ -234,9 +234,7 @@ impl WorkerPool {
         };
         if let Some((slot, entry)) = removed {
             entry.cancel.cancel();
-            let mut router = lock(&self.shared.router);
-            router.index.remove_worker(slot);
-            router.approx.remove_worker(slot);
+            lock(&self.shared.router).remove_worker(slot);
             eprintln!("tessera router: worker {key} at {} removed", entry.address);
         }
         self.refresh_gauges();

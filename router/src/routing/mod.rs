@@ -188,6 +188,13 @@ impl Router {
         }
     }
 
+    /// Forgets a worker that left: its exact and approximate views and its recent traffic.
+    pub fn remove_worker(&mut self, slot: WorkerSlot) {
+        self.index.remove_worker(slot);
+        self.approx.remove_worker(slot);
+        self.traffic.counts.remove(&slot);
+    }
+
     /// The policy.
     pub fn policy(&self) -> Policy {
         self.policy
