@@ -256,15 +256,13 @@ pub fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         let mut router =
             GenerationClient::connect(format!("http://{router_addr}")).await.context("connecting to the router")?;
         // Wait until the router routes to every worker.
-        let vocab = loop {
-            let m = router.list_models(api::ListModelsRequest {}).await?.into_inner();
-            if let Some(card) = m.models.first().filter(|c| c.healthy_workers as usize == worker_addrs.len()) {
-                let info = workers[0].get_info(wpb::GetInfoRequest {}).await?.into_inner();
-                let _ = card;
-                break info.vocab_size.max(4);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let everyone_routable = |m: api::ListModelsResponse| {
+            m.models.first().is_some_and(|c| c.healthy_workers as usize == worker_addrs.len())
         };
+        while !everyone_routable(router.list_models(api::ListModelsRequest {}).await?.into_inner()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let vocab = workers[0].get_info(wpb::GetInfoRequest {}).await?.into_inner().vocab_size.max(4);
         let direct_t = Target::Workers(workers);
         let routed_t = Target::Router(router);
         // Warm-up of connections and caches on both paths.
