@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bandwidth;
+pub mod comm;
 pub mod error;
 pub mod isa;
 pub mod matmul;

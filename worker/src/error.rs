@@ -151,10 +151,20 @@ pub enum EngineError {
     /// The compute device failed.
     #[error("device: {0}")]
     Device(String),
+    /// A rank of the tensor-parallel group failed, hung or panicked: the worker cannot compute
+    /// any more and is going away (a request failing with this is safe to retry elsewhere).
+    #[error("tensor-parallel group failed: {0}")]
+    GroupFailed(String),
     /// A broken internal invariant (a bug); reported instead of panicking.
     #[error("internal error: {0}")]
     Internal(String),
     /// A kernel refused its inputs (a bug if it happens: shapes are checked before).
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),
+}
+
+impl From<tessera_kernels::comm::CommError> for EngineError {
+    fn from(e: tessera_kernels::comm::CommError) -> Self {
+        EngineError::GroupFailed(e.to_string())
+    }
 }

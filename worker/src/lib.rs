@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod kv_events;
 pub mod loader;
 pub mod model;
+pub mod parallel;
 pub mod plan;
 pub mod presets;
 pub mod sampler;

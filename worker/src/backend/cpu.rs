@@ -1,10 +1,15 @@
 //! The CPU backend: f32 compute on a `CpuPool`, weights f32 or bf16, KV in host memory.
 //!
 //! KV storage per layer is `(num_blocks, block_size, n_kv_heads, head_dim)` f32 for K and the
-//! same for V: the layout `tessera_kernels::attention::PagedKvLayer` reads.
+//! same for V: the layout `tessera_kernels::attention::PagedKvLayer` reads. A `CpuBackend` is
+//! also one rank of a tensor-parallel group (`backend::tp`): then it holds that rank's shard,
+//! K/V heads and communicator; alone it has a one-rank communicator whose collectives are no-ops.
+
+use std::time::Duration;
 
 use tessera_kernels::CpuPool;
 use tessera_kernels::attention::PagedKvLayer;
+use tessera_kernels::comm::host::{HostComm, host_group};
 
 use super::{BackendInfo, ModelBackend};
 use crate::config::ModelConfig;
@@ -26,17 +31,18 @@ pub struct CpuKvStorage {
 }
 
 impl CpuKvStorage {
-    /// Allocates (zeroed) storage for every layer of `model`.
-    pub fn new(model: &ModelConfig, config: KvCacheConfig) -> Result<Self, EngineError> {
+    /// Allocates (zeroed) storage for every layer of `model`, holding `n_kv_heads` heads per
+    /// token (all of the model's, or one rank's share).
+    pub fn new(model: &ModelConfig, n_kv_heads: usize, config: KvCacheConfig) -> Result<Self, EngineError> {
         config.validate()?;
         let per_layer = config
             .num_blocks
             .checked_mul(config.block_size)
-            .and_then(|x| x.checked_mul(model.kv_dim()))
+            .and_then(|x| x.checked_mul(n_kv_heads * model.head_dim))
             .ok_or_else(|| EngineError::InvalidKvConfig(format!("{config:?} overflows")))?;
         let layers =
             (0..model.num_layers).map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }).collect();
-        Ok(CpuKvStorage { layers, config, n_kv_heads: model.num_kv_heads, head_dim: model.head_dim })
+        Ok(CpuKvStorage { layers, config, n_kv_heads, head_dim: model.head_dim })
     }
 
     /// A read-only view of one layer for the attention kernel.
@@ -83,18 +89,47 @@ impl CpuKvStorage {
     }
 }
 
-/// A model on the CPU.
+/// A model (or one rank's shard of it) on the CPU.
 pub struct CpuBackend {
     model: LlamaModel,
     pool: CpuPool,
     kv: CpuKvStorage,
+    comm: HostComm,
 }
 
 impl CpuBackend {
-    /// Wraps a loaded model, allocating KV storage for `kv_config`.
+    /// Wraps a whole loaded model, allocating KV storage for `kv_config`.
     pub fn new(model: LlamaModel, pool: CpuPool, kv_config: KvCacheConfig) -> Result<Self, EngineError> {
-        let kv = CpuKvStorage::new(model.config(), kv_config)?;
-        Ok(CpuBackend { model, pool, kv })
+        // A one-rank group never waits, so its timeout is never used.
+        let comm = host_group(1, Duration::MAX, None).remove(0);
+        Self::rank(model, pool, kv_config, comm)
+    }
+
+    /// One rank of a group: `model` is its shard, `comm` its handle on the group.
+    pub fn rank(
+        model: LlamaModel,
+        pool: CpuPool,
+        kv_config: KvCacheConfig,
+        comm: HostComm,
+    ) -> Result<Self, EngineError> {
+        let kv = CpuKvStorage::new(model.config(), model.shard().kv_heads.len(), kv_config)?;
+        Ok(CpuBackend { model, pool, kv, comm })
+    }
+
+    /// The model (or shard) this backend runs.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// This rank's handle on its group.
+    pub fn comm(&self) -> &HostComm {
+        &self.comm
+    }
+
+    /// Bytes of K+V this rank stores per token.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = self.model.config();
+        2 * c.num_layers * self.model.shard().kv_heads.len() * c.head_dim * super::CPU_KV_ELEM_BYTES
     }
 
     /// The thread pool (benchmarks measure bandwidth with it).
@@ -113,14 +148,14 @@ impl ModelBackend for CpuBackend {
             device: format!("cpu ({}, {} threads)", self.pool.isa(), self.pool.threads()),
             weights_dtype: format!("{:?}", self.model.weights_dtype()).to_lowercase(),
             weight_bytes_per_step: self.model.weight_bytes_per_token(),
-            kv_bytes_per_token: self.model.config().kv_bytes_per_token(super::CPU_KV_ELEM_BYTES) as usize,
+            kv_bytes_per_token: self.kv_bytes_per_token(),
         }
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError> {
         // One hand-off to the pool for the whole step: kernels called from inside it run on hot
         // workers instead of paying a cross-thread wake-up each (~10 µs × ~300 calls a step).
-        let (model, pool, kv) = (&self.model, &self.pool, &mut self.kv);
-        pool.install(|| model.forward(pool, kv, chunks))
+        let (model, pool, kv, comm) = (&self.model, &self.pool, &mut self.kv, &self.comm);
+        pool.install(|| model.forward(pool, comm, kv, chunks))
     }
 }

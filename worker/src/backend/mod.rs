@@ -9,10 +9,12 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod mock;
+pub mod tp;
 
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::model::SeqChunk;
+use crate::parallel::GroupHealth;
 use crate::sampler::argmax;
 
 /// Bytes per K or V element in the CPU backend's cache (f32).
@@ -50,5 +52,11 @@ pub trait ModelBackend: Send {
     fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
         let vocab = self.config().vocab_size;
         Ok(self.forward(chunks)?.chunks_exact(vocab).map(argmax).collect())
+    }
+
+    /// The health of the tensor-parallel group behind this backend; `None` for a single device,
+    /// whose failures are per-step errors rather than the end of the worker.
+    fn group_health(&self) -> Option<GroupHealth> {
+        None
     }
 }

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -493,6 +494,33 @@ impl GgufFile {
         gguf_quant::dequantize(info.ggml_type, self.tensor_bytes(info), &mut values)
             .map_err(|e| malformed(format!("tensor {name:?}: {e}")))?;
         Ok((info.shape(), values))
+    }
+
+    /// Rows `rows` of matrix `name` dequantised to f32 (only their bytes are read), with the
+    /// full row-major shape. GGUF quantises within rows, so any row range is self-contained.
+    pub fn tensor_rows_f32(&self, name: &str, rows: Range<usize>) -> Result<(Vec<usize>, Vec<f32>), LoadError> {
+        let info = self.tensor_info(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let malformed = |reason: String| LoadError::Malformed { path: self.path.clone(), format: "GGUF", reason };
+        let shape = info.shape();
+        let (&[n_rows, cols], Some(_)) = (&shape[..], info.ggml_type.block_size()) else {
+            return Err(LoadError::UnsupportedDtype { tensor: name.to_string(), dtype: info.ggml_type.to_string() });
+        };
+        if rows.start > rows.end || rows.end > n_rows {
+            return Err(malformed(format!("tensor {name:?} has {n_rows} rows; rows {rows:?} asked")));
+        }
+        let row_bytes = info
+            .ggml_type
+            .byte_len(cols as u64)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| malformed(format!("tensor {name:?}: rows of {cols} values are not whole blocks")))?;
+        let bytes = self.tensor_bytes(info);
+        let span = bytes
+            .get(rows.start * row_bytes..rows.end * row_bytes)
+            .ok_or_else(|| malformed(format!("tensor {name:?}: data is shorter than its shape")))?;
+        let mut values = vec![0.0f32; rows.len() * cols];
+        gguf_quant::dequantize(info.ggml_type, span, &mut values)
+            .map_err(|e| malformed(format!("tensor {name:?}: {e}")))?;
+        Ok((shape, values))
     }
 
     /// Metadata `key` as an unsigned integer (any non-negative integer type).

@@ -7,7 +7,7 @@
 //! `transformers` gets from the same GGUF.
 
 use super::gguf::GgufFile;
-use super::weights::{WeightSource, check_shape};
+use super::weights::{TensorPart, WeightSource, check_shape};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::LoadError;
 use crate::tensor::{Tensor, WeightsDtype};
@@ -79,20 +79,52 @@ fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec
 }
 
 impl WeightSource for GgufWeights {
-    fn load(&self, name: &str, shape: &[usize], dtype: WeightsDtype) -> Result<Tensor, LoadError> {
+    fn load_part(
+        &self,
+        name: &str,
+        shape: &[usize],
+        part: &TensorPart,
+        dtype: WeightsDtype,
+    ) -> Result<Tensor, LoadError> {
         let gname = gguf_name(name).ok_or_else(|| LoadError::MissingTensor(name.into()))?;
-        let (actual, values) = self.file.tensor_f32(&gname)?;
-        check_shape(name, &actual, shape)?;
+        let info = self.file.tensor_info(&gname).ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        check_shape(name, &info.shape(), shape)?;
+        let part_shape = part.shape_of(name, shape)?;
         let heads = match gname.rsplit('.').nth(1) {
             Some("attn_q") => Some(self.num_heads),
             Some("attn_k") => Some(self.num_kv_heads),
             _ => None,
         };
-        let values = match (heads, shape) {
-            (Some(heads), [rows, cols]) => unpermute_rows(&values, *rows, *cols, heads),
+        let values = match part {
+            TensorPart::Whole => self.file.tensor_f32(&gname)?.1,
+            TensorPart::Rows(rows) => self.file.tensor_rows_f32(&gname, rows.clone())?.1,
+            TensorPart::Cols(cols) => {
+                // Row by row: only one full row is ever dequantised beyond the part.
+                let mut out = Vec::with_capacity(part_shape.iter().product());
+                for r in 0..shape[0] {
+                    out.extend_from_slice(&self.file.tensor_rows_f32(&gname, r..r + 1)?.1[cols.clone()]);
+                }
+                out
+            }
+        };
+        // llama.cpp permutes rows within each head, so a row part must hold whole heads.
+        let values = match (heads, &part_shape[..]) {
+            (Some(heads), &[rows, cols]) => {
+                let head_rows = shape[0] / heads.max(1);
+                let first = match part {
+                    TensorPart::Rows(r) => r.start,
+                    _ => 0,
+                };
+                if head_rows == 0 || first % head_rows != 0 || rows % head_rows != 0 {
+                    return Err(LoadError::InvalidConfig(format!(
+                        "tensor {name:?}: a shard of rows {part:?} splits an attention head of {head_rows} rows"
+                    )));
+                }
+                unpermute_rows(&values, rows, cols, rows / head_rows)
+            }
             _ => values,
         };
-        Tensor::from_f32(shape.to_vec(), values, dtype)
+        Tensor::from_f32(part_shape, values, dtype)
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::config::ModelConfig;
 use crate::error::LoadError;
 pub use text_assets::{ChatTemplate, TextAssets};
-pub use weights::WeightSource;
+pub use weights::{TensorPart, WeightSource};
 
 /// What the user named.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 //! exactly), so a truncated or corrupt checkpoint fails at start-up with the file's name, not in
 //! the middle of loading. Tensors are read from the mapping and converted to the requested dtype.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::weights::{WeightSource, check_shape};
+use super::weights::{TensorPart, WeightSource, check_shape};
 use crate::error::LoadError;
 use crate::tensor::{Tensor, TensorData, WeightsDtype};
 
@@ -97,7 +98,13 @@ impl SafetensorsWeights {
 }
 
 impl WeightSource for SafetensorsWeights {
-    fn load(&self, name: &str, shape: &[usize], dtype: WeightsDtype) -> Result<Tensor, LoadError> {
+    fn load_part(
+        &self,
+        name: &str,
+        shape: &[usize],
+        part: &TensorPart,
+        dtype: WeightsDtype,
+    ) -> Result<Tensor, LoadError> {
         let shard = self
             .index
             .get(name)
@@ -106,28 +113,37 @@ impl WeightSource for SafetensorsWeights {
         let st = SafeTensors::deserialize(&shard.mmap).map_err(|e| malformed(&shard.path, e.to_string()))?;
         let view = st.tensor(name).map_err(|_| LoadError::MissingTensor(name.into()))?;
         check_shape(name, view.shape(), shape)?;
+        let part_shape = part.shape_of(name, shape)?;
         let bytes = view.data();
+        let size = match view.dtype() {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => return Err(LoadError::UnsupportedDtype { tensor: name.into(), dtype: format!("{other:?}") }),
+        };
+        // Only the part's bytes are read and converted.
+        let spans = part.spans(shape);
+        let selected: Cow<'_, [u8]> = match &spans[..] {
+            [one] => Cow::Borrowed(&bytes[one.start * size..one.end * size]),
+            many => Cow::Owned(many.iter().flat_map(|s| &bytes[s.start * size..s.end * size]).copied().collect()),
+        };
         let data = match (view.dtype(), dtype) {
-            (Dtype::F32, WeightsDtype::F32) => TensorData::F32(bytemuck::pod_collect_to_vec(bytes)),
-            (Dtype::BF16, WeightsDtype::Bf16) => TensorData::Bf16(bytemuck::pod_collect_to_vec(bytes)),
+            (Dtype::F32, WeightsDtype::F32) => TensorData::F32(bytemuck::pod_collect_to_vec(&selected)),
+            (Dtype::BF16, WeightsDtype::Bf16) => TensorData::Bf16(bytemuck::pod_collect_to_vec(&selected)),
             (Dtype::F32, WeightsDtype::Bf16) => {
-                let v: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+                let v: Vec<f32> = bytemuck::pod_collect_to_vec(&selected);
                 TensorData::Bf16(v.into_iter().map(bf16::from_f32).collect())
             }
             (Dtype::BF16, WeightsDtype::F32) => {
-                let v: Vec<bf16> = bytemuck::pod_collect_to_vec(bytes);
+                let v: Vec<bf16> = bytemuck::pod_collect_to_vec(&selected);
                 TensorData::F32(v.into_iter().map(bf16::to_f32).collect())
             }
-            (Dtype::F16, target) => {
-                let v: Vec<f16> = bytemuck::pod_collect_to_vec(bytes);
+            (_, target) => {
+                let v: Vec<f16> = bytemuck::pod_collect_to_vec(&selected);
                 let f: Vec<f32> = v.into_iter().map(f16::to_f32).collect();
-                return Tensor::from_f32(shape.to_vec(), f, target);
-            }
-            (other, _) => {
-                return Err(LoadError::UnsupportedDtype { tensor: name.into(), dtype: format!("{other:?}") });
+                return Tensor::from_f32(part_shape, f, target);
             }
         };
-        Tensor::new(shape.to_vec(), data)
+        Tensor::new(part_shape, data)
     }
 
     fn contains(&self, name: &str) -> bool {

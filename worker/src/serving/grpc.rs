@@ -149,7 +149,7 @@ pub fn status(e: &EngineError) -> Status {
             Status::resource_exhausted(e.to_string())
         }
         // The group is failing: retryable elsewhere (DESIGN.md, decision 6).
-        EngineError::Device(_) => Status::unavailable(e.to_string()),
+        EngineError::Device(_) | EngineError::GroupFailed(_) => Status::unavailable(e.to_string()),
         EngineError::Constraint(_)
         | EngineError::Internal(_)
         | EngineError::Kernel(_)
