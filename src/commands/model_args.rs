@@ -1,6 +1,7 @@
 //! Options shared by every subcommand that loads a model, and the loading itself.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -8,9 +9,12 @@ use tessera_kernels::CpuPool;
 use tessera_worker::WeightsDtype;
 use tessera_worker::backend::ModelBackend;
 use tessera_worker::backend::cpu::CpuBackend;
+use tessera_worker::backend::tp::{TpCpuBackend, TpOptions};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::loader::{self, ModelSpec, ResolveOptions, ResolvedModel};
 use tessera_worker::model::LlamaModel;
+use tessera_worker::parallel::TpShard;
+use tessera_worker::parallel::fault::FaultInjection;
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +71,18 @@ pub struct ModelArgs {
     /// Index of the GPU to use.
     #[arg(long, default_value_t = 0)]
     pub cuda_device: usize,
+    /// Tensor-parallel ranks: the model is split over this many ranks (CPU: rank threads sharing
+    /// --threads), each holding only its shard of the weights and of the K/V heads.
+    #[arg(long, env = "TESSERA_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tp: u16,
+    /// How long a collective may wait for the slowest rank before the group is declared failed
+    /// (the worker then leaves discovery, fails its requests with UNAVAILABLE and exits).
+    #[arg(long, env = "TESSERA_COLLECTIVE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub collective_timeout: Duration,
+    /// Tests only: make one rank fail, as `rank=R,step=S,kind=panic|hang|error` (refused unless
+    /// TESSERA_ALLOW_FAULT_INJECTION=1).
+    #[arg(long, value_parser = FaultInjection::parse, value_name = "rank=R,step=S,kind=K")]
+    pub fault_inject: Option<FaultInjection>,
 }
 
 impl ModelArgs {
@@ -94,6 +110,21 @@ impl ModelArgs {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let backend = match self.device {
+            Device::Cpu if self.tp > 1 || self.fault_inject.is_some() => {
+                let options = TpOptions {
+                    size: usize::from(self.tp),
+                    threads: self.threads,
+                    collective_timeout: self.collective_timeout,
+                    fault: self.fault_inject,
+                };
+                let dtype: WeightsDtype = self.weights_dtype.into();
+                let group =
+                    TpCpuBackend::new(&resolved.config, resolved.weights.as_ref(), dtype, kv, &options, |_| bar.inc(1))
+                        .with_context(|| resolved.id.clone())?;
+                bar.finish_and_clear();
+                report_group(&resolved.config, dtype, &group);
+                Box::new(group) as Box<dyn ModelBackend>
+            }
             Device::Cpu => {
                 let pool = CpuPool::new(self.threads).context("starting the compute thread pool")?;
                 let model =
@@ -109,6 +140,12 @@ impl ModelArgs {
         Ok(backend)
     }
 
+    /// Bytes of K+V per token over the whole group: more than the model's when K/V heads are
+    /// replicated (fewer K/V heads than ranks).
+    pub fn kv_bytes_per_token(&self, config: &tessera_worker::ModelConfig, bytes_per_elem: usize) -> u64 {
+        config.kv_bytes_per_token(bytes_per_elem) * TpShard::kv_replication(config, usize::from(self.tp)) as u64
+    }
+
     #[cfg(feature = "cuda")]
     fn cuda_backend(
         &self,
@@ -116,6 +153,12 @@ impl ModelArgs {
         kv: KvCacheConfig,
         bar: &indicatif::ProgressBar,
     ) -> anyhow::Result<Box<dyn ModelBackend>> {
+        anyhow::ensure!(
+            self.tp == 1,
+            "--tp {} with --device cuda is not implemented yet (the NCCL communicator exists, the sharded CUDA \
+             backend does not); use --device cpu for tensor parallelism",
+            self.tp
+        );
         let options = tessera_worker::backend::cuda::CudaOptions {
             device: self.cuda_device,
             lib_dirs: self.cuda_lib_dir.clone(),
@@ -136,5 +179,33 @@ impl ModelArgs {
         anyhow::bail!(
             "this tessera was built without CUDA support; rebuild with `cargo build --release --features cuda`"
         )
+    }
+}
+
+/// Prints, at start-up, what each rank of a group holds (measured after loading).
+fn report_group(config: &tessera_worker::ModelConfig, dtype: WeightsDtype, group: &TpCpuBackend) {
+    let mib = |b: usize| b as f64 / f64::from(1u32 << 20);
+    let whole = config.parameter_count() as f64 * dtype.size() as f64;
+    let ranks = group.footprints();
+    let per_rank: Vec<String> = ranks
+        .iter()
+        .enumerate()
+        .map(|(r, f)| {
+            format!("rank {r} {:.1} MiB ({:.1}%)", mib(f.weight_bytes), 100.0 * f.weight_bytes as f64 / whole)
+        })
+        .collect();
+    eprintln!(
+        "tensor parallel: {} ranks; weights of the {:.1} MiB model per rank: {}",
+        ranks.len(),
+        whole / f64::from(1u32 << 20),
+        per_rank.join(", ")
+    );
+    let replication = TpShard::kv_replication(config, ranks.len());
+    if replication > 1 {
+        eprintln!(
+            "tensor parallel: the model has {} K/V heads for {} ranks: each K/V head is replicated on {replication} ranks",
+            config.num_kv_heads,
+            ranks.len()
+        );
     }
 }

@@ -42,7 +42,8 @@ pub struct WorkerArgs {
     /// Address of the HTTP port with /livez, /readyz and /metrics.
     #[arg(long, env = "TESSERA_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
     metrics_listen: SocketAddr,
-    /// KV-cache memory, e.g. 2GiB (ignored when --kv-blocks is given).
+    /// KV-cache memory of the whole worker (all tensor-parallel ranks together), e.g. 2GiB
+    /// (ignored when --kv-blocks is given).
     #[arg(long, env = "TESSERA_KV_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
     kv_memory: u64,
     /// KV-cache capacity in blocks (overrides --kv-memory).
@@ -113,7 +114,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Some(num_blocks) => KvCacheConfig { num_blocks, block_size: args.block_size },
         None => KvCacheConfig::for_memory(
             args.kv_memory,
-            resolved.config.kv_bytes_per_token(bytes_per_elem),
+            args.model.kv_bytes_per_token(&resolved.config, bytes_per_elem),
             args.block_size,
         ),
     };
@@ -139,7 +140,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         worker_id,
         model_id: resolved.id.clone(),
         architecture: resolved.config.architecture.hf_name().to_string(),
-        tp_size: 1,
+        tp_size: u32::from(args.model.tp),
         block_size: kv.block_size as u32,
         kv_blocks: kv.num_blocks as u32,
         kv_capacity_tokens: (kv.num_blocks * kv.block_size) as u64,
@@ -164,7 +165,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let model = parts.info.model_id.clone();
         server::serve(parts, config, shutdown_signal(), |a| {
             let metrics = a.metrics.map(|m| m.to_string()).unwrap_or_default();
@@ -172,7 +173,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             println!("tessera worker ready: grpc={} metrics={metrics} model={model}", a.grpc);
         })
         .await
-    })?;
+    });
+    // Everything was joined on a clean exit; after a group failure nothing left may hold the
+    // process (a hung rank is not a runtime task).
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served?;
     eprintln!("tessera worker: drained, exiting");
     Ok(())
 }

@@ -68,6 +68,7 @@ fn spawn_until_ready(
     subcommand: &str,
     fixed: &[&str],
     args: &[&str],
+    envs: &[(&str, &str)],
     timeout: std::time::Duration,
 ) -> (std::process::Child, ReadyLine) {
     use std::io::{BufRead, BufReader};
@@ -76,6 +77,7 @@ fn spawn_until_ready(
         .args(fixed)
         .args(args)
         .env("RUST_BACKTRACE", "1")
+        .envs(envs.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawning tessera {subcommand}: {e}"));
@@ -106,8 +108,13 @@ impl WorkerProcess {
     /// Starts `tessera worker --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 ARGS` and waits
     /// for its ready line (up to two minutes: the first start may build the binary).
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let fixed = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--threads", "2"];
-        let (child, ready) = spawn_until_ready("worker", &fixed, args, std::time::Duration::from_secs(120));
+        let (child, ready) = spawn_until_ready("worker", &fixed, args, envs, std::time::Duration::from_secs(120));
         WorkerProcess {
             grpc_url: format!("http://{}", ready.field("grpc=")),
             metrics_addr: ready.field("metrics="),
@@ -361,7 +368,7 @@ impl RouterProcess {
 
     fn spawn(subcommand: &'static str, args: &[&str]) -> Self {
         let fixed = ["--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"];
-        let (child, ready) = spawn_until_ready(subcommand, &fixed, args, std::time::Duration::from_secs(240));
+        let (child, ready) = spawn_until_ready(subcommand, &fixed, args, &[], std::time::Duration::from_secs(240));
         RouterProcess {
             grpc_url: format!("http://{}", ready.field("grpc=")),
             http_addr: ready.field("http="),

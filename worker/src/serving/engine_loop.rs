@@ -7,7 +7,8 @@
 //! has gone (their event receiver was dropped), runs one step, forwards tokens, publishes KV
 //! events and load. Invariants: every live request is in `live` until its last sample finished
 //! or it was aborted, and then its blocks are already free; the thread exits once every
-//! [`EngineHandle`] is dropped and no work is left, or at once on [`EngineHandle::shutdown`].
+//! [`EngineHandle`] is dropped and no work is left, or at once on [`EngineHandle::shutdown`], or
+//! when the tensor-parallel group fails (after failing every live request with `GroupFailed`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -247,8 +248,9 @@ impl EngineLoop {
                 break;
             }
             self.drop_abandoned();
-            if self.engine.has_work() {
-                self.step();
+            if self.engine.has_work() && !self.step() {
+                // The tensor-parallel group failed: nothing can run here any more.
+                break;
             }
             self.publish();
         }
@@ -349,7 +351,9 @@ impl EngineLoop {
         }
     }
 
-    fn step(&mut self) {
+    /// Runs one step; false when the tensor-parallel group failed (every live request has been
+    /// failed with `GroupFailed` and the loop must stop).
+    fn step(&mut self) -> bool {
         let start = Instant::now();
         match self.engine.step() {
             Ok(report) => {
@@ -357,15 +361,24 @@ impl EngineLoop {
                 for event in report.events {
                     self.dispatch(event);
                 }
+                true
             }
             Err(e) => {
                 // The engine has dropped every sequence and cleared its cache.
-                let message = e.to_string();
+                let fatal = matches!(e, EngineError::GroupFailed(_));
+                let error = |message: String| {
+                    if fatal { EngineError::GroupFailed(message) } else { EngineError::Device(message) }
+                };
+                let message = match e {
+                    EngineError::GroupFailed(m) => m,
+                    other => other.to_string(),
+                };
                 for (_, req) in self.live.drain() {
-                    let _ = req.events.try_send(RequestEvent::Failed(EngineError::Device(message.clone())));
+                    let _ = req.events.try_send(RequestEvent::Failed(error(message.clone())));
                     self.metrics.failed();
                 }
                 self.by_seq.clear();
+                !fatal
             }
         }
     }

@@ -10,6 +10,12 @@
 //! the engine thread is joined and the probe port closed. Every task spawned here (the gRPC and
 //! probe servers, one task per KV-event subscriber, the registration) is cancelled and joined
 //! before [`serve`] returns; the registration also when serving fails without a drain.
+//!
+//! A failed tensor-parallel group starts the same sequence at once (deregistration first), with
+//! [`GROUP_FAILURE_GRACE`] instead of the drain timeout (the engine thread has already failed
+//! every in-flight request with UNAVAILABLE; the grace lets those statuses reach clients), does
+//! not wait for an engine thread that may be stuck in a hung rank, and returns
+//! [`ServeError::GroupFailed`] so the process exits non-zero and its supervisor restarts it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::engine::Engine;
 use crate::kv_events::{DEFAULT_REPLAY_CAPACITY, KvEventLog};
+use crate::parallel::GroupHealth;
 use crate::serving::engine_loop;
 use crate::serving::grpc::WorkerService;
 use crate::serving::http;
@@ -33,6 +40,9 @@ use crate::structured::ConstraintCompiler;
 
 /// How long aborted streams get to close after the drain timeout.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
+/// How long in-flight streams get to deliver their failure once the group has failed, and how
+/// long the engine thread gets to stop before it is left behind.
+pub const GROUP_FAILURE_GRACE: Duration = Duration::from_millis(500);
 
 /// Where and how to serve.
 #[derive(Debug, Clone)]
@@ -83,6 +93,9 @@ pub enum ServeError {
     /// The engine thread could not start or panicked.
     #[error("engine thread: {0}")]
     Engine(String),
+    /// The tensor-parallel group failed; the worker must exit and be restarted.
+    #[error("the tensor-parallel group failed: {0}")]
+    GroupFailed(String),
     /// Reflection or the metrics registry could not be set up.
     #[error("setting up {0}")]
     Setup(String),
@@ -139,6 +152,7 @@ pub async fn serve(
     let ready = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
     let kv_events = Arc::new(KvEventLog::new(DEFAULT_REPLAY_CAPACITY));
+    let group = parts.engine.backend().group_health();
     let (engine, engine_thread) =
         engine_loop::spawn(parts.engine, kv_events, metrics.clone()).map_err(|e| ServeError::Engine(e.to_string()))?;
 
@@ -182,8 +196,17 @@ pub async fn serve(
             streams_stop.clone(),
             deregister.clone(),
         );
+        let group = group.clone();
         async move {
-            shutdown.await;
+            match &group {
+                Some(g) => {
+                    tokio::select! {
+                        () = shutdown => {}
+                        reason = g.failed() => eprintln!("tessera worker: {reason}; leaving discovery and exiting"),
+                    }
+                }
+                None => shutdown.await,
+            }
             // First: leave discovery (the registration task deletes the key and revokes the
             // lease while the rest of the drain proceeds; it is joined after the drain).
             deregister.cancel();
@@ -219,7 +242,7 @@ pub async fn serve(
 
     let served = tokio::select! {
         r = &mut server => r,
-        () = drain_started.cancelled() => match tokio::time::timeout(config.drain_timeout, &mut server).await {
+        () = drain_started.cancelled() => match tokio::time::timeout(drain_limit(group.as_ref(), config.drain_timeout), &mut server).await {
             Ok(r) => r,
             Err(_) => {
                 // Out of time: abort what still runs; its streams end with ABORTED.
@@ -244,16 +267,47 @@ pub async fn serve(
     let _ = tokio::time::timeout(ABORT_GRACE, stream_tasks.wait()).await;
     engine.shutdown();
     drop(engine);
-    let joined = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    let failure = group.as_ref().and_then(|g| g.failure().map(str::to_string));
+    // A failed group's engine thread may be stuck in a hung rank: wait a little, then leave it
+    // to the process exit. A healthy one always stops after `shutdown`.
+    let joined = if wait_finished(&engine_thread, failure.is_some()).await {
+        Some(tokio::task::spawn_blocking(move || engine_thread.join()).await)
+    } else {
+        None
+    };
     http_stop.cancel();
     if let Some(t) = http_task {
         // The probe server ends with the token; its own errors do not change the outcome.
         let _ = t.await;
     }
+    if let Some(reason) = failure {
+        return Err(ServeError::GroupFailed(reason));
+    }
     match joined {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) | Err(_) => return Err(ServeError::Engine("the engine thread panicked".into())),
+        Some(Ok(Ok(()))) => {}
+        _ => return Err(ServeError::Engine("the engine thread panicked".into())),
     }
     served.map_err(|e| ServeError::Engine(format!("server task: {e}")))??;
     Ok(())
+}
+
+/// How long in-flight requests may run once the drain has begun.
+fn drain_limit(group: Option<&GroupHealth>, drain_timeout: Duration) -> Duration {
+    match group.and_then(GroupHealth::failure) {
+        Some(_) => GROUP_FAILURE_GRACE,
+        None => drain_timeout,
+    }
+}
+
+/// Waits until `thread` has finished: without limit, or at most [`GROUP_FAILURE_GRACE`] when
+/// `bounded`; whether it finished.
+async fn wait_finished(thread: &std::thread::JoinHandle<()>, bounded: bool) -> bool {
+    let started = tokio::time::Instant::now();
+    while !thread.is_finished() {
+        if bounded && started.elapsed() >= GROUP_FAILURE_GRACE {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
