@@ -31,7 +31,8 @@ pub fn run(cmd: CheckCommand) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use tessera_kernels::cuda::nccl::{Communicator, unique_id};
+    use tessera_kernels::comm::Communicator;
+    use tessera_kernels::cuda::nccl::{NcclComm, unique_id};
     use tessera_kernels::cuda::{GpuDevice, GpuOptions, selftest};
     use tessera_worker::loader::fetch;
 
@@ -70,19 +71,28 @@ mod imp {
             .to_path_buf();
         let stream = dev.stream().clone();
         let id = unique_id(&path)?;
-        let mut comm = Communicator::init(&path, id, 0, 1)?;
+        let comm = NcclComm::init(&path, id, 0, 1, stream.clone(), m.collective_timeout)?;
         let values: Vec<f32> = (0..4096).map(|i| i as f32 * 0.5 - 7.0).collect();
+        // One rank: every collective over the group gives the buffer itself back.
         let mut buf = stream.clone_htod(&values)?;
-        comm.all_reduce_sum(&mut buf, &stream)?;
-        let back = stream.clone_dtoh(&buf)?;
-        // One rank: the sum over the group is the buffer itself.
-        let ok = back == values;
-        comm.abort()?;
+        comm.all_reduce_sum(&mut buf)?;
+        let reduced = stream.clone_dtoh(&buf)?;
+        let mut gathered = stream.alloc_zeros::<f32>(values.len())?;
+        comm.all_gather(&buf, &mut gathered)?;
+        comm.broadcast(&mut gathered, 0)?;
+        comm.barrier()?;
+        comm.synchronize()?;
+        let gathered = stream.clone_dtoh(&gathered)?;
+        let ok = reduced == values && gathered == values;
+        // After an abort nothing runs, and nothing hangs.
+        comm.abort("check: abort test");
+        let refused = matches!(comm.all_reduce_sum(&mut buf), Err(tessera_kernels::comm::CommError::Aborted(_)));
         println!(
             "{}",
-            serde_json::json!({ "ok": ok, "ranks": comm.world(), "elements": values.len(), "nccl": path.display().to_string(), "device": dev.describe() })
+            serde_json::json!({ "ok": ok && refused, "ranks": comm.size(), "elements": values.len(), "abort_refuses": refused, "nccl": path.display().to_string(), "device": dev.describe() })
         );
-        anyhow::ensure!(ok, "NCCL all-reduce returned wrong values");
+        anyhow::ensure!(ok, "NCCL collectives returned wrong values");
+        anyhow::ensure!(refused, "an aborted NCCL communicator still accepted a collective");
         Ok(())
     }
 }

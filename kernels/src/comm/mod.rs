@@ -5,14 +5,16 @@
 //! (hung) or something else (a bug) fails the whole group instead of blocking it forever.
 //!
 //! Failure model, shared by every implementation:
-//! - every collective waits at most the group's timeout; when it runs out, the group is
+//! - every collective (for a device communicator: every `synchronize`, since its collectives
+//!   are only queued) waits at most the group's timeout; when it runs out, the group is
 //!   **aborted** and the call returns [`CommError::Timeout`] naming the ranks that never came;
 //! - [`Communicator::abort`] (called by a rank that failed, panicked, or noticed a timeout) makes
 //!   every pending and future collective on every rank return [`CommError::Aborted`] promptly;
 //! - an aborted group stays aborted: ranks do not recover, the process owning them restarts.
 //!
 //! Implementations: [`host::HostComm`] (rank threads sharing memory, for the CPU backend) and,
-//! with the `cuda` feature, `cuda::nccl::NcclComm` (one GPU per rank).
+//! with the `cuda` feature, `cuda::nccl::NcclComm` (one GPU per rank; its collectives are queued
+//! on the rank's stream and the timeout applies in [`Communicator::synchronize`]).
 
 pub mod host;
 
@@ -22,11 +24,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommError {
     /// The ranks in `missing` did not join `op` within `waited`; the group is now aborted.
-    #[error("{op}: rank(s) {missing:?} did not join within {waited:?}; the group is aborted")]
+    #[error("{op}: {} within {waited:?}; the group is aborted", who_did_not_join(.missing))]
     Timeout {
         /// The collective.
         op: &'static str,
-        /// Ranks that never arrived.
+        /// Ranks that never arrived (empty when the transport cannot tell, as with NCCL).
         missing: Vec<usize>,
         /// How long this rank waited.
         waited: Duration,
@@ -41,6 +43,10 @@ pub enum CommError {
     /// The transport itself failed (NCCL, CUDA).
     #[error("{0}")]
     Transport(String),
+}
+
+fn who_did_not_join(missing: &[usize]) -> String {
+    if missing.is_empty() { "the group did not complete".into() } else { format!("rank(s) {missing:?} did not join") }
 }
 
 /// One rank's handle on its group.
@@ -65,6 +71,14 @@ pub trait Communicator: Send + Sync {
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CommError>;
+
+    /// Waits until every collective this rank has issued has completed, at most the group's
+    /// timeout (aborting the group when it runs out). Host collectives complete before they
+    /// return, so this is a no-op for them; device collectives are queued on a stream and this is
+    /// where a hung peer is noticed.
+    fn synchronize(&self) -> Result<(), CommError> {
+        Ok(())
+    }
 
     /// Aborts the group: every pending and future collective on every rank fails with `reason`.
     /// Idempotent; the first reason is kept.
