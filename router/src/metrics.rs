@@ -35,6 +35,8 @@ pub struct RouterMetrics {
     pub requests: IntCounterVec,
     /// Retries of a request on another worker before its first token.
     pub retries: IntCounter,
+    /// Requests moved to another worker after tokens were streamed (resumed there).
+    pub migrations: IntCounter,
     /// Time to first token as the client sees it, by method.
     pub ttft: HistogramVec,
     /// Whole request duration.
@@ -107,6 +109,10 @@ impl RouterMetrics {
             retries: counter(
                 "tessera_router_retries_total",
                 "Requests retried on another worker before the first token",
+            )?,
+            migrations: counter(
+                "tessera_router_migrations_total",
+                "Requests migrated mid-stream to another worker, resuming after the tokens already streamed",
             )?,
             ttft: add(
                 &registry,

@@ -260,10 +260,34 @@ impl Engine {
         constraint: Option<Box<dyn OutputConstraint>>,
         follows: Option<SeqId>,
     ) -> Result<SeqId, EngineError> {
+        self.add_resumed(request, constraint, follows, &[])
+    }
+
+    /// Like [`add`](Self::add) for a request that already produced `resumed` elsewhere (a
+    /// migrated request): the sequence continues after them (see [`Sequence::resume`]).
+    pub fn add_resumed(
+        &mut self,
+        request: GenerationRequest,
+        constraint: Option<Box<dyn OutputConstraint>>,
+        follows: Option<SeqId>,
+        resumed: &[u32],
+    ) -> Result<SeqId, EngineError> {
         self.validate(&request)?;
+        let vocab = self.backend.config().vocab_size;
+        if let Some(&id) = resumed.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { id, vocab });
+        }
+        if !resumed.is_empty() && resumed.len() >= request.max_new_tokens {
+            return Err(EngineError::InvalidSampling(format!(
+                "resume_output: {} tokens already reach max_tokens {}",
+                resumed.len(),
+                request.max_new_tokens
+            )));
+        }
         let id = SeqId(self.next_id);
         let follows = follows.filter(|_| self.scheduler.config().prefix_caching);
-        let seq = Sequence::new(id, self.next_id, request, constraint, follows)?;
+        let mut seq = Sequence::new(id, self.next_id, request, constraint, follows)?;
+        seq.resume(resumed)?;
         self.scheduler.enqueue(seq)?;
         self.next_id += 1;
         Ok(id)

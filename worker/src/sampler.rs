@@ -173,6 +173,21 @@ impl Sampler {
         }
     }
 
+    /// Replays a token produced elsewhere with the same parameters (a migrated request): it is
+    /// observed for the penalties and the random stream advances by the draw that picked it, so
+    /// what follows is what this sampler would have picked had it produced the token itself.
+    pub fn replay(&mut self, token: u32) {
+        if self.draws_random() {
+            let _: f32 = self.rng.random();
+        }
+        self.observe(token);
+    }
+
+    /// Whether picking a token draws one random number (every non-greedy pick does, exactly one).
+    fn draws_random(&self) -> bool {
+        self.params.temperature != 0.0 && (1.0 / self.params.temperature).is_finite()
+    }
+
     fn penalised(&self, logits: &[f32]) -> Vec<f32> {
         let mut l = logits.to_vec();
         let p = &self.params;
@@ -202,7 +217,7 @@ impl Sampler {
         };
         let inv_t = 1.0 / self.params.temperature;
         // A temperature so small that 1/T overflows is greedy in the limit.
-        if self.params.temperature == 0.0 || !inv_t.is_finite() || logits.len() <= 1 {
+        if !self.draws_random() || logits.len() <= 1 {
             return argmax(logits);
         }
         // Scale relative to the best logit so large temperatures and logits stay finite.

@@ -91,6 +91,23 @@ impl Sequence {
         })
     }
 
+    /// Appends `tokens` as output this request already produced elsewhere (mid-stream
+    /// migration): the constraint, the penalties and the random stream advance as if this
+    /// sequence had picked them. Only before the sequence has run.
+    pub fn resume(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
+        if self.computed != 0 || self.tokens.len() != self.prompt_len {
+            return Err(EngineError::Internal("resume after the sequence started".into()));
+        }
+        for &token in tokens {
+            if let Some(c) = self.constraint.as_mut() {
+                c.accept(token)?;
+            }
+            self.sampler.replay(token);
+            self.tokens.push(token);
+        }
+        Ok(())
+    }
+
     /// Tokens generated so far.
     pub fn output(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]

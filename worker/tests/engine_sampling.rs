@@ -121,3 +121,46 @@ fn seeded_sampling_is_batch_independent() {
     let different = run(&mut e, &[request(&prompt, 24, sampled(8))]).remove(0);
     assert_ne!(different.tokens, alone.tokens, "another seed samples differently");
 }
+
+/// Runs `r` as if it had already produced `resumed` elsewhere; returns what it adds.
+fn run_resumed(e: &mut Engine, r: GenerationRequest, resumed: &[u32]) -> Vec<u32> {
+    let id = e.add_resumed(r, None, None, resumed).unwrap();
+    let mut out = Vec::new();
+    while e.has_work() {
+        for event in e.step().unwrap().events {
+            if let tessera_worker::engine::SequenceEvent::Token { seq, token } = event
+                && seq == id
+            {
+                out.push(token.token);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_resumed_request_continues_exactly_where_it_stopped() {
+    // Mid-stream migration: the tokens already streamed go to another worker as `resumed`; what
+    // it generates next must be what the first worker would have generated, for greedy and for
+    // seeded sampling with penalties (their counts and the random stream are replayed).
+    let (mut e, prompt) = engine();
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        frequency_penalty: 0.4,
+        repetition_penalty: 1.1,
+        seed: 1234,
+        ..SamplingParams::greedy()
+    };
+    for sampling in [SamplingParams::greedy(), seeded] {
+        let whole = run(&mut e, &[request(&prompt, 40, sampling.clone())]).remove(0).tokens;
+        assert_eq!(whole.len(), 40);
+        for cut in [1, 17, 39] {
+            let rest = run_resumed(&mut e, request(&prompt, 40, sampling.clone()), &whole[..cut]);
+            assert_eq!(rest, whole[cut..], "resumed after {cut} tokens with {sampling:?}");
+        }
+    }
+    // Nothing left to generate, or ids outside the vocabulary: refused.
+    assert!(e.add_resumed(request(&prompt, 4, SamplingParams::greedy()), None, None, &[5, 6, 7, 8]).is_err());
+    assert!(e.add_resumed(request(&prompt, 4, SamplingParams::greedy()), None, None, &[100_000]).is_err());
+}

@@ -14,8 +14,9 @@
 //!   expired one is refused with `DEADLINE_EXCEEDED` before any work;
 //! - a client that cancels or drops its stream drops the worker stream, which aborts the
 //!   request on the worker (the worker aborts requests whose stream closes);
-//! - before the first token, a transport failure of one worker is retried on another
-//!   (at most [`MAX_ATTEMPTS`] workers); after it, the error reaches the client.
+//! - a worker failure moves the request to another worker (at most [`MAX_ATTEMPTS`] workers):
+//!   retried before the first token, migrated after it (single-sample requests resume after the
+//!   tokens already streamed; see `run`); only then does the error reach the client.
 
 mod prepare;
 mod run;
@@ -40,7 +41,7 @@ use crate::metrics::RouterMetrics;
 use crate::pool::WorkerPool;
 use crate::text::ToolCallStyle;
 
-/// Workers tried for one request before giving up (before its first token).
+/// Workers tried for one request before giving up (retries and migrations together).
 pub const MAX_ATTEMPTS: usize = 3;
 
 /// The model a router serves: its id and the text side of it.

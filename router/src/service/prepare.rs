@@ -234,7 +234,9 @@ impl GenerationService {
                 repetition_penalty: s.repetition_penalty,
                 presence_penalty: s.presence_penalty,
                 frequency_penalty: s.frequency_penalty,
-                seed: s.seed,
+                // Fixed here, not by the worker: a migrated request continues the same random
+                // stream on its next worker.
+                seed: Some(s.seed.unwrap_or_else(rand::random)),
             }),
             stop_token_ids: s.stop_token_ids.clone(),
             min_tokens: s.min_tokens,
@@ -242,6 +244,7 @@ impl GenerationService {
             logprobs: logprobs.then_some(s.top_logprobs),
             constraint: constraint.map(|kind| wpb::Constraint { kind: Some(kind) }),
             n: s.n.max(1),
+            resume_output: Vec::new(),
         };
         Ok(Prepared {
             request_id: request_id.to_string(),

@@ -1,8 +1,14 @@
 //! Running a prepared request: route it, call the worker, and turn its token stream into text
-//! deltas (detokenized, stop strings applied, tool calls parsed); before the first token a
-//! transport failure is retried on another worker (at most [`MAX_ATTEMPTS`]). The deltas go into
-//! a channel owned by one spawned task per request; dropping the receiver ends the task, which
-//! drops the worker stream and so aborts the request on the worker.
+//! deltas (detokenized, stop strings applied, tool calls parsed). When the worker fails (a
+//! transport error, UNAVAILABLE, a stream cut short, a shutdown abort) the request moves to
+//! another worker, at most [`MAX_ATTEMPTS`] in all: before any token it is simply retried; after
+//! tokens (single-sample requests) it is **migrated** — the new worker gets the prompt plus the
+//! tokens already streamed as `resume_output` and continues exactly where the old one stopped
+//! (same constraint state, penalties and random stream), while the client's text state
+//! (detokenizer, stop strings, tool-call parser) carries on, so the client sees neither an
+//! error nor a repeated token. The deltas go into a channel owned by one spawned task per
+//! request; dropping the receiver ends the task, which drops the worker stream and so aborts the
+//! request on the worker.
 
 use std::time::Instant;
 
@@ -62,7 +68,21 @@ impl GenerationService {
     }
 }
 
-/// Runs one request on a worker (retrying on another before the first token).
+/// What a request has streamed so far, across the workers it ran on.
+struct Progress<'t> {
+    samples: Vec<SampleText<'t>>,
+    usage: api::Usage,
+    /// Samples not finished yet.
+    open: usize,
+    /// Tokens received from workers (all samples).
+    tokens: usize,
+    /// Sample 0's tokens so far: what a migration resumes after (`n = 1` only).
+    resume: Vec<u32>,
+}
+
+/// Runs one request: routes it, relays its tokens, and when the worker fails moves it to
+/// another (at most [`MAX_ATTEMPTS`] workers in all) — a retry before any token, a migration
+/// that resumes after the tokens already streamed (single-sample requests) after it.
 async fn drive(
     model: &TextModel,
     pool: &WorkerPool,
@@ -74,34 +94,65 @@ async fn drive(
 ) -> Result<(), Status> {
     let hashes: Vec<u64> =
         tessera_proto::hash_prefix_blocks(&p.prompt, model.block_size).into_iter().map(|h| h.0).collect();
+    let mut progress = Progress {
+        samples: (0..p.n).map(|_| SampleText::new(model, &p)).collect(),
+        usage: api::Usage { prompt_tokens: p.prompt.len() as u32, ..Default::default() },
+        open: p.n as usize,
+        tokens: 0,
+        resume: Vec::new(),
+    };
     let mut failed = Vec::new();
-    let mut stream = loop {
+    loop {
         let routed = pool
             .route(&hashes, model.block_size, p.prompt.len(), &failed)
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut req = Request::new(p.worker.clone());
+        let mut worker_request = p.worker.clone();
+        worker_request.resume_output = progress.resume.clone();
+        let mut req = Request::new(worker_request);
         if let Some(d) = p.deadline {
             req.set_timeout(d.saturating_sub(started.elapsed()));
         }
         let mut client = routed.client.clone();
-        match client.generate(req).await {
-            Ok(s) => break s.into_inner(),
-            Err(status) if failed.len() + 1 < MAX_ATTEMPTS && retryable(&status) => {
-                pool.report_failure(routed.slot, status.message());
-                metrics.retries.inc();
-                failed.push(routed.slot);
-            }
-            Err(status) => return Err(status),
+        let attempt = async {
+            let mut stream = client.generate(req).await?.into_inner();
+            relay(model, metrics, &p, method, started, tx, &mut stream, &mut progress).await
+        };
+        let status = match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(status) => status,
+        };
+        let movable = retryable(&status) && (progress.tokens == 0 || p.n == 1);
+        if !movable || failed.len() + 1 >= MAX_ATTEMPTS {
+            return Err(status);
         }
-    };
-    let mut samples: Vec<SampleText> = (0..p.n).map(|_| SampleText::new(model, &p)).collect();
-    let mut usage = api::Usage { prompt_tokens: p.prompt.len() as u32, ..Default::default() };
-    let mut open = p.n as usize;
-    let mut first = true;
-    while open > 0 {
+        pool.report_failure(routed.slot, status.message());
+        if progress.tokens == 0 {
+            metrics.retries.inc();
+        } else {
+            metrics.migrations.inc();
+        }
+        failed.push(routed.slot);
+    }
+}
+
+/// Relays one worker's stream into `tx` until every sample has finished (`Ok`) or the stream
+/// fails; a stream that ends early or a sample the worker aborted (it is shutting down) is an
+/// UNAVAILABLE failure, so the request moves on.
+#[expect(clippy::too_many_arguments, reason = "one request's context, passed down once")]
+async fn relay(
+    model: &TextModel,
+    metrics: &RouterMetrics,
+    p: &Prepared,
+    method: &'static str,
+    started: Instant,
+    tx: &mpsc::Sender<Result<Delta, Status>>,
+    stream: &mut tonic::Streaming<wpb::GenerateResponse>,
+    progress: &mut Progress<'_>,
+) -> Result<(), Status> {
+    while progress.open > 0 {
         let next = tokio::select! {
             m = stream.message() => m,
-            // The client went away: dropping `stream` aborts the worker request now, not at
+            // The client went away: dropping the stream aborts the worker request now, not at
             // the next token.
             () = tx.closed() => return Err(Status::cancelled("the client cancelled")),
         };
@@ -110,17 +161,24 @@ async fn drive(
             Ok(None) => return Err(Status::unavailable("the worker ended the stream early")),
             Err(status) => return Err(status),
         };
-        if first {
-            metrics.ttft.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
-            first = false;
+        let worker_finish = wpb::FinishReason::try_from(msg.finish_reason).unwrap_or(wpb::FinishReason::Unspecified);
+        if worker_finish == wpb::FinishReason::Aborted {
+            return Err(Status::unavailable("the worker aborted the request (it is shutting down)"));
         }
-        let Some(sample) = samples.get_mut(msg.index as usize) else {
+        if progress.tokens == 0 && !msg.tokens.is_empty() {
+            metrics.ttft.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
+        }
+        let Some(sample) = progress.samples.get_mut(msg.index as usize) else {
             return Err(Status::internal(format!("the worker sent sample {} of {}", msg.index, p.n)));
         };
         if sample.done {
             continue;
         }
         let ids: Vec<u32> = msg.tokens.iter().map(|t| t.token_id).collect();
+        progress.tokens += ids.len();
+        if p.n == 1 {
+            progress.resume.extend_from_slice(&ids);
+        }
         metrics.generated_tokens.inc_by(ids.len() as u64);
         let mut delta = sample.push(&ids).map_err(|e| Status::internal(e.to_string()))?;
         delta.index = msg.index;
@@ -130,10 +188,9 @@ async fn drive(
         if p.logprobs {
             delta.logprobs = msg.tokens.iter().map(|t| logprob(&model.tokenizer, t)).collect();
         }
-        let worker_finish = wpb::FinishReason::try_from(msg.finish_reason).unwrap_or(wpb::FinishReason::Unspecified);
         if let Some(u) = &msg.usage {
-            usage.completion_tokens += u.completion_tokens;
-            usage.cached_prompt_tokens = usage.cached_prompt_tokens.max(u.cached_prompt_tokens);
+            progress.usage.completion_tokens += u.completion_tokens;
+            progress.usage.cached_prompt_tokens = progress.usage.cached_prompt_tokens.max(u.cached_prompt_tokens);
         }
         if delta.finish.is_none() && worker_finish != wpb::FinishReason::Unspecified {
             let (tail, calls) = sample.finish().map_err(|e| Status::internal(e.to_string()))?;
@@ -141,25 +198,24 @@ async fn drive(
             delta.tool_calls.extend(calls);
             let reason = match worker_finish {
                 wpb::FinishReason::Length => api::FinishReason::Length,
-                wpb::FinishReason::Aborted => api::FinishReason::Aborted,
                 _ => api::FinishReason::Stop,
             };
             delta.finish = Some((sample.reason(reason), String::new()));
         }
         if delta.finish.is_some() {
             sample.done = true;
-            open -= 1;
+            progress.open -= 1;
             if msg.usage.is_none() {
                 // Ended by a stop string: count what this sample generated.
-                usage.completion_tokens += sample.generated;
+                progress.usage.completion_tokens += sample.generated;
             }
         }
-        if open == 0 {
-            metrics.cached_prompt_tokens.inc_by(u64::from(usage.cached_prompt_tokens));
-            delta.usage = Some(usage);
+        if progress.open == 0 {
+            metrics.cached_prompt_tokens.inc_by(u64::from(progress.usage.cached_prompt_tokens));
+            delta.usage = Some(progress.usage);
         }
         if tx.send(Ok(delta)).await.is_err() {
-            // The client went away: dropping `stream` aborts the worker request.
+            // The client went away: dropping the stream aborts the worker request.
             return Err(Status::cancelled("the client cancelled"));
         }
     }

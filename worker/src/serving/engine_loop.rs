@@ -74,6 +74,8 @@ pub struct SampleSpec {
     pub request: GenerationRequest,
     /// Its output constraint, compiled.
     pub constraint: Option<Box<dyn OutputConstraint>>,
+    /// Output it already produced on another worker (migration), not streamed again.
+    pub resumed: Vec<u32>,
 }
 
 /// A request for the engine thread.
@@ -282,9 +284,11 @@ impl EngineLoop {
         }
         let mut seqs = Vec::with_capacity(s.samples.len());
         let prompt_len = s.samples.first().map_or(0, |x| x.request.prompt.len());
+        // Resumed output counts as produced (usage), though it is not streamed again.
+        let produced: Vec<usize> = s.samples.iter().map(|x| x.resumed.len()).collect();
         let mut leader = None;
         for sample in s.samples {
-            match self.engine.add(sample.request, sample.constraint, leader) {
+            match self.engine.add_resumed(sample.request, sample.constraint, leader, &sample.resumed) {
                 Ok(id) => {
                     leader.get_or_insert(id);
                     seqs.push(id);
@@ -310,7 +314,7 @@ impl EngineLoop {
         }
         let live = LiveRequest {
             events: s.events,
-            produced: vec![0; seqs.len()],
+            produced,
             ended: vec![false; seqs.len()],
             prompt_len,
             seqs,

@@ -60,6 +60,9 @@ impl WorkerService {
         if n > MAX_SAMPLES {
             return Err(Status::invalid_argument(format!("n: at most {MAX_SAMPLES} samples per request, got {n}")));
         }
+        if n > 1 && !r.resume_output.is_empty() {
+            return Err(Status::invalid_argument("resume_output: only a single-sample request (n = 1) can be resumed"));
+        }
         let vocab = self.info.vocab_size;
         if let Some(id) = r.stop_token_ids.iter().find(|&&t| t >= vocab) {
             return Err(Status::invalid_argument(format!(
@@ -112,6 +115,7 @@ impl WorkerService {
                     logprobs: r.logprobs,
                 },
                 constraint: constraint.map(|c| Box::new(c) as Box<dyn crate::sequence::OutputConstraint>),
+                resumed: r.resume_output.clone(),
             })
             .collect())
     }
