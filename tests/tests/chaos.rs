@@ -3,8 +3,6 @@
 //! run — because the router migrates each interrupted stream to another worker, which resumes
 //! after the tokens already streamed.
 
-#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
