@@ -14,13 +14,15 @@ use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::sampler::SamplingParams;
 
-use super::model_args::ModelArgs;
+use super::model_args::{ModelArgs, ParallelArgs};
 
 /// Arguments of `tessera batch`.
 #[derive(Debug, Args)]
 pub struct BatchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     /// The input JSON file.
     #[arg(long)]
     input: PathBuf,
@@ -50,7 +52,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     let kv = KvCacheConfig::for_sequences(1, total, 16);
     // Each prompt runs alone and from scratch, so results never depend on the other prompts.
     let options = EngineOptions { prefix_caching: false, ..EngineOptions::default() };
-    let mut engine = Engine::with_options(args.model.backend(&resolved, kv)?, kv, options)?;
+    let mut engine = Engine::with_options(args.model.backend(&resolved, kv, &args.parallel)?, kv, options)?;
     let mut outputs = Vec::with_capacity(input.prompts.len());
     for (i, prompt) in input.prompts.iter().enumerate() {
         let first_logits = engine.prompt_logits(prompt).with_context(|| format!("prompt {i}"))?;

@@ -13,7 +13,7 @@ use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::plan::human_bytes;
 use tessera_worker::sampler::SamplingParams;
 
-use super::model_args::{Device, ModelArgs};
+use super::model_args::{Device, ModelArgs, ParallelArgs};
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
@@ -38,6 +38,8 @@ pub enum BenchCommand {
 pub struct EngineBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Sequences decoded together; a comma-separated list runs each size in turn.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
@@ -119,7 +121,7 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     // Every run repeats the same prompts: without turning the prefix cache off, runs after the
     // first would measure cache hits instead of prefill.
     let mut engine = Engine::with_options(
-        args.model.backend(&resolved, kv)?,
+        args.model.backend(&resolved, kv, &args.parallel)?,
         kv,
         EngineOptions { prefix_caching: false, ..EngineOptions::default() },
     )?;

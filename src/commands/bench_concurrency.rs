@@ -65,7 +65,7 @@ pub fn run(args: &EngineBenchArgs) -> anyhow::Result<()> {
             max_batch_tokens: EngineOptions::default().max_batch_tokens.max(max_c),
             ..EngineOptions::default()
         };
-        let mut engine = Engine::with_options(args.model.backend(&resolved, kv)?, kv, options)?;
+        let mut engine = Engine::with_options(args.model.backend(&resolved, kv, &args.parallel)?, kv, options)?;
         let request = |prompt: &Vec<u32>, n| GenerationRequest {
             prompt: prompt.clone(),
             max_new_tokens: n,

@@ -2,7 +2,7 @@
 
 use clap::{Args, Subcommand};
 
-use super::model_args::ModelArgs;
+use super::model_args::{ModelArgs, ParallelArgs};
 
 /// Device self-checks.
 #[derive(Debug, Subcommand)]
@@ -19,13 +19,15 @@ pub enum CheckCommand {
 pub struct CheckArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 /// Runs a check.
 pub fn run(cmd: CheckCommand) -> anyhow::Result<()> {
     match cmd {
         CheckCommand::Kernels(a) => imp::kernels(&a.model),
-        CheckCommand::Nccl(a) => imp::nccl(&a.model),
+        CheckCommand::Nccl(a) => imp::nccl(&a.model, &a.parallel),
     }
 }
 
@@ -36,7 +38,7 @@ mod imp {
     use tessera_kernels::cuda::{GpuDevice, GpuOptions, selftest};
     use tessera_worker::loader::fetch;
 
-    use super::ModelArgs;
+    use super::{ModelArgs, ParallelArgs};
 
     fn open(m: &ModelArgs) -> anyhow::Result<GpuDevice> {
         anyhow::ensure!(m.device == super::super::model_args::Device::Cuda, "checks run on --device cuda");
@@ -62,7 +64,7 @@ mod imp {
         Ok(())
     }
 
-    pub fn nccl(m: &ModelArgs) -> anyhow::Result<()> {
+    pub fn nccl(m: &ModelArgs, parallel: &ParallelArgs) -> anyhow::Result<()> {
         let dev = open(m)?;
         let path = dev
             .libraries()
@@ -71,7 +73,7 @@ mod imp {
             .to_path_buf();
         let stream = dev.stream().clone();
         let id = unique_id(&path)?;
-        let comm = NcclComm::init(&path, id, 0, 1, stream.clone(), m.collective_timeout)?;
+        let comm = NcclComm::init(&path, id, 0, 1, stream.clone(), parallel.collective_timeout)?;
         let values: Vec<f32> = (0..4096).map(|i| i as f32 * 0.5 - 7.0).collect();
         // One rank: every collective over the group gives the buffer itself back.
         let mut buf = stream.clone_htod(&values)?;
@@ -99,7 +101,7 @@ mod imp {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::ModelArgs;
+    use super::{ModelArgs, ParallelArgs};
 
     const NO_CUDA: &str =
         "this tessera was built without CUDA support; rebuild with `cargo build --release --features cuda`";
@@ -108,7 +110,7 @@ mod imp {
         anyhow::bail!(NO_CUDA)
     }
 
-    pub fn nccl(_m: &ModelArgs) -> anyhow::Result<()> {
+    pub fn nccl(_m: &ModelArgs, _parallel: &ParallelArgs) -> anyhow::Result<()> {
         anyhow::bail!(NO_CUDA)
     }
 }

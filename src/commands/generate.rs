@@ -11,13 +11,15 @@ use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::sampler::SamplingParams;
 use tessera_worker::{EngineError, GenerationRequest};
 
-use super::model_args::ModelArgs;
+use super::model_args::{ModelArgs, ParallelArgs};
 
 /// Arguments of `tessera generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -113,7 +115,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         logprobs: None,
     };
     let kv = KvCacheConfig::for_sequences(1, request.prompt.len() + request.max_new_tokens, args.kv_block_size);
-    let mut engine = Engine::new(args.model.backend(&resolved, kv)?, kv)?;
+    let mut engine = Engine::new(args.model.backend(&resolved, kv, &args.parallel)?, kv)?;
     let mut detok = Detokenizer::after_prompt(tokenizer, true, &request.prompt);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;

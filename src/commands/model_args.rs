@@ -71,18 +71,31 @@ pub struct ModelArgs {
     /// Index of the GPU to use.
     #[arg(long, default_value_t = 0)]
     pub cuda_device: usize,
+}
+
+/// How the model is split over devices (commands that run the model).
+#[derive(Debug, Clone, Args)]
+pub struct ParallelArgs {
     /// Tensor-parallel ranks: the model is split over this many ranks (CPU: rank threads sharing
     /// --threads), each holding only its shard of the weights and of the K/V heads.
     #[arg(long, env = "TESSERA_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub tp: u16,
     /// How long a collective may wait for the slowest rank before the group is declared failed
-    /// (the worker then leaves discovery, fails its requests with UNAVAILABLE and exits).
+    /// (a worker then leaves discovery, fails its requests with UNAVAILABLE and exits).
     #[arg(long, env = "TESSERA_COLLECTIVE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub collective_timeout: Duration,
     /// Tests only: make one rank fail, as `rank=R,step=S,kind=panic|hang|error` (refused unless
     /// TESSERA_ALLOW_FAULT_INJECTION=1).
     #[arg(long, value_parser = FaultInjection::parse, value_name = "rank=R,step=S,kind=K")]
     pub fault_inject: Option<FaultInjection>,
+}
+
+impl ParallelArgs {
+    /// Bytes of K+V per token over the whole group: more than the model's when K/V heads are
+    /// replicated (fewer K/V heads than ranks).
+    pub fn kv_bytes_per_token(&self, config: &tessera_worker::ModelConfig, bytes_per_elem: usize) -> u64 {
+        config.kv_bytes_per_token(bytes_per_elem) * TpShard::kv_replication(config, usize::from(self.tp)) as u64
+    }
 }
 
 impl ModelArgs {
@@ -102,20 +115,26 @@ impl ModelArgs {
         Ok(loader::resolve(&spec, &options)?)
     }
 
-    /// Builds the backend for `resolved` with KV storage for `kv`, showing progress over layers.
-    pub fn backend(&self, resolved: &ResolvedModel, kv: KvCacheConfig) -> anyhow::Result<Box<dyn ModelBackend>> {
+    /// Builds the backend for `resolved` with KV storage for `kv`, split as `parallel` says,
+    /// showing progress over layers.
+    pub fn backend(
+        &self,
+        resolved: &ResolvedModel,
+        kv: KvCacheConfig,
+        parallel: &ParallelArgs,
+    ) -> anyhow::Result<Box<dyn ModelBackend>> {
         let bar = indicatif::ProgressBar::new(resolved.config.num_layers as u64).with_message("loading layers");
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let backend = match self.device {
-            Device::Cpu if self.tp > 1 || self.fault_inject.is_some() => {
+            Device::Cpu if parallel.tp > 1 || parallel.fault_inject.is_some() => {
                 let options = TpOptions {
-                    size: usize::from(self.tp),
+                    size: usize::from(parallel.tp),
                     threads: self.threads,
-                    collective_timeout: self.collective_timeout,
-                    fault: self.fault_inject,
+                    collective_timeout: parallel.collective_timeout,
+                    fault: parallel.fault_inject,
                 };
                 let dtype: WeightsDtype = self.weights_dtype.into();
                 let group =
@@ -134,16 +153,10 @@ impl ModelArgs {
                     .with_context(|| resolved.id.clone())?;
                 Box::new(CpuBackend::new(model, pool, kv)?) as Box<dyn ModelBackend>
             }
-            Device::Cuda => self.cuda_backend(resolved, kv, &bar)?,
+            Device::Cuda => self.cuda_backend(resolved, kv, parallel, &bar)?,
         };
         bar.finish_and_clear();
         Ok(backend)
-    }
-
-    /// Bytes of K+V per token over the whole group: more than the model's when K/V heads are
-    /// replicated (fewer K/V heads than ranks).
-    pub fn kv_bytes_per_token(&self, config: &tessera_worker::ModelConfig, bytes_per_elem: usize) -> u64 {
-        config.kv_bytes_per_token(bytes_per_elem) * TpShard::kv_replication(config, usize::from(self.tp)) as u64
     }
 
     #[cfg(feature = "cuda")]
@@ -151,13 +164,14 @@ impl ModelArgs {
         &self,
         resolved: &ResolvedModel,
         kv: KvCacheConfig,
+        parallel: &ParallelArgs,
         bar: &indicatif::ProgressBar,
     ) -> anyhow::Result<Box<dyn ModelBackend>> {
         anyhow::ensure!(
-            self.tp == 1,
+            parallel.tp == 1,
             "--tp {} with --device cuda is not implemented yet (the NCCL communicator exists, the sharded CUDA \
              backend does not); use --device cpu for tensor parallelism",
-            self.tp
+            parallel.tp
         );
         let options = tessera_worker::backend::cuda::CudaOptions {
             device: self.cuda_device,
@@ -174,6 +188,7 @@ impl ModelArgs {
         &self,
         _resolved: &ResolvedModel,
         _kv: KvCacheConfig,
+        _parallel: &ParallelArgs,
         _bar: &indicatif::ProgressBar,
     ) -> anyhow::Result<Box<dyn ModelBackend>> {
         anyhow::bail!(

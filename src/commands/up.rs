@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use tessera_router::server::Discovery;
 
 use crate::commands::local_cluster::{Children, field};
-use crate::commands::model_args::ModelArgs;
+use crate::commands::model_args::{ModelArgs, ParallelArgs};
 use crate::commands::router::{self, RoutingArgs};
 
 /// Options of `tessera up`.
@@ -22,6 +22,8 @@ use crate::commands::router::{self, RoutingArgs};
 pub struct UpArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     #[command(flatten)]
     routing: RoutingArgs,
     /// Worker processes to start.
@@ -64,6 +66,12 @@ fn worker_args(args: &UpArgs, index: usize, threads: usize) -> Vec<String> {
     }
     if !args.etcd.is_empty() {
         v.extend(["--etcd".into(), args.etcd.join(",")]);
+    }
+    let p = &args.parallel;
+    v.extend(["--tp".into(), p.tp.to_string()]);
+    v.extend(["--collective-timeout".into(), humantime::format_duration(p.collective_timeout).to_string()]);
+    if let Some(f) = &p.fault_inject {
+        v.extend(["--fault-inject".into(), f.to_string()]);
     }
     v
 }

@@ -14,7 +14,7 @@ use tessera_worker::serving::registration::{self, RegistrationConfig};
 use tessera_worker::serving::server::{self, ServeConfig, WorkerParts};
 use tessera_worker::structured::ConstraintCompiler;
 
-use crate::commands::model_args::{Device, ModelArgs};
+use crate::commands::model_args::{Device, ModelArgs, ParallelArgs};
 use crate::commands::signals::shutdown_signal;
 use crate::commands::units::parse_bytes;
 
@@ -32,6 +32,8 @@ pub enum EngineKind {
 pub struct WorkerArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     /// `model` runs the model; `mock` streams deterministic tokens with no model compute (the
     /// tokenizer, limits, scheduler, KV bookkeeping and gRPC are real) — for router benchmarks.
     #[arg(long, env = "TESSERA_ENGINE", value_enum, default_value = "model")]
@@ -114,13 +116,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         Some(num_blocks) => KvCacheConfig { num_blocks, block_size: args.block_size },
         None => KvCacheConfig::for_memory(
             args.kv_memory,
-            args.model.kv_bytes_per_token(&resolved.config, bytes_per_elem),
+            args.parallel.kv_bytes_per_token(&resolved.config, bytes_per_elem),
             args.block_size,
         ),
     };
     kv.validate().context("--kv-memory / --kv-blocks / --block-size")?;
     let backend = match args.engine {
-        EngineKind::Model => args.model.backend(&resolved, kv)?,
+        EngineKind::Model => args.model.backend(&resolved, kv, &args.parallel)?,
         EngineKind::Mock => Box::new(MockBackend::new(resolved.config.clone())) as Box<dyn ModelBackend>,
     };
     let device = backend.info().device;
@@ -140,7 +142,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         worker_id,
         model_id: resolved.id.clone(),
         architecture: resolved.config.architecture.hf_name().to_string(),
-        tp_size: u32::from(args.model.tp),
+        tp_size: u32::from(args.parallel.tp),
         block_size: kv.block_size as u32,
         kv_blocks: kv.num_blocks as u32,
         kv_capacity_tokens: (kv.num_blocks * kv.block_size) as u64,

@@ -82,6 +82,18 @@ impl FaultInjection {
     }
 }
 
+impl std::fmt::Display for FaultInjection {
+    /// The form [`FaultInjection::parse`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            FaultKind::Panic => "panic",
+            FaultKind::Hang => "hang",
+            FaultKind::Error => "error",
+        };
+        write!(f, "rank={},step={},kind={kind}", self.rank, self.step)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +108,7 @@ mod tests {
         assert!(FaultInjection::parse_fields("rank=1,step=3,kind=explode").is_err());
         assert!(FaultInjection::parse_fields("rank=x,step=3,kind=error").is_err());
         let f = FaultInjection::parse_fields("rank=1,step=2,kind=error").unwrap();
+        assert_eq!(FaultInjection::parse_fields(&f.to_string()).unwrap(), f);
         assert!(f.maybe_fire(0, 2).is_ok() && f.maybe_fire(1, 1).is_ok());
         assert!(f.maybe_fire(1, 2).is_err());
     }
