@@ -162,6 +162,8 @@ async fn a_registered_worker_is_dialable_and_leaves_discovery_first_thing_on_sig
     assert_eq!(info.tokenizer_sha256.len(), 64);
     metric_becomes(&w, "tessera_worker_registered", |v| v == 1.0).await;
     metric_becomes(&w, "tessera_worker_registrations_total", |v| v >= 1.0).await;
+    // Ready means loaded and registered.
+    assert_eq!(w.http_get("/readyz").0, 200);
 
     watch.until("the router sees the worker", Duration::from_secs(10), |v| v.view.contains_key(&key)).await;
     let seen = &watch.view[&key];
@@ -236,6 +238,8 @@ async fn after_an_etcd_outage_the_worker_registers_again_and_the_router_re_lists
 
     etcd.stop();
     metric_becomes(&w, "tessera_worker_registered", |v| v == 0.0).await;
+    // Out of discovery means not ready.
+    assert_eq!(w.http_get("/readyz").0, 503);
     tokio::time::sleep(Duration::from_millis(500)).await;
     etcd.restart();
 
@@ -245,6 +249,7 @@ async fn after_an_etcd_outage_the_worker_registers_again_and_the_router_re_lists
     assert_eq!(after.value, before.value);
     metric_becomes(&w, "tessera_worker_registered", |v| v == 1.0).await;
     metric_becomes(&w, "tessera_worker_registrations_total", |v| v >= 2.0).await;
+    assert_eq!(w.http_get("/readyz").0, 200);
     // …and keeps it alive: still there after the old lease has had time to expire.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let later = get(&etcd.endpoint(), &key).await.expect("the re-registered key must stay");

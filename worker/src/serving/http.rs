@@ -1,5 +1,6 @@
-//! The worker's side HTTP port: `/livez` (the process is up), `/readyz` (the model is loaded and
-//! the worker is not draining) and `/metrics` (Prometheus text).
+//! The worker's side HTTP port: `/livez` (the process is up), `/readyz` (the model is loaded, the
+//! worker is not draining and, when it registers in etcd, its key is there now) and `/metrics`
+//! (Prometheus text).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,22 +17,26 @@ use crate::serving::metrics::WorkerMetrics;
 struct Probes {
     ready: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
+    registers: bool,
 }
 
-/// The probe and metrics routes.
-pub fn router(ready: Arc<AtomicBool>, metrics: Arc<WorkerMetrics>) -> Router {
+/// The probe and metrics routes; `registers`: the worker registers in etcd, and is ready only
+/// while registered.
+pub fn router(ready: Arc<AtomicBool>, metrics: Arc<WorkerMetrics>, registers: bool) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(Probes { ready, metrics })
+        .with_state(Probes { ready, metrics, registers })
 }
 
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
-    if p.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !p.ready.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    } else if p.registers && !p.metrics.is_registered() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not registered in etcd\n")
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 

@@ -129,6 +129,11 @@ impl WorkerMetrics {
         self.registered.set(i64::from(registered));
     }
 
+    /// Whether the worker's key is in etcd now.
+    pub fn is_registered(&self) -> bool {
+        self.registered.get() == 1
+    }
+
     /// Counts a successful registration (lease granted, key put).
     pub fn registration_succeeded(&self) {
         self.registrations.inc();

@@ -158,7 +158,7 @@ pub async fn serve(
 
     let http_stop = CancellationToken::new();
     let http_task = http_listener.map(|l| {
-        let app = http::router(ready.clone(), metrics.clone());
+        let app = http::router(ready.clone(), metrics.clone(), registration.is_some());
         let stop = http_stop.clone();
         tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await })
     });
