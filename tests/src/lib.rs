@@ -419,3 +419,16 @@ impl Drop for RouterProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Fails unless `promtool check metrics` finds `text` (a `/metrics` body) clean; skips (with a
+/// note) where promtool is not installed.
+pub fn assert_promtool_clean(text: &str) {
+    match tool("promtool") {
+        Some(promtool) => {
+            let out = run_with_stdin(Command::new(promtool).args(["check", "metrics"]), text);
+            let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+        }
+        None => missing_tool("promtool"),
+    }
+}

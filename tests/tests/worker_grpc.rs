@@ -328,15 +328,7 @@ async fn probes_and_metrics() {
     ] {
         assert!(text.contains(name), "missing {name:?} in\n{text}");
     }
-    match tessera_tests::tool("promtool") {
-        Some(promtool) => {
-            let out =
-                tessera_tests::run_with_stdin(std::process::Command::new(promtool).args(["check", "metrics"]), &text);
-            let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
-        }
-        None => tessera_tests::missing_tool("promtool"),
-    }
+    tessera_tests::assert_promtool_clean(&text);
     // Health and reflection, as grpcurl sees them.
     match tessera_tests::tool("grpcurl") {
         Some(grpcurl) => {
