@@ -41,6 +41,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The CUDA backend builds everywhere (libraries are loaded at run time); its device checks run
 # on a GPU machine with kernels/gpu/check.sh.
 cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
+# The Helm chart: lint, render, validate against the Kubernetes schemas, reject bad values.
+bash scripts/check-chart.sh
 # Fetch the default model once (tests that need it find it in the cache).
 cargo run --quiet --locked -- pull >/dev/null
 if cargo nextest --version >/dev/null 2>&1; then
