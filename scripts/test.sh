@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, every crate's tests and the black-box CLI tests.
+# The whole test suite: formatting, lints, the Helm chart, every crate's tests and the black-box
+# CLI, fault and chaos tests.
 # Installs what it needs (on Debian) and fetches the default model into the cache first.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -117,4 +117,24 @@ async fn killing_a_worker_mid_stream_loses_nothing() {
     let (_, text) = tessera_tests::http_get(&router.http_addr, "/metrics").unwrap();
     assert!(text.contains("tessera_router_migrations_total"));
     tessera_tests::assert_promtool_clean(&text);
+
+    // Every series the Grafana dashboard plots exists on the router or the workers.
+    let mut all = text;
+    for (i, w) in workers.iter().enumerate() {
+        if i != victim {
+            all.push_str(&w.http_get("/metrics").1);
+        }
+    }
+    let dashboard =
+        std::fs::read_to_string(tessera_tests::workspace_root().join("deploy/grafana/tessera-dashboard.json")).unwrap();
+    let mut plotted: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tessera_"))
+        .collect();
+    plotted.sort_unstable();
+    plotted.dedup();
+    assert!(plotted.len() >= 15, "{plotted:?}");
+    for name in plotted {
+        assert!(all.lines().any(|l| l.starts_with(name)), "the dashboard plots {name}, which no process exports");
+    }
 }
