@@ -1,15 +1,16 @@
 //! Chaos with real processes: a worker killed with `kill -9` while 100 greedy streams run through
 //! the router costs the clients nothing — no error, and every output identical to a fault-free
 //! run — because the router migrates each interrupted stream to another worker, which resumes
-//! after the tokens already streamed.
+//! after the tokens already streamed. etcd killed for 30 s under load fails no request, and
+//! discovery recovers when it returns.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_proto::v1 as api;
 use tessera_proto::v1::generation_client::GenerationClient;
-use tessera_tests::{RouterProcess, WorkerProcess, shared_models};
+use tessera_tests::{EtcdProcess, RouterProcess, WorkerProcess, shared_models};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -137,4 +138,75 @@ async fn killing_a_worker_mid_stream_loses_nothing() {
     for name in plotted {
         assert!(all.lines().any(|l| l.starts_with(name)), "the dashboard plots {name}, which no process exports");
     }
+}
+
+/// How long etcd stays dead in [`etcd_down_for_30_seconds_fails_no_request`].
+const ETCD_OUTAGE: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_for_30_seconds_fails_no_request() {
+    let Some(mut etcd) = EtcdProcess::start() else { return };
+    let model = shared_models().join("stories260K");
+    let model = model.to_str().unwrap();
+    let ep = etcd.endpoint();
+    let worker = |id: &str| {
+        WorkerProcess::start(&[
+            "--model",
+            model,
+            "--kv-memory",
+            "16MiB",
+            "--etcd",
+            &ep,
+            "--lease-ttl",
+            "3s",
+            "--worker-id",
+            id,
+        ])
+    };
+    let _workers = [worker("w0"), worker("w1")];
+    let router = RouterProcess::start(&["--model", model, "--etcd", &ep]);
+    assert!(router.wait_healthy(2, Duration::from_secs(30)));
+    let c = GenerationClient::connect(router.grpc_url.clone()).await.unwrap();
+
+    // Requests flow, one after another, through the whole outage and after it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut r = request(i);
+                r.sampling.as_mut().unwrap().max_tokens = 8;
+                match c.generate(r).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("request {i}: {e}")),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(ETCD_OUTAGE).await;
+    // A worker that starts during the outage cannot register until etcd returns.
+    let late = worker("w-late");
+    etcd.restart();
+    let back = Instant::now();
+    assert!(router.wait_healthy(3, Duration::from_secs(20)), "discovery did not recover after the outage");
+    let recovered = back.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    eprintln!(
+        "etcd down {:?}: {ok} requests succeeded, {} failed; the late worker was routable {recovered:?} after etcd returned",
+        back - killed,
+        failed.len()
+    );
+    assert!(failed.is_empty(), "requests failed during the etcd outage: {failed:#?}");
+    assert!(ok > 100, "too few requests ran through the outage: {ok}");
+    drop(late);
 }
