@@ -3,12 +3,13 @@
 //! This crate holds no logic beyond what both sides must compute identically: the id and unit
 //! newtypes that cross the wire, the chained block hash that keys prefix caches
 //! (DESIGN.md, decision 2), the etcd key layout of worker registration and how both sides
-//! connect to etcd, and generated gRPC code.
+//! connect to etcd, W3C trace context in gRPC metadata, and generated gRPC code.
 
 pub mod block_hash;
 pub mod etcd_client;
 pub mod ids;
 pub mod registry;
+pub mod trace_context;
 
 pub use block_hash::{BLOCK_HASH_SEED, BlockHash, hash_block, hash_prefix_blocks};
 pub use ids::{Rank, TokenCount, TokenId};

@@ -27,7 +27,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, header_timeout: Dur
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    eprintln!("tessera router: HTTP accept failed: {e}");
+                    tracing::warn!("HTTP accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

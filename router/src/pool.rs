@@ -79,6 +79,8 @@ pub struct RoutedWorker {
     pub slot: WorkerSlot,
     /// A client on its shared connection.
     pub client: WorkerClient<Channel>,
+    /// The address dialled.
+    pub address: String,
     /// The routing decision.
     pub decision: Decision,
 }
@@ -193,7 +195,7 @@ impl WorkerPool {
         let endpoint = match Endpoint::from_shared(format!("http://{}", w.address)) {
             Ok(e) => e.connect_timeout(self.shared.config.rpc_timeout).tcp_nodelay(true),
             Err(e) => {
-                eprintln!("tessera router: ignoring worker {} with a bad address {:?}: {e}", w.key, w.address);
+                tracing::warn!("ignoring worker {} with a bad address {:?}: {e}", w.key, w.address);
                 return;
             }
         };
@@ -216,7 +218,7 @@ impl WorkerPool {
             },
         );
         drop(st);
-        eprintln!("tessera router: worker {} at {} discovered", w.key, w.address);
+        tracing::info!("worker {} at {} discovered", w.key, w.address);
         let this = self.clone();
         self.shared.tracker.spawn(async move {
             tokio::select! {
@@ -235,7 +237,7 @@ impl WorkerPool {
         if let Some((slot, entry)) = removed {
             entry.cancel.cancel();
             lock(&self.shared.router).remove_worker(slot);
-            eprintln!("tessera router: worker {key} at {} removed", entry.address);
+            tracing::info!("worker {key} at {} removed", entry.address);
         }
         self.refresh_gauges();
     }
@@ -244,7 +246,7 @@ impl WorkerPool {
         let mut st = lock(&self.shared.state);
         if let Some(e) = st.workers.get_mut(&slot) {
             if e.state != state {
-                eprintln!("tessera router: worker {} at {}: {state:?}", e.key, e.address);
+                tracing::info!("worker {} at {}: {state:?}", e.key, e.address);
             }
             e.state = state;
         }
@@ -296,8 +298,8 @@ impl WorkerPool {
                 self.shared.metrics.kv_stream_fallbacks.inc();
                 match tokio::time::timeout(cfg.rpc_timeout, client.get_load(pb::GetLoadRequest {})).await {
                     Ok(Ok(load)) => {
-                        eprintln!(
-                            "tessera router: KV events of worker slot {slot} stopped ({outcome}); routing to it with the approximate prefix view"
+                        tracing::warn!(
+                            "KV events of worker slot {slot} stopped ({outcome}); routing to it with the approximate prefix view"
                         );
                         self.record_load(slot, load.into_inner());
                         self.set_state(slot, WorkerState::Ready { exact: false });
@@ -405,7 +407,7 @@ impl WorkerPool {
         m.routed_prompt_tokens.inc_by(prompt_tokens as u64);
         m.worker_requests.with_label_values(&[e.address.as_str()]).inc();
         m.predicted_cached_tokens.inc_by(((decision.matched_blocks * block_size).min(prompt_tokens)) as u64);
-        Ok(RoutedWorker { slot: decision.slot, client: e.client.clone(), decision })
+        Ok(RoutedWorker { slot: decision.slot, client: e.client.clone(), address: e.address.clone(), decision })
     }
 
     /// Marks a worker unhealthy after a request to it failed at the transport level (its

@@ -60,6 +60,8 @@ pub struct RouterConfig {
     pub openai: OpenAiConfig,
     /// How long an HTTP client may take to send its request headers.
     pub header_timeout: Duration,
+    /// Log each request's prompt and output (users' data: off unless asked for).
+    pub log_content: bool,
 }
 
 /// The addresses actually bound.
@@ -137,8 +139,13 @@ pub async fn serve(
     let router = Router::new(config.policy, config.weights, rand::random());
     let pool = WorkerPool::spawn(pool_config, router, metrics.clone(), membership_rx);
 
-    let service =
-        Arc::new(GenerationService::new(Arc::new(model), pool.clone(), metrics.clone(), config.max_in_flight));
+    let service = Arc::new(GenerationService::new(
+        Arc::new(model),
+        pool.clone(),
+        metrics.clone(),
+        config.max_in_flight,
+        config.log_content,
+    ));
     let http_task = http_listener.map(|l| {
         let app = axum::Router::new()
             .route("/livez", get(|| async { "ok\n" }))

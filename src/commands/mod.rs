@@ -14,6 +14,7 @@ pub mod plan;
 pub mod pull;
 pub mod router;
 pub mod signals;
+pub mod telemetry;
 pub mod units;
 pub mod up;
 pub mod worker;

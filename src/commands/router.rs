@@ -16,6 +16,7 @@ use tessera_router::text::ToolCallStyle;
 
 use crate::commands::model_args::ModelArgs;
 use crate::commands::signals::shutdown_signal;
+use crate::commands::telemetry::{self, TelemetryArgs};
 
 /// Routing and listening options shared by `tessera router` and `tessera up`.
 #[derive(Debug, Clone, Args)]
@@ -97,6 +98,8 @@ pub struct RouterArgs {
     model: ModelArgs,
     #[command(flatten)]
     routing: RoutingArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// A worker's gRPC address (repeat for more); static discovery.
     #[arg(long = "worker", value_name = "HOST:PORT", conflicts_with = "etcd")]
     workers: Vec<String>,
@@ -131,6 +134,7 @@ pub fn text_model(model: &ModelArgs, block_size: usize) -> anyhow::Result<TextMo
 pub fn serve(
     model: TextModel,
     routing: &RoutingArgs,
+    telemetry_args: &TelemetryArgs,
     discovery: Discovery,
     on_bound: impl FnOnce(RouterAddrs),
 ) -> anyhow::Result<()> {
@@ -144,14 +148,21 @@ pub fn serve(
         max_in_flight: routing.max_in_flight,
         openai: routing.openai()?,
         header_timeout: routing.header_timeout,
+        log_content: telemetry_args.log_content,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(server::serve(model, config, shutdown_signal(), on_bound))?;
-    Ok(())
+    // The trace exporter lives on this runtime.
+    let telemetry = {
+        let _inside = runtime.enter();
+        telemetry::init(telemetry_args, "tessera-router")?
+    };
+    let served = runtime.block_on(server::serve(model, config, shutdown_signal(), on_bound));
+    telemetry.shutdown();
+    Ok(served?)
 }
 
 /// Runs the subcommand.
@@ -165,7 +176,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     };
     let model = text_model(&args.model, args.routing.block_size)?;
     let id = model.id.clone();
-    serve(model, &args.routing, discovery, |a| {
+    serve(model, &args.routing, &args.telemetry, discovery, |a| {
         let http = a.http.map(|h| h.to_string()).unwrap_or_default();
         // One line on stdout that scripts and tests wait for.
         println!("tessera router ready: grpc={} http={http} model={id}", a.grpc);

@@ -16,6 +16,7 @@ use tessera_router::server::Discovery;
 use crate::commands::local_cluster::{Children, field};
 use crate::commands::model_args::{ModelArgs, ParallelArgs};
 use crate::commands::router::{self, RoutingArgs};
+use crate::commands::telemetry::TelemetryArgs;
 
 /// Options of `tessera up`.
 #[derive(Debug, Args)]
@@ -26,6 +27,8 @@ pub struct UpArgs {
     parallel: ParallelArgs,
     #[command(flatten)]
     routing: RoutingArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// Worker processes to start.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -67,6 +70,13 @@ fn worker_args(args: &UpArgs, index: usize, threads: usize) -> Vec<String> {
     if !args.etcd.is_empty() {
         v.extend(["--etcd".into(), args.etcd.join(",")]);
     }
+    let t = &args.telemetry;
+    if let Some(value) = t.log_format.to_possible_value() {
+        v.extend(["--log-format".into(), value.get_name().to_string()]);
+    }
+    if let Some(endpoint) = &t.otlp_endpoint {
+        v.extend(["--otlp-endpoint".into(), endpoint.clone()]);
+    }
     let p = &args.parallel;
     v.extend(["--tp".into(), p.tp.to_string()]);
     v.extend(["--collective-timeout".into(), humantime::format_duration(p.collective_timeout).to_string()]);
@@ -94,7 +104,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let discovery =
         if args.etcd.is_empty() { Discovery::Static(addrs.clone()) } else { Discovery::Etcd(args.etcd.clone()) };
     let id = model.id.clone();
-    let served = router::serve(model, &args.routing, discovery, |a| {
+    let served = router::serve(model, &args.routing, &args.telemetry, discovery, |a| {
         let http = a.http.map(|h| h.to_string()).unwrap_or_default();
         println!("tessera up ready: grpc={} http={http} model={id} workers={}", a.grpc, addrs.join(","));
         println!(

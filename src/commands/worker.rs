@@ -16,6 +16,7 @@ use tessera_worker::structured::ConstraintCompiler;
 
 use crate::commands::model_args::{Device, ModelArgs, ParallelArgs};
 use crate::commands::signals::shutdown_signal;
+use crate::commands::telemetry::{self, TelemetryArgs};
 use crate::commands::units::parse_bytes;
 
 /// What computes the tokens.
@@ -34,6 +35,8 @@ pub struct WorkerArgs {
     model: ModelArgs,
     #[command(flatten)]
     parallel: ParallelArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// `model` runs the model; `mock` streams deterministic tokens with no model compute (the
     /// tokenizer, limits, scheduler, KV bookkeeping and gRPC are real) — for router benchmarks.
     #[arg(long, env = "TESSERA_ENGINE", value_enum, default_value = "model")]
@@ -96,6 +99,16 @@ fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
 
 /// Runs the worker until a shutdown signal, then drains.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The trace exporter lives on this runtime.
+    let telemetry = {
+        let _inside = runtime.enter();
+        telemetry::init(&args.telemetry, "tessera-worker")?
+    };
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>()));
     // Registration settings are checked before the (slow) model load.
     let registration = if args.etcd.is_empty() {
@@ -162,11 +175,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         registration,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let served = runtime.block_on(async move {
         let model = parts.info.model_id.clone();
         server::serve(parts, config, shutdown_signal(), |a| {
@@ -176,6 +184,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         })
         .await
     });
+    telemetry.shutdown();
     // Everything was joined on a clean exit; after a group failure nothing left may hold the
     // process (a hung rank is not a runtime task).
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -356,19 +356,24 @@ impl RouterProcess {
     /// Starts `tessera router --listen-grpc 127.0.0.1:0 --listen-http 127.0.0.1:0 ARGS` and waits
     /// for its ready line.
     pub fn start(args: &[&str]) -> Self {
-        Self::spawn("router", args)
+        Self::spawn("router", args, &[])
     }
 
     /// Starts a whole local cluster, `tessera up --listen-grpc 127.0.0.1:0 --listen-http
     /// 127.0.0.1:0 ARGS`, and waits for its ready line; dropping it stops it with SIGTERM (it then
     /// stops its workers).
     pub fn start_up(args: &[&str]) -> Self {
-        Self::spawn("up", args)
+        Self::spawn("up", args, &[])
     }
 
-    fn spawn(subcommand: &'static str, args: &[&str]) -> Self {
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::spawn("router", args, envs)
+    }
+
+    fn spawn(subcommand: &'static str, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let fixed = ["--listen-grpc", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"];
-        let (child, ready) = spawn_until_ready(subcommand, &fixed, args, &[], std::time::Duration::from_secs(240));
+        let (child, ready) = spawn_until_ready(subcommand, &fixed, args, envs, std::time::Duration::from_secs(240));
         RouterProcess {
             grpc_url: format!("http://{}", ready.field("grpc=")),
             http_addr: ready.field("http="),

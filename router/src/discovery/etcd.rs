@@ -89,7 +89,7 @@ pub async fn watch_workers(
         failures += 1;
         // The 1st, 2nd, 4th … failure in a row: an outage stays visible without flooding.
         if failures.is_power_of_two() {
-            eprintln!("tessera router: etcd discovery of {prefix}: {end}; listing again in {delay:?}");
+            tracing::warn!("etcd discovery of {prefix}: {end}; listing again in {delay:?}");
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -160,7 +160,7 @@ async fn list_and_watch(
         }
         if response.created {
             if *failures > 0 {
-                eprintln!("tessera router: etcd discovery of {prefix} resumed at {url} (revision {revision})");
+                tracing::info!("etcd discovery of {prefix} resumed at {url} (revision {revision})");
             }
             backoff.reset();
             *failures = 0;
@@ -182,7 +182,7 @@ fn snapshot(prefix: &str, kvs: &[etcd::KeyValue]) -> Vec<DiscoveredWorker> {
             Ok(w) => Some(w),
             Err(Skip::NotAWorkerKey) => None,
             Err(why) => {
-                eprintln!("tessera router: skipping {}: {why}", String::from_utf8_lossy(&kv.key));
+                tracing::warn!("skipping {}: {why}", String::from_utf8_lossy(&kv.key));
                 None
             }
         })
@@ -197,13 +197,13 @@ fn change(prefix: &str, event: &etcd::Event) -> Option<MembershipEvent> {
         Ok(etcd::event::EventType::Put) => match worker(prefix, kv) {
             Ok(w) => Some(MembershipEvent::Put(Box::new(w))),
             Err(why) => {
-                eprintln!("tessera router: {key} no longer names a usable worker: {why}");
+                tracing::warn!("{key} no longer names a usable worker: {why}");
                 Some(MembershipEvent::Delete { key: key.to_string() })
             }
         },
         Ok(etcd::event::EventType::Delete) => Some(MembershipEvent::Delete { key: key.to_string() }),
         Err(_) => {
-            eprintln!("tessera router: ignoring an etcd event of unknown type {} on {key}", event.r#type);
+            tracing::warn!("ignoring an etcd event of unknown type {} on {key}", event.r#type);
             None
         }
     }
@@ -222,7 +222,7 @@ fn worker(prefix: &str, kv: &etcd::KeyValue) -> Result<DiscoveredWorker, Skip> {
 
 /// The first endpoint that accepts a connection, with its URL.
 async fn connect(endpoints: &[String]) -> Result<(Channel, String), RoundEnd> {
-    connect_first(endpoints, |e| eprintln!("tessera router: skipping {e}")).await.map_err(|last| match last {
+    connect_first(endpoints, |e| tracing::warn!("skipping {e}")).await.map_err(|last| match last {
         Some((endpoint, source)) => RoundEnd::Connect { endpoint, source },
         None => RoundEnd::Timeout { op: "connect", after: CONNECT_TIMEOUT },
     })

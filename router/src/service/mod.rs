@@ -71,6 +71,8 @@ pub struct GenerationService {
     metrics: Arc<RouterMetrics>,
     /// Requests running through this router; one permit each ([`MAX_ATTEMPTS`] retries share it).
     admission: Arc<Semaphore>,
+    /// Log each request's prompt and output text.
+    log_content: bool,
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -117,9 +119,15 @@ impl Started {
 
 impl GenerationService {
     /// A service for `model` routing over `pool`, running at most `max_in_flight` requests at
-    /// once (more are refused with `RESOURCE_EXHAUSTED`).
-    pub fn new(model: Arc<TextModel>, pool: WorkerPool, metrics: Arc<RouterMetrics>, max_in_flight: usize) -> Self {
-        GenerationService { model, pool, metrics, admission: Arc::new(Semaphore::new(max_in_flight)) }
+    /// once (more are refused with `RESOURCE_EXHAUSTED`); `log_content` logs prompts and outputs.
+    pub fn new(
+        model: Arc<TextModel>,
+        pool: WorkerPool,
+        metrics: Arc<RouterMetrics>,
+        max_in_flight: usize,
+        log_content: bool,
+    ) -> Self {
+        GenerationService { model, pool, metrics, admission: Arc::new(Semaphore::new(max_in_flight)), log_content }
     }
 
     /// The model this service serves.

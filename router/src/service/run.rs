@@ -17,6 +17,8 @@ use tessera_proto::worker_v1 as wpb;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 use tonic::{Request, Status};
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{GenerationService, MAX_ATTEMPTS, Prepared, Started, TextModel};
 use crate::metrics::RouterMetrics;
@@ -49,21 +51,39 @@ impl GenerationService {
         let model = self.model.clone();
         let pool = self.pool.clone();
         let metrics = self.metrics.clone();
-        let run = Box::pin(async move {
-            let _permit = permit;
-            let began = Instant::now();
-            let run = drive(&model, &pool, &metrics, p, method, began, &tx);
-            let code = match run.await {
-                Ok(()) => tonic::Code::Ok,
-                Err(status) => {
-                    let code = status.code();
-                    let _ = tx.send(Err(status)).await;
-                    code
+        let log_content = self.log_content;
+        let span = tracing::info_span!(
+            "router.request",
+            otel.name = method,
+            request_id = %p.request_id,
+            prompt_tokens = p.prompt.len(),
+            n = p.n,
+            code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let run = Box::pin(
+            async move {
+                let _permit = permit;
+                let began = Instant::now();
+                let run = drive(&model, &pool, &metrics, p, method, began, &tx, log_content);
+                let code = match run.await {
+                    Ok(()) => tonic::Code::Ok,
+                    Err(status) => {
+                        let code = status.code();
+                        let _ = tx.send(Err(status)).await;
+                        code
+                    }
+                };
+                let span = tracing::Span::current();
+                span.record("code", format!("{code:?}"));
+                if code != tonic::Code::Ok {
+                    span.record("otel.status_code", "ERROR");
                 }
-            };
-            metrics.requests.with_label_values(&[method, &format!("{code:?}")]).inc();
-            metrics.request_duration.observe(began.elapsed().as_secs_f64());
-        });
+                metrics.requests.with_label_values(&[method, &format!("{code:?}")]).inc();
+                metrics.request_duration.observe(began.elapsed().as_secs_f64());
+            }
+            .instrument(span),
+        );
         Ok(Started { request_id, n, rx, run: Some(run) })
     }
 }
@@ -78,11 +98,15 @@ struct Progress<'t> {
     tokens: usize,
     /// Sample 0's tokens so far: what a migration resumes after (`n = 1` only).
     resume: Vec<u32>,
+    /// The output text, kept only with `--log-content`.
+    logged: Option<String>,
 }
 
 /// Runs one request: routes it, relays its tokens, and when the worker fails moves it to
 /// another (at most [`MAX_ATTEMPTS`] workers in all) — a retry before any token, a migration
-/// that resumes after the tokens already streamed (single-sample requests) after it.
+/// that resumes after the tokens already streamed (single-sample requests) after it. Each
+/// attempt is a `router.attempt` span whose context goes to the worker in the call's metadata.
+#[expect(clippy::too_many_arguments, reason = "one request's context, passed down once")]
 async fn drive(
     model: &TextModel,
     pool: &WorkerPool,
@@ -91,6 +115,7 @@ async fn drive(
     method: &'static str,
     started: Instant,
     tx: &mpsc::Sender<Result<Delta, Status>>,
+    log_content: bool,
 ) -> Result<(), Status> {
     let hashes: Vec<u64> =
         tessera_proto::hash_prefix_blocks(&p.prompt, model.block_size).into_iter().map(|h| h.0).collect();
@@ -100,37 +125,62 @@ async fn drive(
         open: p.n as usize,
         tokens: 0,
         resume: Vec::new(),
+        logged: log_content.then(String::new),
     };
     let mut failed = Vec::new();
     loop {
         let routed = pool
             .route(&hashes, model.block_size, p.prompt.len(), &failed)
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        let span = tracing::info_span!(
+            "router.attempt",
+            worker = %routed.address,
+            attempt = failed.len() + 1,
+            resumed_tokens = progress.resume.len(),
+            cached_blocks = routed.decision.matched_blocks,
+            exact = routed.decision.exact,
+            otel.status_code = tracing::field::Empty,
+        );
         let mut worker_request = p.worker.clone();
         worker_request.resume_output = progress.resume.clone();
         let mut req = Request::new(worker_request);
         if let Some(d) = p.deadline {
             req.set_timeout(d.saturating_sub(started.elapsed()));
         }
+        tessera_proto::trace_context::inject(&span.context(), req.metadata_mut());
         let mut client = routed.client.clone();
         let attempt = async {
             let mut stream = client.generate(req).await?.into_inner();
             relay(model, metrics, &p, method, started, tx, &mut stream, &mut progress).await
         };
-        let status = match attempt.await {
-            Ok(()) => return Ok(()),
+        let status = match attempt.instrument(span.clone()).await {
+            Ok(()) => {
+                if let Some(output) = &progress.logged {
+                    let prompt = model.tokenizer.decode(&p.prompt, false).unwrap_or_default();
+                    tracing::info!(request_id = %p.request_id, %prompt, %output, "request content");
+                }
+                return Ok(());
+            }
             Err(status) => status,
         };
+        span.record("otel.status_code", "ERROR");
         let movable = retryable(&status) && (progress.tokens == 0 || p.n == 1);
         if !movable || failed.len() + 1 >= MAX_ATTEMPTS {
             return Err(status);
         }
         pool.report_failure(routed.slot, status.message());
-        if progress.tokens == 0 {
-            metrics.retries.inc();
-        } else {
-            metrics.migrations.inc();
-        }
+        let (what, counter) =
+            if progress.tokens == 0 { ("retrying", &metrics.retries) } else { ("migrating", &metrics.migrations) };
+        counter.inc();
+        tracing::warn!(
+            parent: &span,
+            request_id = %p.request_id,
+            worker = %routed.address,
+            streamed = progress.tokens,
+            "worker failed ({:?}: {}); {what} on another worker",
+            status.code(),
+            status.message()
+        );
         failed.push(routed.slot);
     }
 }
@@ -213,6 +263,9 @@ async fn relay(
         if progress.open == 0 {
             metrics.cached_prompt_tokens.inc_by(u64::from(progress.usage.cached_prompt_tokens));
             delta.usage = Some(progress.usage);
+        }
+        if let Some(log) = progress.logged.as_mut() {
+            log.push_str(&delta.text);
         }
         if tx.send(Ok(delta)).await.is_err() {
             // The client went away: dropping the stream aborts the worker request.

@@ -18,6 +18,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::error::EngineError;
@@ -258,24 +259,43 @@ impl pb::worker_server::Worker for WorkerService {
     type SubscribeKvEventsStream = BoxStream<pb::KvEventsMessage>;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        if self.draining.load(Ordering::Acquire) {
-            return Err(Status::unavailable("the worker is draining; send the request elsewhere"));
-        }
+        // The caller's trace (the router's attempt span) is the parent of this request's spans.
+        let parent = tessera_proto::trace_context::extract(request.metadata());
         let r = request.into_inner();
-        let samples = self.samples(&r).await?;
-        let request_id = if r.request_id.is_empty() { format!("{:016x}", rand::random::<u64>()) } else { r.request_id };
-        let (tx, mut rx) = mpsc::channel(event_capacity(&samples));
-        let submission = Submission { request_id: request_id.clone(), samples, events: tx };
-        if let Err(e) = self.engine.submit(submission) {
-            self.metrics.rejected_overloaded();
-            return Err(submit_status(e));
+        let request_id =
+            if r.request_id.is_empty() { format!("{:016x}", rand::random::<u64>()) } else { r.request_id.clone() };
+        let spans = RequestSpans::new(parent, &request_id, &r);
+        let admitted = async {
+            if self.draining.load(Ordering::Acquire) {
+                return Err(Status::unavailable("the worker is draining; send the request elsewhere"));
+            }
+            let samples = self.samples(&r).await?;
+            let (tx, mut rx) = mpsc::channel(event_capacity(&samples));
+            let submission = Submission { request_id: request_id.clone(), samples, events: tx };
+            if let Err(e) = self.engine.submit(submission) {
+                self.metrics.rejected_overloaded();
+                return Err(submit_status(e));
+            }
+            match rx.recv().await {
+                Some(RequestEvent::Accepted) => Ok(rx),
+                Some(RequestEvent::Rejected(e)) => Err(status(&e)),
+                Some(_) | None => Err(Status::internal("the engine answered out of order")),
+            }
         }
-        match rx.recv().await {
-            Some(RequestEvent::Accepted) => {}
-            Some(RequestEvent::Rejected(e)) => return Err(status(&e)),
-            Some(_) | None => return Err(Status::internal("the engine answered out of order")),
-        }
-        let stream = ReceiverStream::new(rx).filter_map(move |event| response(&request_id, event));
+        .instrument(spans.admission.clone())
+        .await;
+        let rx = match admitted {
+            Ok(rx) => rx,
+            Err(e) => {
+                spans.fail(&e);
+                return Err(e);
+            }
+        };
+        let mut spans = spans.admitted();
+        let stream = ReceiverStream::new(rx).filter_map(move |event| {
+            spans.observe(&event);
+            response(&request_id, event)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -372,5 +392,72 @@ async fn stream_kv_events(
                 }
             }
         }
+    }
+}
+
+/// One request's spans: `worker.generate` (child of the caller's trace) with `worker.admission`
+/// (validation, constraint compilation, queueing into the engine), then `worker.prefill`
+/// (accepted → first token) and `worker.decode` (first token → end) under it. They close as
+/// the response stream ends or is dropped.
+struct RequestSpans {
+    generate: tracing::Span,
+    admission: tracing::Span,
+    phase: Option<tracing::Span>,
+    first_token: bool,
+    tokens: u64,
+}
+
+impl RequestSpans {
+    fn new(parent: opentelemetry::Context, request_id: &str, r: &pb::GenerateRequest) -> Self {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let generate = tracing::info_span!(
+            "worker.generate",
+            request_id = %request_id,
+            prompt_tokens = r.prompt.len(),
+            resumed_tokens = r.resume_output.len(),
+            n = r.n.max(1),
+            completion_tokens = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        // Without an exporter installed this is a no-op.
+        let _ = generate.set_parent(parent);
+        let admission = tracing::info_span!(parent: &generate, "worker.admission");
+        RequestSpans { generate, admission, phase: None, first_token: false, tokens: 0 }
+    }
+
+    fn fail(&self, e: &Status) {
+        self.generate.record("otel.status_code", "ERROR");
+        tracing::info!(parent: &self.generate, code = ?e.code(), "refused: {}", e.message());
+    }
+
+    /// Admission is over; the prefill phase begins.
+    fn admitted(mut self) -> Self {
+        self.admission = tracing::Span::none();
+        self.phase = Some(tracing::info_span!(parent: &self.generate, "worker.prefill"));
+        self
+    }
+
+    fn observe(&mut self, event: &RequestEvent) {
+        match event {
+            RequestEvent::Token { .. } => {
+                self.tokens += 1;
+                if !self.first_token {
+                    self.first_token = true;
+                    self.phase = Some(tracing::info_span!(parent: &self.generate, "worker.decode"));
+                }
+            }
+            RequestEvent::Failed(e) => {
+                self.generate.record("otel.status_code", "ERROR");
+                tracing::warn!(parent: &self.generate, "request failed: {e}");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for RequestSpans {
+    fn drop(&mut self) {
+        // Recorded once, as the stream ends: a log layer would print every recording.
+        self.generate.record("completion_tokens", self.tokens);
     }
 }

@@ -186,7 +186,7 @@ impl Registration {
     pub async fn shutdown(self) {
         self.stop.cancel();
         if let Err(e) = self.task.await {
-            eprintln!("tessera worker: the etcd registration task failed: {e}");
+            tracing::error!("the etcd registration task failed: {e}");
         }
     }
 }
@@ -214,13 +214,13 @@ async fn run(spec: RegistrationSpec, metrics: Arc<WorkerMetrics>, stop: Cancella
         if std::mem::take(&mut session.registered) {
             metrics.set_registered(false);
             failures = 0;
-            eprintln!("tessera worker: etcd registration of {} lost: {error}; re-registering", spec.key);
+            tracing::warn!("etcd registration of {} lost: {error}; re-registering", spec.key);
         } else {
             failures += 1;
             // Logged on the 1st, 2nd, 4th, 8th … failure in a row: an outage stays visible
             // without a line every few seconds.
             if failures.is_power_of_two() {
-                eprintln!("tessera worker: etcd registration of {} failed: {error}; retrying in {delay:?}", spec.key);
+                tracing::warn!("etcd registration of {} failed: {error}; retrying in {delay:?}", spec.key);
             }
         }
         tokio::select! {
@@ -267,10 +267,7 @@ async fn register_and_keep_alive(
     metrics.set_registered(true);
     metrics.registration_succeeded();
     backoff.reset();
-    eprintln!(
-        "tessera worker: registered in etcd at {endpoint} as {} (lease {:x}, TTL {}s)",
-        spec.key, grant.id, grant.ttl
-    );
+    tracing::info!("registered in etcd at {endpoint} as {} (lease {:x}, TTL {}s)", spec.key, grant.id, grant.ttl);
     keep_alive(&mut leases, grant.id, Duration::from_secs(grant.ttl.max(1) as u64)).await
 }
 
@@ -320,10 +317,10 @@ async fn deregister(spec: &RegistrationSpec, metrics: &WorkerMetrics, session: S
         }
     };
     match tokio::time::timeout(DEREGISTER_TIMEOUT, work).await {
-        Ok(Ok(())) => eprintln!("tessera worker: deregistered {} from etcd", spec.key),
-        Ok(Err(e)) => eprintln!("tessera worker: deregistering {} failed: {e}", spec.key),
-        Err(_) if was_registered => eprintln!(
-            "tessera worker: deregistering {} timed out after {DEREGISTER_TIMEOUT:?}; it expires with its lease",
+        Ok(Ok(())) => tracing::info!("deregistered {} from etcd", spec.key),
+        Ok(Err(e)) => tracing::warn!("deregistering {} failed: {e}", spec.key),
+        Err(_) if was_registered => tracing::warn!(
+            "deregistering {} timed out after {DEREGISTER_TIMEOUT:?}; it expires with its lease",
             spec.key
         ),
         Err(_) => {}

@@ -202,7 +202,7 @@ pub async fn serve(
                 Some(g) => {
                     tokio::select! {
                         () = shutdown => {}
-                        reason = g.failed() => eprintln!("tessera worker: {reason}; leaving discovery and exiting"),
+                        reason = g.failed() => tracing::error!("{reason}; leaving discovery and exiting"),
                     }
                 }
                 None => shutdown.await,
