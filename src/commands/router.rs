@@ -150,16 +150,7 @@ pub fn serve(
         header_timeout: routing.header_timeout,
         log_content: telemetry_args.log_content,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    // The trace exporter lives on this runtime.
-    let telemetry = {
-        let _inside = runtime.enter();
-        telemetry::init(telemetry_args, "tessera-router")?
-    };
+    let (runtime, telemetry) = telemetry::serving_runtime(telemetry_args, "tessera-router")?;
     let served = runtime.block_on(server::serve(model, config, shutdown_signal(), on_bound));
     telemetry.shutdown();
     Ok(served?)

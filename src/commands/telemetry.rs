@@ -61,6 +61,24 @@ impl Telemetry {
     }
 }
 
+/// The serving runtime (two worker threads) with telemetry for `service` installed on it: the
+/// trace exporter lives on this runtime, so call [`Telemetry::shutdown`] before dropping it.
+pub fn serving_runtime(
+    args: &TelemetryArgs,
+    service: &'static str,
+) -> anyhow::Result<(tokio::runtime::Runtime, Telemetry)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+    let telemetry = {
+        let _inside = runtime.enter();
+        init(args, service)?
+    };
+    Ok((runtime, telemetry))
+}
+
 /// The crates whose spans are exported (never h2, hyper, tonic or tower: hundreds per request).
 fn own_spans() -> Targets {
     Targets::new()

@@ -99,16 +99,7 @@ fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
 
 /// Runs the worker until a shutdown signal, then drains.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    // The trace exporter lives on this runtime.
-    let telemetry = {
-        let _inside = runtime.enter();
-        telemetry::init(&args.telemetry, "tessera-worker")?
-    };
+    let (runtime, telemetry) = telemetry::serving_runtime(&args.telemetry, "tessera-worker")?;
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>()));
     // Registration settings are checked before the (slow) model load.
     let registration = if args.etcd.is_empty() {
