@@ -382,6 +382,11 @@ impl RouterProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The value of an unlabelled metric on `/metrics` (None when absent).
     pub fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_get(&self.http_addr, "/metrics").ok()?;
@@ -436,4 +441,12 @@ pub fn assert_promtool_clean(text: &str) {
         }
         None => missing_tool("promtool"),
     }
+}
+
+/// Resident memory of process `pid` in bytes (Linux `/proc`), if it can be read.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }

@@ -2,7 +2,10 @@
 //! the router costs the clients nothing — no error, and every output identical to a fault-free
 //! run — because the router migrates each interrupted stream to another worker, which resumes
 //! after the tokens already streamed. etcd killed for 30 s under load fails no request, and
-//! discovery recovers when it returns.
+//! discovery recovers when it returns. At five times the admitted load, every refusal is
+//! RESOURCE_EXHAUSTED, admitted requests keep their latency, and memory stays bounded.
+
+#![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -209,4 +212,102 @@ async fn etcd_down_for_30_seconds_fails_no_request() {
     assert!(failed.is_empty(), "requests failed during the etcd outage: {failed:#?}");
     assert!(ok > 100, "too few requests ran through the outage: {ok}");
     drop(late);
+}
+
+/// Requests the router admits at once in [`overload_is_refused_cleanly_and_admitted_requests_keep_their_latency`].
+const CAPACITY: usize = 8;
+
+/// `clients` closed-loop clients for `duration`: each sends a short greedy request, waits for it,
+/// and after a refusal waits 20 ms (a client honouring Retry-After). Returns the admitted
+/// requests' latencies, the refusals, and any other error.
+async fn closed_loop(
+    c: &GenerationClient<Channel>,
+    clients: usize,
+    duration: Duration,
+) -> (Vec<Duration>, usize, Vec<String>) {
+    let until = Instant::now() + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|k| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let (mut latencies, mut refused, mut errors) = (Vec::new(), 0, Vec::new());
+                let mut i = k * 100_000;
+                while Instant::now() < until {
+                    let mut r = request(i);
+                    if let Some(s) = r.sampling.as_mut() {
+                        s.max_tokens = 24;
+                    }
+                    let sent = Instant::now();
+                    match c.generate(r).await {
+                        Ok(_) => latencies.push(sent.elapsed()),
+                        Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => errors.push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                    i += 1;
+                }
+                (latencies, refused, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut refused, mut errors) = (Vec::new(), 0, Vec::new());
+    for t in tasks {
+        let (l, r, e) = t.await.unwrap();
+        latencies.extend(l);
+        refused += r;
+        errors.extend(e);
+    }
+    latencies.sort_unstable();
+    (latencies, refused, errors)
+}
+
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_cleanly_and_admitted_requests_keep_their_latency() {
+    let model = shared_models().join("stories260K");
+    let model = model.to_str().unwrap();
+    let workers: Vec<WorkerProcess> =
+        (0..2).map(|_| WorkerProcess::start(&["--model", model, "--kv-memory", "16MiB"])).collect();
+    let mut args = vec!["--model".to_string(), model.to_string(), "--max-in-flight".into(), CAPACITY.to_string()];
+    for w in &workers {
+        args.extend(["--worker".into(), w.grpc_url.trim_start_matches("http://").to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let router = RouterProcess::start(&args);
+    assert!(router.wait_healthy(2, Duration::from_secs(30)));
+    let c = GenerationClient::connect(router.grpc_url.clone()).await.unwrap();
+    let pids: Vec<u32> = std::iter::once(router.pid()).chain(workers.iter().map(WorkerProcess::pid)).collect();
+    let memory = || pids.iter().map(|&p| tessera_tests::resident_bytes(p).unwrap_or(0)).sum::<u64>();
+
+    // Warm-up, one client alone (for the record), then the reference: exactly as many clients as
+    // the router admits, none refused.
+    closed_loop(&c, CAPACITY, Duration::from_secs(1)).await;
+    let (alone, _, _) = closed_loop(&c, 1, Duration::from_secs(2)).await;
+    let (at_capacity, refused, errors) = closed_loop(&c, CAPACITY, Duration::from_secs(4)).await;
+    assert!(errors.is_empty() && refused == 0, "at capacity: {refused} refused, errors {errors:?}");
+    let before = memory();
+
+    // Five times as many clients.
+    let (admitted, refused, errors) = closed_loop(&c, 5 * CAPACITY, Duration::from_secs(4)).await;
+    let after = memory();
+    let (base, loaded) = (p99(&at_capacity), p99(&admitted));
+    eprintln!(
+        "one client: p99 {:?}; at capacity: {} requests, p99 {base:?}; at 5×: {} admitted, p99 {loaded:?} ({:.2}×), \
+         {refused} refused; resident memory {} → {} MiB",
+        p99(&alone),
+        at_capacity.len(),
+        admitted.len(),
+        loaded.as_secs_f64() / base.as_secs_f64(),
+        before >> 20,
+        after >> 20
+    );
+    assert!(errors.is_empty(), "errors other than RESOURCE_EXHAUSTED: {errors:?}");
+    assert!(refused > 0, "5× capacity was never refused: the test proved nothing");
+    assert!(loaded <= base * 2, "admitted p99 {loaded:?} is over twice the p99 at capacity {base:?}");
+    assert!(after <= before + (64 << 20), "memory grew from {before} to {after} bytes under overload");
 }

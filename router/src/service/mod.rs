@@ -142,8 +142,9 @@ impl GenerationService {
         deadline: Option<Duration>,
         method: &'static str,
     ) -> Result<Started, Status> {
+        let permit = self.admit(method)?;
         let p = self.prepare_generate(r, deadline)?;
-        self.start(p, method)
+        Ok(self.start(permit, p, method))
     }
 
     /// Validates and starts a `Chat` request.
@@ -153,8 +154,9 @@ impl GenerationService {
         deadline: Option<Duration>,
         method: &'static str,
     ) -> Result<Started, Status> {
+        let permit = self.admit(method)?;
         let p = self.prepare_chat(r, deadline)?;
-        self.start(p, method)
+        Ok(self.start(permit, p, method))
     }
 
     /// Waits for a started `Generate` request and returns it whole.

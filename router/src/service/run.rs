@@ -15,7 +15,7 @@ use std::time::Instant;
 use tessera_proto::v1 as api;
 use tessera_proto::worker_v1 as wpb;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::{Request, Status};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -38,14 +38,19 @@ pub struct Delta {
 }
 
 impl GenerationService {
-    /// Admits `p`; the returned [`Started`] holds the future that routes it and streams its
-    /// deltas into its channel (run it with [`Started::spawn`], or alongside the reader for a
-    /// unary call). Over the in-flight limit it is `RESOURCE_EXHAUSTED`.
-    pub(crate) fn start(&self, p: Prepared, method: &'static str) -> Result<Started, Status> {
-        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
+    /// Takes one of the in-flight permits, or refuses with `RESOURCE_EXHAUSTED` — before any
+    /// other work, so that refusing is cheap when the router is overloaded.
+    pub(crate) fn admit(&self, method: &'static str) -> Result<OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
             self.metrics.requests.with_label_values(&[method, "ResourceExhausted"]).inc();
-            return Err(Status::resource_exhausted("the router is at its limit of requests in flight; retry shortly"));
-        };
+            Status::resource_exhausted("the router is at its limit of requests in flight; retry shortly")
+        })
+    }
+
+    /// Starts admitted request `p`; the returned [`Started`] holds the future that routes it and
+    /// streams its deltas into its channel (run it with [`Started::spawn`], or alongside the
+    /// reader for a unary call). The permit is released when the request ends.
+    pub(crate) fn start(&self, permit: OwnedSemaphorePermit, p: Prepared, method: &'static str) -> Started {
         let (tx, rx) = mpsc::channel(64);
         let (request_id, n) = (p.request_id.clone(), p.n);
         let model = self.model.clone();
@@ -84,7 +89,7 @@ impl GenerationService {
             }
             .instrument(span),
         );
-        Ok(Started { request_id, n, rx, run: Some(run) })
+        Started { request_id, n, rx, run: Some(run) }
     }
 }
 
