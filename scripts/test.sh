@@ -15,6 +15,8 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 # ports; the package's service, where systemd runs one, is not used).
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+# nft cuts one worker off the network in the partition chaos test (loopback traffic only).
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need_apt+=(nftables)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   echo "installing ${need_apt[*]}" >&2

@@ -42,6 +42,10 @@ pub struct PoolConfig {
     pub rpc_timeout: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// HTTP/2 keep-alive ping interval on worker connections (a ping may go unanswered for half
+    /// of it): a worker cut off by the network is noticed within twice this, its streams fail
+    /// (and migrate) and it leaves routing.
+    pub keepalive: Duration,
 }
 
 impl PoolConfig {
@@ -52,6 +56,7 @@ impl PoolConfig {
             tokenizer_sha256: tokenizer_sha256.into(),
             rpc_timeout: Duration::from_secs(2),
             max_backoff: Duration::from_secs(2),
+            keepalive: Duration::from_secs(2),
         }
     }
 }
@@ -193,7 +198,14 @@ impl WorkerPool {
             st = lock(&self.shared.state);
         }
         let endpoint = match Endpoint::from_shared(format!("http://{}", w.address)) {
-            Ok(e) => e.connect_timeout(self.shared.config.rpc_timeout).tcp_nodelay(true),
+            Ok(e) => e
+                .connect_timeout(self.shared.config.rpc_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(self.shared.config.keepalive)
+                // Half the interval: a ping due at most one interval after the cut, unanswered
+                // for half of one, leaves margin within twice the interval.
+                .keep_alive_timeout(self.shared.config.keepalive / 2)
+                .keep_alive_while_idle(true),
             Err(e) => {
                 tracing::warn!("ignoring worker {} with a bad address {:?}: {e}", w.key, w.address);
                 return;
@@ -293,8 +305,11 @@ impl WorkerPool {
             }
             if admitted {
                 let outcome = self.stream_events(slot, &mut client).await;
-                // The stream ended: the exact view of this worker is no longer current.
+                // The stream ended: the exact view of this worker is no longer current, and it is
+                // not routable until it answers again (a cut-off worker must not wait out the
+                // load probe's timeout in routing).
                 lock(&self.shared.router).index.remove_worker(slot);
+                self.set_state(slot, WorkerState::Unhealthy(outcome.clone()));
                 self.shared.metrics.kv_stream_fallbacks.inc();
                 match tokio::time::timeout(cfg.rpc_timeout, client.get_load(pb::GetLoadRequest {})).await {
                     Ok(Ok(load)) => {

@@ -62,6 +62,8 @@ pub struct RouterConfig {
     pub header_timeout: Duration,
     /// Log each request's prompt and output (users' data: off unless asked for).
     pub log_content: bool,
+    /// HTTP/2 keep-alive interval on worker connections (see `PoolConfig::keepalive`).
+    pub worker_keepalive: Duration,
 }
 
 /// The addresses actually bound.
@@ -135,7 +137,10 @@ pub async fn serve(
         }
     }
     drop(membership_tx);
-    let pool_config = PoolConfig::new(model.id.clone(), model.tokenizer_sha256.clone());
+    let pool_config = PoolConfig {
+        keepalive: config.worker_keepalive,
+        ..PoolConfig::new(model.id.clone(), model.tokenizer_sha256.clone())
+    };
     let router = Router::new(config.policy, config.weights, rand::random());
     let pool = WorkerPool::spawn(pool_config, router, metrics.clone(), membership_rx);
 

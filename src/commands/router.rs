@@ -59,6 +59,19 @@ pub struct RoutingArgs {
     /// How long an HTTP client may take to send its request headers before it is disconnected.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval to workers: a worker cut off by the network leaves routing,
+    /// and its streams migrate, within twice this.
+    #[arg(long, env = "TESSERA_WORKER_KEEPALIVE", default_value = "2s", value_parser = parse_keepalive)]
+    pub worker_keepalive: Duration,
+}
+
+/// Parses `--worker-keepalive`: at least 100 ms (pings more often than that only cost).
+fn parse_keepalive(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?} is below the minimum of 100ms"));
+    }
+    Ok(d)
 }
 
 impl RoutingArgs {
@@ -148,6 +161,7 @@ pub fn serve(
         max_in_flight: routing.max_in_flight,
         openai: routing.openai()?,
         header_timeout: routing.header_timeout,
+        worker_keepalive: routing.worker_keepalive,
         log_content: telemetry_args.log_content,
     };
     let (runtime, telemetry) = telemetry::serving_runtime(telemetry_args, "tessera-router")?;

@@ -314,6 +314,8 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("TESSERA_TEST_TOOLS").map(PathBuf::from).into_iter().collect();
     dirs.push(workspace_root().join(".venv-tools/bin"));
     dirs.extend(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default());
+    // Administration tools (nft) live here, which a non-login PATH may lack.
+    dirs.extend(["/usr/sbin", "/sbin"].map(PathBuf::from));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 

@@ -2,8 +2,10 @@
 //! the router costs the clients nothing — no error, and every output identical to a fault-free
 //! run — because the router migrates each interrupted stream to another worker, which resumes
 //! after the tokens already streamed. etcd killed for 30 s under load fails no request, and
-//! discovery recovers when it returns. At five times the admitted load, every refusal is
-//! RESOURCE_EXHAUSTED, admitted requests keep their latency, and memory stays bounded.
+//! discovery recovers when it returns. A worker cut off by the network (nft drops its packets)
+//! leaves routing within twice the keep-alive interval and its streams migrate. At five times the
+//! admitted load, every refusal is RESOURCE_EXHAUSTED, admitted requests keep their latency, and
+//! memory stays bounded.
 
 #![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
 
@@ -310,4 +312,112 @@ async fn overload_is_refused_cleanly_and_admitted_requests_keep_their_latency() 
     assert!(refused > 0, "5× capacity was never refused: the test proved nothing");
     assert!(loaded <= base * 2, "admitted p99 {loaded:?} is over twice the p99 at capacity {base:?}");
     assert!(after <= before + (64 << 20), "memory grew from {before} to {after} bytes under overload");
+}
+
+/// Keep-alive interval of the router's worker connections in the partition test.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// Every packet to or from one loopback TCP port dropped (an nft table of its own), until dropped.
+struct Partition {
+    nft: std::path::PathBuf,
+    table: String,
+}
+
+impl Partition {
+    /// Cuts `port` off; `None` (after saying why) where nft cannot be used here.
+    fn cut(port: u16) -> Option<Partition> {
+        let Some(nft) = tessera_tests::tool("nft") else {
+            tessera_tests::missing_tool("nft");
+            return None;
+        };
+        let table = format!("tessera_chaos_{}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    \
+             tcp dport {port} drop\n    tcp sport {port} drop\n  }}\n}}\n"
+        );
+        let out = tessera_tests::run_with_stdin(std::process::Command::new(&nft).args(["-f", "-"]), &rules);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            // Only a lack of privilege skips (CI runs as root); anything else is a broken test.
+            assert!(stderr.contains("Operation not permitted"), "nft failed on\n{rules}{stderr}");
+            eprintln!("note: nft needs root here ({}); the partition test was not run", stderr.trim());
+            return None;
+        }
+        Some(Partition { nft, table })
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.nft).args(["delete", "table", "inet", &self.table]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_by_the_network_leaves_routing_and_its_streams_migrate() {
+    let model = shared_models().join("stories260K");
+    let model = model.to_str().unwrap();
+    let workers: Vec<WorkerProcess> =
+        (0..3).map(|_| WorkerProcess::start(&["--model", model, "--kv-memory", "32MiB"])).collect();
+    let keepalive = format!("{}ms", KEEPALIVE.as_millis());
+    let mut args = vec!["--model".to_string(), model.to_string(), "--worker-keepalive".into(), keepalive];
+    let addrs: Vec<String> = workers.iter().map(|w| w.grpc_url.trim_start_matches("http://").to_string()).collect();
+    for a in &addrs {
+        args.extend(["--worker".into(), a.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let router = RouterProcess::start(&args);
+    assert!(router.wait_healthy(3, Duration::from_secs(30)));
+    let c = GenerationClient::connect(router.grpc_url.clone()).await.unwrap();
+
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut reference = Vec::new();
+    for h in run_all(&c, &seen).await {
+        reference.push(h.await.unwrap().unwrap());
+    }
+
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handles = run_all(&c, &seen).await;
+    let total = STREAMS * MAX_TOKENS as usize;
+    while seen.load(Ordering::Relaxed) < total / 10 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let running = |w: &WorkerProcess| {
+        let (_, text) = w.http_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("tessera_worker_running_sequences "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let victim = (0..workers.len()).max_by(|&a, &b| running(&workers[a]).total_cmp(&running(&workers[b]))).unwrap();
+    let port: u16 = addrs[victim].rsplit(':').next().unwrap().parse().unwrap();
+    let Some(partition) = Partition::cut(port) else {
+        for h in handles {
+            let _ = h.await;
+        }
+        return;
+    };
+    let cut = Instant::now();
+    // Out of routing: the router's own count of routable workers drops to 2.
+    while router.metric("tessera_router_workers_healthy") != Some(2.0) {
+        assert!(cut.elapsed() < Duration::from_secs(10), "the cut-off worker stayed routable");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = cut.elapsed();
+    let mut errors = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.await.unwrap() {
+            Ok(out) => assert_eq!(out, reference[i], "request {i}: output differs from the fault-free run"),
+            Err(e) => errors.push(e),
+        }
+    }
+    drop(partition);
+    let migrations = router.metric("tessera_router_migrations_total").unwrap_or(0.0);
+    eprintln!(
+        "worker {victim} cut off: out of routing after {left:?} (keep-alive {KEEPALIVE:?}); {} client errors, {migrations} migrations",
+        errors.len()
+    );
+    assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
+    assert!(migrations > 0.0, "the partition hit no stream in flight: the test proved nothing");
+    assert!(left <= 2 * KEEPALIVE, "out of routing only after {left:?}, over twice the keep-alive interval");
 }
