@@ -1,6 +1,9 @@
-//! The Tessera router. For now it owns the text side every front end shares: rendering chat
-//! templates. Discovery, routing and the public APIs join it with the cluster work.
+//! The Tessera router: discovery (etcd or a static list), the worker pool (health supervision,
+//! per-worker circuit breakers), KV-aware routing, the text side (chat templates, tokenization,
+//! detokenization, stop strings, tool calls) and the public APIs (gRPC and OpenAI HTTP), with
+//! retries and mid-stream migration when a worker fails.
 
+pub mod breaker;
 pub mod chat_template;
 pub mod discovery;
 pub mod http_server;

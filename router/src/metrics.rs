@@ -37,6 +37,10 @@ pub struct RouterMetrics {
     pub retries: IntCounter,
     /// Requests moved to another worker after tokens were streamed (resumed there).
     pub migrations: IntCounter,
+    /// Circuit breakers opened by a failed request.
+    pub breaker_trips: IntCounter,
+    /// Workers whose circuit breaker is open or half-open now.
+    pub workers_circuit_open: IntGauge,
     /// Time to first token as the client sees it, by method.
     pub ttft: HistogramVec,
     /// Whole request duration.
@@ -113,6 +117,14 @@ impl RouterMetrics {
             migrations: counter(
                 "tessera_router_migrations_total",
                 "Requests migrated mid-stream to another worker, resuming after the tokens already streamed",
+            )?,
+            breaker_trips: counter(
+                "tessera_router_circuit_breaker_trips_total",
+                "Worker circuit breakers opened by a failed request",
+            )?,
+            workers_circuit_open: gauge(
+                "tessera_router_workers_circuit_open",
+                "Workers whose circuit breaker is open or half-open",
             )?,
             ttft: add(
                 &registry,

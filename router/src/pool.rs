@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_proto::worker_v1 as pb;
 use tessera_proto::worker_v1::worker_client::WorkerClient;
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::breaker::Breaker;
 use crate::discovery::{DiscoveredWorker, MembershipEvent};
 use crate::metrics::RouterMetrics;
 use crate::routing::{BlockChange, Candidate, Decision, Router, WorkerSlot};
@@ -98,6 +99,8 @@ struct Entry {
     state: WorkerState,
     load: pb::LoadReport,
     in_flight_tokens: u64,
+    /// What requests experience here (the supervisor's `state` is reachability).
+    breaker: Breaker,
     cancel: CancellationToken,
 }
 
@@ -226,6 +229,7 @@ impl WorkerPool {
                 state: WorkerState::Connecting,
                 load: pb::LoadReport::default(),
                 in_flight_tokens: 0,
+                breaker: Breaker::default(),
                 cancel: cancel.clone(),
             },
         );
@@ -273,6 +277,8 @@ impl WorkerPool {
         self.shared.metrics.workers_known.set(st.workers.len() as i64);
         self.shared.metrics.workers_healthy.set(healthy as i64);
         self.shared.metrics.workers_exact.set(exact as i64);
+        let open = st.workers.values().filter(|e| e.breaker.is_open()).count();
+        self.shared.metrics.workers_circuit_open.set(open as i64);
     }
 
     /// One worker's lifetime: admit, stream events, fall back, retry.
@@ -356,6 +362,10 @@ impl WorkerPool {
             match msg.body {
                 Some(pb::kv_events_message::Body::Snapshot(snap)) => {
                     lock(&self.shared.router).index.reset_worker(slot, snap.seq, snap.blocks.iter().map(|b| b.hash));
+                    // A fresh connection to a live worker: past request failures no longer count.
+                    if let Some(e) = lock(&self.shared.state).workers.get_mut(&slot) {
+                        e.breaker.reset();
+                    }
                     self.set_state(slot, WorkerState::Ready { exact: true });
                 }
                 Some(pb::kv_events_message::Body::Events(batch)) => {
@@ -395,11 +405,14 @@ impl WorkerPool {
         prompt_tokens: usize,
         exclude: &[WorkerSlot],
     ) -> Result<RoutedWorker, RouteError> {
+        let now = Instant::now();
         let candidates: Vec<Candidate> = {
             let st = lock(&self.shared.state);
             st.workers
                 .iter()
-                .filter(|(slot, e)| matches!(e.state, WorkerState::Ready { .. }) && !exclude.contains(slot))
+                .filter(|(slot, e)| {
+                    matches!(e.state, WorkerState::Ready { .. }) && e.breaker.allows(now) && !exclude.contains(slot)
+                })
                 .map(|(slot, e)| Candidate {
                     slot: *slot,
                     running_tokens: e.load.running_tokens,
@@ -417,6 +430,7 @@ impl WorkerPool {
             .get_mut(&decision.slot)
             .ok_or_else(|| RouteError::NoWorker(self.shared.config.model_id.clone()))?;
         e.in_flight_tokens += prompt_tokens as u64;
+        e.breaker.routed(now);
         let m = &self.shared.metrics;
         m.routed.with_label_values(&[if decision.exact { "exact" } else { "approximate" }]).inc();
         m.routed_prompt_tokens.inc_by(prompt_tokens as u64);
@@ -425,10 +439,28 @@ impl WorkerPool {
         Ok(RoutedWorker { slot: decision.slot, client: e.client.clone(), address: e.address.clone(), decision })
     }
 
-    /// Marks a worker unhealthy after a request to it failed at the transport level (its
-    /// supervisor restores it when contact succeeds again).
+    /// A request failed on this worker: its circuit breaker opens (see [`Breaker`]).
     pub fn report_failure(&self, slot: WorkerSlot, why: &str) {
-        self.set_state(slot, WorkerState::Unhealthy(why.to_string()));
+        let mut st = lock(&self.shared.state);
+        let Some(e) = st.workers.get_mut(&slot) else { return };
+        if e.breaker.failed(Instant::now()) {
+            self.shared.metrics.breaker_trips.inc();
+            tracing::warn!("worker {} at {}: circuit opened after a failed request: {why}", e.key, e.address);
+        }
+        drop(st);
+        self.refresh_gauges();
+    }
+
+    /// A request completed on this worker: its circuit breaker closes.
+    pub fn report_success(&self, slot: WorkerSlot) {
+        let mut st = lock(&self.shared.state);
+        let Some(e) = st.workers.get_mut(&slot) else { return };
+        if e.breaker.is_open() {
+            e.breaker.reset();
+            tracing::info!("worker {} at {}: circuit closed", e.key, e.address);
+            drop(st);
+            self.refresh_gauges();
+        }
     }
 
     /// Number of routable workers.

@@ -160,6 +160,7 @@ async fn drive(
         };
         let status = match attempt.instrument(span.clone()).await {
             Ok(()) => {
+                pool.report_success(routed.slot);
                 if let Some(output) = &progress.logged {
                     let prompt = model.tokenizer.decode(&p.prompt, false).unwrap_or_default();
                     tracing::info!(request_id = %p.request_id, %prompt, %output, "request content");
@@ -169,11 +170,15 @@ async fn drive(
             Err(status) => status,
         };
         span.record("otel.status_code", "ERROR");
-        let movable = retryable(&status) && (progress.tokens == 0 || p.n == 1);
-        if !movable || failed.len() + 1 >= MAX_ATTEMPTS {
+        if !retryable(&status) {
+            // The request's own fault (or the client's): nothing against the worker.
             return Err(status);
         }
         pool.report_failure(routed.slot, status.message());
+        let movable = progress.tokens == 0 || p.n == 1;
+        if !movable || failed.len() + 1 >= MAX_ATTEMPTS {
+            return Err(status);
+        }
         let (what, counter) =
             if progress.tokens == 0 { ("retrying", &metrics.retries) } else { ("migrating", &metrics.migrations) };
         counter.inc();
