@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -102,6 +103,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RouterError> {
 struct Probes {
     pool: WorkerPool,
     metrics: Arc<RouterMetrics>,
+    /// Set when the drain begins: not ready any more (load balancers stop sending here).
+    draining: Arc<AtomicBool>,
 }
 
 /// Runs the router for `model` until `shutdown` resolves.
@@ -151,13 +154,14 @@ pub async fn serve(
         config.max_in_flight,
         config.log_content,
     ));
+    let draining = Arc::new(AtomicBool::new(false));
     let http_task = http_listener.map(|l| {
         let app = axum::Router::new()
             .route("/livez", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text))
             .route("/debug/kv-index", get(kv_index))
-            .with_state(Probes { pool: pool.clone(), metrics: metrics.clone() })
+            .with_state(Probes { pool: pool.clone(), metrics: metrics.clone(), draining: draining.clone() })
             .merge(openai::routes(service.clone(), &config.openai));
         let stop = stop.clone();
         tokio::spawn(http_server::serve(l, app, config.header_timeout, stop))
@@ -181,9 +185,10 @@ pub async fn serve(
         reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().map_err(reflection_error)?;
     let drain_started = CancellationToken::new();
     let signal = {
-        let drain_started = drain_started.clone();
+        let (drain_started, draining) = (drain_started.clone(), draining.clone());
         async move {
             shutdown.await;
+            draining.store(true, Ordering::Release);
             health.set_not_serving::<GenerationServer<GenerationService>>().await;
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             drain_started.cancel();
@@ -227,7 +232,9 @@ pub async fn serve(
 }
 
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
-    if p.pool.healthy() > 0 {
+    if p.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if p.pool.healthy() > 0 {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "no routable worker\n")

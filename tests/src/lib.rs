@@ -129,20 +129,12 @@ impl WorkerProcess {
 
     /// Sends SIGTERM (the drain signal).
     pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
+        terminate(&self.child);
     }
 
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        None
+        wait_exit(&mut self.child, timeout)
     }
 
     /// GETs `path` on the probe port; returns (status code, body).
@@ -389,6 +381,16 @@ impl RouterProcess {
         self.child.id()
     }
 
+    /// Sends SIGTERM (the drain signal).
+    pub fn terminate(&self) {
+        terminate(&self.child);
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(&mut self.child, timeout)
+    }
+
     /// The value of an unlabelled metric on `/metrics` (None when absent).
     pub fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_get(&self.http_addr, "/metrics").ok()?;
@@ -417,15 +419,12 @@ impl RouterProcess {
 
 impl Drop for RouterProcess {
     fn drop(&mut self) {
-        if self.stops_children {
-            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+        // `tessera up` must be let stop its workers; an exited process ignores the signal.
+        if self.stops_children
+            && Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().is_ok()
+            && wait_exit(&mut self.child, std::time::Duration::from_secs(60)).is_some()
+        {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -451,4 +450,22 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     let kib: u64 =
         status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Sends SIGTERM to `child`.
+fn terminate(child: &std::process::Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
+}
+
+/// Waits for `child` to exit, up to `timeout`.
+fn wait_exit(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
 }

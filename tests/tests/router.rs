@@ -288,3 +288,40 @@ async fn a_worker_with_another_tokenizer_is_refused() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(http_get(&router.http_addr, "/readyz").unwrap().0, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_drains_on_sigterm_finishing_what_runs_and_refusing_readiness() {
+    let model = tessera_tests::shared_models().join("stories260K");
+    let model = model.to_str().unwrap();
+    let worker = WorkerProcess::start(&["--model", model, "--kv-memory", "16MiB"]);
+    let mut router = RouterProcess::start(&["--model", model, "--worker", &addr(&worker), "--drain-timeout", "30s"]);
+    assert!(router.wait_healthy(1, Duration::from_secs(30)));
+    assert_eq!(http_get(&router.http_addr, "/readyz").unwrap().0, 200);
+    let mut c = client(&router).await;
+    let request = api::GenerateRequest {
+        prompt: Some(api::generate_request::Prompt::Text("Once upon a time".into())),
+        sampling: greedy(400),
+        return_token_ids: true,
+        ..Default::default()
+    };
+    let mut stream = c.generate_stream(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    router.terminate();
+    // Not ready at once, so load balancers stop sending here…
+    let signalled = std::time::Instant::now();
+    while http_get(&router.http_addr, "/readyz").map(|r| r.0).unwrap_or(503) != 503 {
+        assert!(signalled.elapsed() < Duration::from_secs(2), "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // …while the stream in flight runs to its end…
+    let mut tokens = first.token_ids.len();
+    let mut finish = first.finish_reason;
+    while let Some(msg) = stream.message().await.unwrap() {
+        tokens += msg.token_ids.len();
+        finish = msg.finish_reason;
+    }
+    assert_eq!((tokens, finish), (400, api::FinishReason::Length as i32));
+    // …and then the router exits cleanly.
+    let status = router.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}");
+}
