@@ -83,8 +83,11 @@ impl RouterMetrics {
             routed: add(
                 &registry,
                 IntCounterVec::new(
-                    Opts::new("tessera_router_routed_total", "Requests routed, by prefix view"),
-                    &["mode"],
+                    Opts::new(
+                        "tessera_router_routed_total",
+                        "Requests routed, by policy, prefix view (exact / approximate) and reason (prefix_hit: the chosen worker holds part of the prompt; no_prefix: chosen by load alone)",
+                    ),
+                    &["policy", "mode", "reason"],
                 ),
             )?,
             routed_prompt_tokens: counter("tessera_router_routed_prompt_tokens_total", "Prompt tokens routed")?,

@@ -421,9 +421,13 @@ impl WorkerPool {
                 })
                 .collect()
         };
-        let decision = lock(&self.shared.router)
-            .choose(&candidates, hashes, block_size, prompt_tokens)
-            .ok_or_else(|| RouteError::NoWorker(self.shared.config.model_id.clone()))?;
+        let (decision, policy) = {
+            let mut router = lock(&self.shared.router);
+            let decision = router
+                .choose(&candidates, hashes, block_size, prompt_tokens)
+                .ok_or_else(|| RouteError::NoWorker(self.shared.config.model_id.clone()))?;
+            (decision, router.policy())
+        };
         let mut st = lock(&self.shared.state);
         let e = st
             .workers
@@ -432,7 +436,9 @@ impl WorkerPool {
         e.in_flight_tokens += prompt_tokens as u64;
         e.breaker.routed(now);
         let m = &self.shared.metrics;
-        m.routed.with_label_values(&[if decision.exact { "exact" } else { "approximate" }]).inc();
+        let mode = if decision.exact { "exact" } else { "approximate" };
+        let reason = if decision.matched_blocks > 0 { "prefix_hit" } else { "no_prefix" };
+        m.routed.with_label_values(&[&policy.to_string(), mode, reason]).inc();
         m.routed_prompt_tokens.inc_by(prompt_tokens as u64);
         m.worker_requests.with_label_values(&[e.address.as_str()]).inc();
         m.predicted_cached_tokens.inc_by(((decision.matched_blocks * block_size).min(prompt_tokens)) as u64);

@@ -77,7 +77,15 @@ async fn kv_routing_sends_shared_prefixes_to_the_worker_that_holds_them_and_a_la
     assert_eq!(a, b, "late router's index differs");
 
     let metrics = http_get(&router.http_addr, "/metrics").unwrap().1;
-    assert!(metrics.contains("tessera_router_routed_total{mode=\"exact\"} 4"), "{metrics}");
+    // By policy, view and reason: the first request found no prefix anywhere, the others did.
+    assert!(
+        metrics.contains("tessera_router_routed_total{mode=\"exact\",policy=\"kv\",reason=\"no_prefix\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tessera_router_routed_total{mode=\"exact\",policy=\"kv\",reason=\"prefix_hit\"} 3"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
