@@ -39,11 +39,7 @@ fn request(i: usize) -> api::GenerateRequest {
 }
 
 /// Streams request `i` to the end; returns its token ids and text, counting tokens in `seen`.
-async fn stream(
-    mut c: GenerationClient<Channel>,
-    i: usize,
-    seen: Arc<AtomicUsize>,
-) -> Result<(Vec<u32>, String), String> {
+async fn stream(mut c: GenerationClient<Channel>, i: usize, seen: Arc<AtomicUsize>) -> StreamOutcome {
     let mut s = c.generate_stream(request(i)).await.map_err(|e| format!("request {i}: {e}"))?.into_inner();
     let (mut ids, mut text) = (Vec::new(), String::new());
     while let Some(msg) = s.next().await {
@@ -55,11 +51,66 @@ async fn stream(
     Ok((ids, text))
 }
 
+/// Starts every stream, counting their tokens in `seen`.
 async fn run_all(
     c: &GenerationClient<Channel>,
     seen: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Result<(Vec<u32>, String), String>>> {
+) -> Vec<tokio::task::JoinHandle<StreamOutcome>> {
     (0..STREAMS).map(|i| tokio::spawn(stream(c.clone(), i, seen.clone()))).collect()
+}
+
+/// One stream's outcome: its token ids and text, or the client-visible error.
+type StreamOutcome = Result<(Vec<u32>, String), String>;
+
+/// The fault-free outputs of the streams.
+async fn reference_outputs(c: &GenerationClient<Channel>) -> Vec<(Vec<u32>, String)> {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut reference = Vec::new();
+    for h in run_all(c, &seen).await {
+        reference.push(h.await.unwrap().unwrap());
+    }
+    assert!(reference.iter().all(|(ids, _)| ids.len() == MAX_TOKENS as usize));
+    reference
+}
+
+/// Starts the streams again; returns once a tenth of their tokens have arrived.
+async fn streams_a_tenth_through(
+    c: &GenerationClient<Channel>,
+) -> (Vec<tokio::task::JoinHandle<StreamOutcome>>, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handles = run_all(c, &seen).await;
+    while seen.load(Ordering::Relaxed) < STREAMS * MAX_TOKENS as usize / 10 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (handles, seen)
+}
+
+/// The worker running the most sequences right now (the fault must hit streams).
+fn busiest(workers: &[WorkerProcess]) -> usize {
+    let running = |w: &WorkerProcess| {
+        let (_, text) = w.http_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("tessera_worker_running_sequences "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (0..workers.len()).max_by(|&a, &b| running(&workers[a]).total_cmp(&running(&workers[b]))).unwrap()
+}
+
+/// Waits for every stream; each that ends must equal the fault-free run. Returns the
+/// client-visible errors.
+async fn finish_like(
+    handles: Vec<tokio::task::JoinHandle<StreamOutcome>>,
+    reference: &[(Vec<u32>, String)],
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.await.unwrap() {
+            Ok(out) => assert_eq!(out, reference[i], "request {i}: output differs from the fault-free run"),
+            Err(e) => errors.push(e),
+        }
+    }
+    errors
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,39 +128,15 @@ async fn killing_a_worker_mid_stream_loses_nothing() {
     assert!(router.wait_healthy(3, Duration::from_secs(30)));
     let c = GenerationClient::connect(router.grpc_url.clone()).await.unwrap();
 
-    // The fault-free reference.
-    let seen = Arc::new(AtomicUsize::new(0));
-    let mut reference = Vec::new();
-    for h in run_all(&c, &seen).await {
-        reference.push(h.await.unwrap().unwrap());
-    }
-    assert!(reference.iter().all(|(ids, _)| ids.len() == MAX_TOKENS as usize));
-
-    // Again, and `kill -9` the busiest worker once a tenth of the tokens have streamed.
-    let seen = Arc::new(AtomicUsize::new(0));
-    let handles = run_all(&c, &seen).await;
-    let total = STREAMS * MAX_TOKENS as usize;
-    while seen.load(Ordering::Relaxed) < total / 10 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    // The victim: the worker running the most streams right now.
-    let running = |w: &WorkerProcess| {
-        let (_, text) = w.http_get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix("tessera_worker_running_sequences "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let victim = (0..workers.len()).max_by(|&a, &b| running(&workers[a]).total_cmp(&running(&workers[b]))).unwrap();
+    // The fault-free reference; then again, and `kill -9` the busiest worker once a tenth of the
+    // tokens have streamed.
+    let reference = reference_outputs(&c).await;
+    let (handles, seen) = streams_a_tenth_through(&c).await;
+    let victim = busiest(&workers);
     workers[victim].kill_hard();
     let killed_at = seen.load(Ordering::Relaxed);
-    let mut errors = Vec::new();
-    for (i, h) in handles.into_iter().enumerate() {
-        match h.await.unwrap() {
-            Ok(out) => assert_eq!(out, reference[i], "request {i}: output differs from the fault-free run"),
-            Err(e) => errors.push(e),
-        }
-    }
+    let total = STREAMS * MAX_TOKENS as usize;
+    let errors = finish_like(handles, &reference).await;
     let migrations = router.metric("tessera_router_migrations_total").unwrap_or(0.0);
     let retries = router.metric("tessera_router_retries_total").unwrap_or(0.0);
     eprintln!(
@@ -388,26 +415,9 @@ async fn a_worker_cut_off_by_the_network_leaves_routing_and_its_streams_migrate(
     assert!(router.wait_healthy(3, Duration::from_secs(30)));
     let c = GenerationClient::connect(router.grpc_url.clone()).await.unwrap();
 
-    let seen = Arc::new(AtomicUsize::new(0));
-    let mut reference = Vec::new();
-    for h in run_all(&c, &seen).await {
-        reference.push(h.await.unwrap().unwrap());
-    }
-
-    let seen = Arc::new(AtomicUsize::new(0));
-    let handles = run_all(&c, &seen).await;
-    let total = STREAMS * MAX_TOKENS as usize;
-    while seen.load(Ordering::Relaxed) < total / 10 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let running = |w: &WorkerProcess| {
-        let (_, text) = w.http_get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix("tessera_worker_running_sequences "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let victim = (0..workers.len()).max_by(|&a, &b| running(&workers[a]).total_cmp(&running(&workers[b]))).unwrap();
+    let reference = reference_outputs(&c).await;
+    let (handles, _) = streams_a_tenth_through(&c).await;
+    let victim = busiest(&workers);
     let port: u16 = addrs[victim].rsplit(':').next().unwrap().parse().unwrap();
     let Some(partition) = Partition::cut(port) else {
         for h in handles {
@@ -422,13 +432,7 @@ async fn a_worker_cut_off_by_the_network_leaves_routing_and_its_streams_migrate(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = cut.elapsed();
-    let mut errors = Vec::new();
-    for (i, h) in handles.into_iter().enumerate() {
-        match h.await.unwrap() {
-            Ok(out) => assert_eq!(out, reference[i], "request {i}: output differs from the fault-free run"),
-            Err(e) => errors.push(e),
-        }
-    }
+    let errors = finish_like(handles, &reference).await;
     drop(partition);
     let migrations = router.metric("tessera_router_migrations_total").unwrap_or(0.0);
     eprintln!(
