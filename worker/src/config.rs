@@ -213,7 +213,12 @@ impl ModelConfig {
 
     /// Bytes of K and V for one token across all layers, at `bytes_per_elem` per value.
     pub fn kv_bytes_per_token(&self, bytes_per_elem: usize) -> u64 {
-        2 * self.num_layers as u64 * self.kv_dim() as u64 * bytes_per_elem as u64
+        self.kv_bytes_per_token_for_heads(self.num_kv_heads, bytes_per_elem)
+    }
+
+    /// The same for `kv_heads` K/V heads (one tensor-parallel rank's share).
+    pub fn kv_bytes_per_token_for_heads(&self, kv_heads: usize, bytes_per_elem: usize) -> u64 {
+        2 * self.num_layers as u64 * (kv_heads * self.head_dim) as u64 * bytes_per_elem as u64
     }
 }
 

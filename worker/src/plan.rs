@@ -1,13 +1,12 @@
 //! Memory planning: how a model splits over a tensor-parallel group and how much KV fits.
 //!
-//! Sharding rule (the one the TP implementation follows): attention heads, KV heads and MLP
-//! columns split evenly over ranks; `o_proj`/`down_proj` split by rows of their input; the
-//! embedding and LM head split over the vocabulary; norms are replicated. When
-//! `num_kv_heads < tp`, each KV head is replicated on `tp / num_kv_heads` ranks, so every rank
-//! holds one KV head. Layouts that do not divide evenly are errors.
+//! The split is the engine's own, `crate::parallel::TpShard::layout` (its refusals are the
+//! plan's); the plan sizes rank 0's shard. It is stricter on one point: MLP columns must divide
+//! evenly over the ranks (the engine also runs splits that differ by one column).
 
 use crate::config::ModelConfig;
 use crate::error::LoadError;
+use crate::parallel::TpShard;
 
 /// Storage format for weights or KV in a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,40 +71,26 @@ pub struct MemoryPlan {
 pub fn plan(c: &ModelConfig, r: &PlanRequest) -> Result<MemoryPlan, LoadError> {
     let tp = r.tp;
     let bad = |m: String| Err(LoadError::InvalidConfig(m));
-    if tp == 0 {
-        return bad("tp must be at least 1".into());
-    }
     if !(r.memory_utilization > 0.0 && r.memory_utilization <= 1.0) {
         return bad(format!("memory utilization must be in (0, 1], got {}", r.memory_utilization));
     }
-    if !c.num_heads.is_multiple_of(tp) {
-        return bad(format!("{} attention heads do not split over tp={tp}", c.num_heads));
-    }
+    // The engine's own sharding rule (heads, K/V heads and their replication, vocabulary rows).
+    let shards = TpShard::layout(c, tp)?;
+    let rank0 = &shards[0];
     if !c.intermediate_size.is_multiple_of(tp) {
         return bad(format!("intermediate size {} does not split over tp={tp}", c.intermediate_size));
     }
-    let (kv_heads_per_rank, kv_replicated) = if c.num_kv_heads >= tp {
-        if !c.num_kv_heads.is_multiple_of(tp) {
-            return bad(format!("{} KV heads do not split over tp={tp}", c.num_kv_heads));
-        }
-        (c.num_kv_heads / tp, false)
-    } else {
-        if !tp.is_multiple_of(c.num_kv_heads) {
-            return bad(format!("tp={tp} is not a multiple of the {} KV heads", c.num_kv_heads));
-        }
-        (1, true)
-    };
+    let (kv_heads_per_rank, kv_replicated) = (rank0.kv_heads.len(), TpShard::kv_replication(c, tp) > 1);
     let (h, hd) = (c.hidden_size as u64, c.head_dim as u64);
-    let tp64 = tp as u64;
-    let q_cols = (c.num_heads as u64 / tp64) * hd;
+    let q_cols = rank0.heads.len() as u64 * hd;
     let kv_cols = kv_heads_per_rank as u64 * hd;
-    let ffn = c.intermediate_size as u64 / tp64;
+    let ffn = rank0.ffn.len() as u64;
     let layer_params = h * q_cols + 2 * h * kv_cols + q_cols * h + 3 * h * ffn;
-    let vocab_rows = (c.vocab_size as u64).div_ceil(tp64);
+    let vocab_rows = rank0.vocab_shard_len as u64;
     let embed = vocab_rows * h * if c.tie_word_embeddings { 1 } else { 2 };
     let norms = (2 * c.num_layers as u64 + 1) * h;
     let weight_bytes_per_rank = (c.num_layers as u64 * layer_params + embed) * r.weights_dtype.size() + norms * 4;
-    let kv_bytes_per_token_per_rank = 2 * c.num_layers as u64 * kv_cols * r.kv_dtype.size();
+    let kv_bytes_per_token_per_rank = c.kv_bytes_per_token_for_heads(kv_heads_per_rank, r.kv_dtype.size() as usize);
     let usable = (r.device_memory as f64 * r.memory_utilization) as u64;
     if weight_bytes_per_rank >= usable {
         return bad(format!(

@@ -128,8 +128,8 @@ impl CpuBackend {
 
     /// Bytes of K+V this rank stores per token.
     pub fn kv_bytes_per_token(&self) -> usize {
-        let c = self.model.config();
-        2 * c.num_layers * self.model.shard().kv_heads.len() * c.head_dim * super::CPU_KV_ELEM_BYTES
+        let heads = self.model.shard().kv_heads.len();
+        self.model.config().kv_bytes_per_token_for_heads(heads, super::CPU_KV_ELEM_BYTES) as usize
     }
 
     /// The thread pool (benchmarks measure bandwidth with it).

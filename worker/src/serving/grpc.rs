@@ -403,7 +403,6 @@ struct RequestSpans {
     generate: tracing::Span,
     admission: tracing::Span,
     phase: Option<tracing::Span>,
-    first_token: bool,
     tokens: u64,
 }
 
@@ -422,7 +421,7 @@ impl RequestSpans {
         // Without an exporter installed this is a no-op.
         let _ = generate.set_parent(parent);
         let admission = tracing::info_span!(parent: &generate, "worker.admission");
-        RequestSpans { generate, admission, phase: None, first_token: false, tokens: 0 }
+        RequestSpans { generate, admission, phase: None, tokens: 0 }
     }
 
     fn fail(&self, e: &Status) {
@@ -441,8 +440,7 @@ impl RequestSpans {
         match event {
             RequestEvent::Token { .. } => {
                 self.tokens += 1;
-                if !self.first_token {
-                    self.first_token = true;
+                if self.tokens == 1 {
                     self.phase = Some(tracing::info_span!(parent: &self.generate, "worker.decode"));
                 }
             }
