@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use super::{CommError, Communicator};
 
-/// Called once, with the reason, when the group is aborted (from whichever thread aborts it).
+/// Called once, with the reason, when the group is aborted (from whichever thread aborts it),
+/// before any rank can see the abort: whoever learns of the failure from a collective's error
+/// finds the hook's effect already done. It runs under the group's lock, so it must not call
+/// back into the group.
 pub type AbortHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,18 +128,18 @@ impl HostComm {
         }
     }
 
-    /// Marks the group aborted (keeping the first reason), wakes every waiter, and runs the hook
-    /// if this call was the one that aborted it.
+    /// Marks the group aborted (keeping the first reason), runs the hook if this call was the
+    /// one that aborted it, and then wakes every waiter.
     fn fail(&self, mut st: MutexGuard<'_, State>, reason: String) {
-        let first = st.aborted.is_none();
-        if first {
-            st.aborted = Some(reason.clone());
+        if st.aborted.is_none() {
+            // Still under the lock: no rank observes the abort before the hook has run.
+            if let Some(hook) = &self.shared.on_abort {
+                hook(&reason);
+            }
+            st.aborted = Some(reason);
         }
         drop(st);
         self.shared.changed.notify_all();
-        if first && let Some(hook) = &self.shared.on_abort {
-            hook(&reason);
-        }
     }
 
     fn timeout_error(&self, st: MutexGuard<'_, State>, op: Op, missing: Vec<usize>, started: Instant) -> CommError {
@@ -392,6 +395,26 @@ mod tests {
         assert_eq!(result, Err(CommError::Aborted("rank 1 panicked".into())));
         assert!(waited < Duration::from_secs(5));
         assert_eq!(b.abort_reason().as_deref(), Some("rank 1 panicked"));
+    }
+
+    #[test]
+    fn a_rank_that_sees_the_abort_finds_the_hook_already_run() {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let hook: AbortHook = Arc::new(move |_| {
+            std::thread::sleep(Duration::from_millis(50));
+            flag.store(true, Ordering::SeqCst);
+        });
+        let mut it = host_group(2, Duration::from_secs(60), Some(hook)).into_iter();
+        let (a, b) = (it.next().unwrap(), it.next().unwrap());
+        let seen = done.clone();
+        // What the waiter finds at the moment its collective fails.
+        let waiter = std::thread::spawn(move || (a.barrier(), seen.load(Ordering::SeqCst)));
+        std::thread::sleep(Duration::from_millis(20));
+        b.abort("rank 1 failed");
+        let (result, hook_done) = waiter.join().unwrap();
+        assert!(matches!(result, Err(CommError::Aborted(_))));
+        assert!(hook_done, "the waiter saw the abort before the hook ran");
     }
 
     #[test]
