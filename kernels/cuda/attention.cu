@@ -1,5 +1,6 @@
-// Paged attention for decode and prefill: GQA, causal (through per-query context lengths),
-// sliding window, split over the KV length.
+// Paged attention with CUDA cores, for decode rows and short chunks: GQA, causal (through
+// per-query context lengths), sliding window, split over the KV length. Long prefill chunks go
+// through flash_attention.cu (tensor cores) instead.
 //
 // Layouts (bf16 unless noted):
 //   q:            query row i, head h at q[i * q_stride + h * head_dim + d]   (q_stride in elements)
@@ -10,18 +11,20 @@
 //   context_lens, window_starts: (n_queries,) query i attends positions [window_starts[i],
 //                 context_lens[i]) of its sequence (prefill rows pass their own position + 1, so
 //                 causality is the host's choice of context_lens)
+//   rows:         (n_rows,) int, the query rows to compute (null: rows 0 .. n_rows - 1)
 //   out:          (n_queries, n_heads, head_dim)
 // kv head of query head h = h / (n_heads / n_kv_heads); scores = scale * dot(q, k) in f32.
 //
-// paged_attention: grid (n_queries, n_heads, n_parts), blockDim exactly 32 (one warp per
-// query row, head and partition). head_dim a multiple of 32, at most 256. Partition k covers
+// paged_attention: grid (n_rows, n_heads, n_parts), blockDim exactly 32 (one warp per
+// listed query row, head and partition). head_dim a multiple of 32, at most 256. Partition k covers
 // [ws + k * partition_size, min(ctx, ws + (k + 1) * partition_size)); the last partition runs to
 // ctx whatever partition_size says. With n_parts == 1 the normalised result goes to `out`
 // (part_* unused, may be null); otherwise each partition writes its unnormalised accumulator,
 // running max (natural-log units) and sum of exp(score - max) to part_acc
-// ((n_queries, n_heads, n_parts, head_dim) f32), part_max and part_sum ((n_queries, n_heads,
-// n_parts) f32) -- an empty partition writes max = -inf, sum = 0, acc = 0 -- and
-// paged_attention_reduce combines them: grid (n_queries, n_heads), any blockDim (32 or head_dim).
+// ((n_rows, n_heads, n_parts, head_dim) f32, indexed by the position in `rows`), part_max and
+// part_sum ((n_rows, n_heads, n_parts) f32) -- an empty partition writes max = -inf, sum = 0,
+// acc = 0 -- and paged_attention_reduce combines them: grid (n_rows, n_heads), any blockDim (32
+// or head_dim).
 //
 // Inside a warp, lane l owns elements [l * D, l * D + D) of the head (D = head_dim / 32): its
 // slice of q lives in registers and each K/V row is read by the whole warp, coalesced. Keys go
@@ -110,11 +113,13 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
                                                const bf16_t* __restrict__ k_cache, const bf16_t* __restrict__ v_cache,
                                                const int* __restrict__ block_tables, int max_blocks_per_seq,
                                                const int* __restrict__ query_seq, const int* __restrict__ context_lens,
-                                               const int* __restrict__ window_starts, bf16_t* __restrict__ out,
+                                               const int* __restrict__ window_starts, const int* __restrict__ rows,
+                                               bf16_t* __restrict__ out,
                                                float* __restrict__ part_acc, float* __restrict__ part_max,
                                                float* __restrict__ part_sum, int n_heads, int n_kv_heads,
                                                int block_size, int partition_size, int n_parts, float scale) {
-    const int i = blockIdx.x, h = blockIdx.y, part = blockIdx.z, lane = threadIdx.x;
+    const int j = blockIdx.x, h = blockIdx.y, part = blockIdx.z, lane = threadIdx.x;
+    const int i = rows ? rows[j] : j;
     const int head_dim = 32 * D;
     const int kvh = h / (n_heads / n_kv_heads);
     const long long kv_dim = (long long)n_kv_heads * head_dim;
@@ -202,7 +207,7 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
 #pragma unroll
         for (int j = 0; j < D; ++j) o[j] = f32_to_bf16(acc[j] * inv);
     } else {
-        const long long slot = ((long long)i * n_heads + h) * n_parts + part;
+        const long long slot = ((long long)j * n_heads + h) * n_parts + part;
         float* a = part_acc + slot * head_dim + lane * D;
 #pragma unroll
         for (int j = 0; j < D; ++j) a[j] = acc[j];
@@ -217,15 +222,17 @@ extern "C" __global__ void __launch_bounds__(32, 24)
     paged_attention(const bf16_t* __restrict__ q, int q_stride, const bf16_t* __restrict__ k_cache,
                     const bf16_t* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks_per_seq,
                     const int* __restrict__ query_seq, const int* __restrict__ context_lens,
-                    const int* __restrict__ window_starts, bf16_t* __restrict__ out, float* __restrict__ part_acc,
-                    float* __restrict__ part_max, float* __restrict__ part_sum, int n_queries, int n_heads,
+                    const int* __restrict__ window_starts, const int* __restrict__ rows, bf16_t* __restrict__ out,
+                    float* __restrict__ part_acc, float* __restrict__ part_max, float* __restrict__ part_sum, int n_rows,
+                    int n_heads,
                     int n_kv_heads, int head_dim, int block_size, int partition_size, int n_parts, float scale) {
     // Unsupported shapes are rejected on the host; here they only must not fault.
-    if ((int)blockIdx.x >= n_queries || blockDim.x != 32 || (head_dim & 31) != 0) return;
+    if ((int)blockIdx.x >= n_rows || blockDim.x != 32 || (head_dim & 31) != 0) return;
 #define TS_ATTN_CASE(D)                                                                                        \
     case D:                                                                                                    \
         attention_warp<D>(q, q_stride, k_cache, v_cache, block_tables, max_blocks_per_seq, query_seq,          \
-                          context_lens, window_starts, out, part_acc, part_max, part_sum, n_heads, n_kv_heads, \
+                          context_lens, window_starts, rows, out, part_acc, part_max, part_sum, n_heads,       \
+                          n_kv_heads,                                                                          \
                           block_size, partition_size, n_parts, scale);                                         \
         break;
     switch (head_dim >> 5) {
@@ -242,28 +249,38 @@ extern "C" __global__ void __launch_bounds__(32, 24)
 #undef TS_ATTN_CASE
 }
 
-// out[i, h, :] = sum_k w_k * acc_k / sum_k w_k * sum_k, w_k = exp(max_k - max_j max_j) (0 for an
-// empty partition); all partitions empty gives zeros. Grid (n_queries, n_heads), any blockDim.
+// out[rows[j], h, :] = sum_k w_k * acc_k / sum_k w_k * sum_k, w_k = exp(max_k - max_j max_j) (0
+// for an empty partition); all partitions empty gives zeros. Partials are indexed by j, the
+// position in `rows` (null: row j). Grid (n_rows, n_heads), blockDim a multiple of 32 (32 or
+// head_dim). The maximum and the denominator are block-wide reductions; the weighted sum keeps
+// eight partitions' loads in flight, so the kernel costs a few memory round trips, not one per
+// partition.
 extern "C" __global__ void paged_attention_reduce(const float* __restrict__ part_acc, const float* __restrict__ part_max,
-                                                  const float* __restrict__ part_sum, bf16_t* __restrict__ out,
-                                                  int n_queries, int n_heads, int head_dim, int n_parts) {
-    const int i = blockIdx.x, h = blockIdx.y;
-    if (i >= n_queries) return;
-    const long long base = ((long long)i * n_heads + h) * n_parts;
+                                                  const float* __restrict__ part_sum, const int* __restrict__ rows,
+                                                  bf16_t* __restrict__ out, int n_rows, int n_heads, int head_dim,
+                                                  int n_parts) {
+    const int j = blockIdx.x, h = blockIdx.y;
+    if (j >= n_rows) return;  // the whole block leaves together
+    const int i = rows ? rows[j] : j;
+    const long long base = ((long long)j * n_heads + h) * n_parts;
     float mx = TS_NEG_INF;
-    for (int k = 0; k < n_parts; ++k) mx = fmaxf(mx, part_max[base + k]);
+    for (int k = threadIdx.x; k < n_parts; k += blockDim.x) mx = fmaxf(mx, part_max[base + k]);
+    mx = block_max(mx);
     float den = 0.0f;
-    for (int k = 0; k < n_parts; ++k) {
+    for (int k = threadIdx.x; k < n_parts; k += blockDim.x) {
         const float mk = part_max[base + k];
         if (mk != TS_NEG_INF) den += expf(mk - mx) * part_sum[base + k];
     }
+    den = block_sum(den);
     const float inv = den > 0.0f ? 1.0f / den : 0.0f;
     bf16_t* o = out + ((long long)i * n_heads + h) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float num = 0.0f;
+#pragma unroll 8
         for (int k = 0; k < n_parts; ++k) {
             const float mk = part_max[base + k];
-            if (mk != TS_NEG_INF) num += expf(mk - mx) * part_acc[(base + k) * head_dim + d];
+            const float a = part_acc[(base + k) * head_dim + d];
+            if (mk != TS_NEG_INF) num += expf(mk - mx) * a;
         }
         o[d] = f32_to_bf16(num * inv);
     }

@@ -6,7 +6,8 @@
 #   bash kernels/gpu/check.sh
 #
 # Environment: OUT (output folder), TESSERA_BIN, PYTHON (default python3), CHECK_TOTAL_S (budget,
-# default 470), CHECK_INIT (random-weight recipe of check.py: stable | hf). See README.md.
+# default 470), CHECK_INIT (random-weight recipe of check.py: stable | hf), PROFILE=1 (then ncu
+# times each kernel of batch-1 decode: profile.log; PROFILE_LIMIT_S bounds it). See README.md.
 #
 # Steps, each tee'd to $OUT/<step>.log and bounded by `timeout`:
 #   setup         GPU, driver, CUDA libraries found (ldconfig + pip nvidia wheels), versions
@@ -76,9 +77,19 @@ step setup 120 bash -c "$(declare -f setup); $(declare -p LIB_DIRS BIN PY); setu
 step test_kernels 150 "$PY" kernels/gpu/test_kernels.py --backend cupy --bench --out "$OUT_DIR/test_kernels.json"
 left=$((TOTAL_S - SECONDS - 15))
 [ "$left" -gt 60 ] || left=60
+WORK=/tmp/tessera-check-work
+rm -rf "$WORK"
 step check $((left + 30)) "$PY" kernels/gpu/check.py --bin "$BIN" --out "$OUT_DIR" --budget-s "$left" \
-    --init "${CHECK_INIT:-stable}" \
+    --init "${CHECK_INIT:-stable}" --work "$WORK" \
     --test-kernels-json "$OUT_DIR/test_kernels.json" ${CUDA_ARGS[@]+"${CUDA_ARGS[@]}"}
+# Optional (PROFILE=1): per-kernel time of batch-1 decode on the 8B checkpoint, with ncu.
+if [ "${PROFILE:-0}" = 1 ] && [ -d "$WORK/mistral-8b" ]; then
+    profile_status=$status
+    step profile "${PROFILE_LIMIT_S:-150}" "$PY" kernels/gpu/ncu_profile.py --bin "$BIN" --model "$WORK/mistral-8b" \
+        --device cuda --cache-dir "$WORK/cache" ${CUDA_ARGS[@]+"${CUDA_ARGS[@]}"}
+    status=$profile_status  # informative only
+fi
+rm -rf "$WORK"
 
 echo "check.sh: $([ "$status" = 0 ] && echo PASSED || echo FAILED) in ${SECONDS} s; logs and JSON in $OUT_DIR"
 exit "$status"

@@ -201,10 +201,17 @@ def render(res):
              f"FLOPs/token = 2 x {fmt(p.get('matmul_params'), '.4g')} layer matmul params")
     bench = [b for b in (res.get("attention_bench") or []) if "us" in b]
     if bench:
-        L.append("  paged_attention alone (test_kernels.py --bench; 8b heads 32/8, head_dim 128, block 16):")
+        L.append("  attention kernels alone (test_kernels.py --bench; 8b heads 32/8, head_dim 128, block 16):")
         for b in bench:
-            L.append(f"    {b['case']:34} parts {b['n_parts']:>3} (partition {b['partition']:>4}): {b['us']:9.1f} us, "
-                     f"KV {b['kv_gb_s']:7.1f} GB/s")
+            L.append(f"    {b['case']:34} {b.get('kernel', 'paged'):5} parts {b['n_parts']:>3} "
+                     f"(partition {b['partition']:>4}): {b['us']:9.1f} us, KV {b['kv_gb_s']:7.1f} GB/s, "
+                     f"{fmt(b.get('tflops'), '.1f'):>6} TFLOP/s")
+    gemv = [b for b in (res.get("attention_bench") or []) if "gemv_us" in b]
+    if gemv:
+        L.append("  gemv_bf16 vs cuBLAS (torch.matmul), weight-read bandwidth:")
+        for b in gemv:
+            L.append(f"    {b['case']:16} gemv {b['gemv_us']:8.1f} us ({b['gemv_gb_s']:7.1f} GB/s)   "
+                     f"cuBLAS {b['cublas_us']:8.1f} us ({b['cublas_gb_s']:7.1f} GB/s)")
     L.append("")
     L.append("Acceptance")
     for a in res.get("acceptance") or []:

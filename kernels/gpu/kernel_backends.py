@@ -17,6 +17,7 @@ CUDA_DIR = os.path.join(os.path.dirname(HERE), "cuda")
 # one kernel per file, looked up right after compiling so that compile errors surface there
 KERNEL_OF_FILE = {"embedding.cu": "embedding_gather", "norm.cu": "add_rmsnorm", "rope.cu": "rope_inplace",
                   "activation.cu": "silu_mul", "kv_cache.cu": "kv_write", "attention.cu": "paged_attention",
+                  "flash_attention.cu": "flash_attention", "gemv.cu": "gemv_bf16",
                   "sampling.cu": "argmax_rows"}
 
 

@@ -151,7 +151,7 @@ def test_rope(c):
             bits, val = bf16_from(c.randn(n, stride))
             pos = c.randint(0, max_pos, (n,)).numpy().astype(np.uint32)
             d = be.to_dev(bits)
-            be.launch("rope.cu", "rope_inplace", (n,), (128,),
+            be.launch("rope.cu", "rope_inplace", (n, nq + nkv), (max(32, (hd // 2 + 31) // 32 * 32),),
                       [d, be.to_dev(pos), be.to_dev(cos.numpy()), be.to_dev(sin.numpy()), i32(n), i32(nq + nkv), i32(stride), i32(hd)])
             got = f32_of_bits(be.to_host(d))
             rot = val[:, : (nq + nkv) * hd].reshape(n, nq + nkv, hd)
@@ -246,7 +246,25 @@ def attention_ref(qv, seq_of, ctx, ws, cache, n_heads, scale):
     return out
 
 
-def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, ctx, ws, n_parts_list, reduce_blocks):
+SKIP_FLASH = False  # --no-flash: the tensor-core kernel's cases are slow under emulation
+
+
+def flash_tiles(seq_of, rows=64):
+    """(first row, row count) tiles of at most `rows` consecutive query rows of one sequence."""
+    tiles, i = [], 0
+    while i < len(seq_of):
+        j = i
+        while j < len(seq_of) and j - i < rows and seq_of[j] == seq_of[i]:
+            j += 1
+        tiles.append((i, j - i))
+        i = j
+    return np.asarray(tiles, np.int32).reshape(-1)
+
+
+def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, ctx, ws, n_parts_list, reduce_blocks,
+                       flash=False, row_subset=None):
+    """paged_attention (+ reduce) for each partition count, over all rows or `row_subset` (rows
+    outside it must stay untouched); then, with `flash`, flash_attention over 64-row tiles."""
     be = c.be
     cache = PagedCache(c, lengths, n_kv, hd, block_size)
     nq = len(seq_of)
@@ -261,55 +279,88 @@ def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, 
     d_ctx = be.to_dev(np.asarray(ctx, np.int32))
     d_ws = be.to_dev(np.asarray(ws, np.int32))
     span = max(int(cx) - max(int(w), 0) for cx, w in zip(ctx, ws))
+    rows = None if row_subset is None else be.to_dev(np.asarray(row_subset, np.int32))
+    n_rows = nq if row_subset is None else len(row_subset)
     for n_parts in n_parts_list:
         psize = max(1, math.ceil(span / n_parts))
         out = be.to_dev(np.full((nq, n_heads * hd), NAN_BF16))
         if n_parts > 1:
-            pa = be.to_dev(np.full((nq, n_heads, n_parts, hd), np.nan, np.float32))
-            pm = be.to_dev(np.full((nq, n_heads, n_parts), np.nan, np.float32))
-            ps = be.to_dev(np.full((nq, n_heads, n_parts), np.nan, np.float32))
+            pa = be.to_dev(np.full((n_rows, n_heads, n_parts, hd), np.nan, np.float32))
+            pm = be.to_dev(np.full((n_rows, n_heads, n_parts), np.nan, np.float32))
+            ps = be.to_dev(np.full((n_rows, n_heads, n_parts), np.nan, np.float32))
         else:
             pa = pm = ps = None
         t0 = time.time()
-        be.launch("attention.cu", "paged_attention", (nq, n_heads, n_parts), (32,),
-                  [d_q, i32(q_stride), d_k, d_v, d_tab, i32(cache.max_blocks), d_seq, d_ctx, d_ws, out, pa, pm, ps,
-                   i32(nq), i32(n_heads), i32(n_kv), i32(hd), i32(block_size), i32(psize), i32(n_parts), f32(scale)])
+        be.launch("attention.cu", "paged_attention", (n_rows, n_heads, n_parts), (32,),
+                  [d_q, i32(q_stride), d_k, d_v, d_tab, i32(cache.max_blocks), d_seq, d_ctx, d_ws, rows, out, pa, pm,
+                   ps, i32(n_rows), i32(n_heads), i32(n_kv), i32(hd), i32(block_size), i32(psize), i32(n_parts),
+                   f32(scale)])
         for rb in (reduce_blocks if n_parts > 1 else [None]):
             if rb is not None:
-                be.launch("attention.cu", "paged_attention_reduce", (nq, n_heads), (rb,),
-                          [pa, pm, ps, out, i32(nq), i32(n_heads), i32(hd), i32(n_parts)])
+                be.launch("attention.cu", "paged_attention_reduce", (n_rows, n_heads), (rb,),
+                          [pa, pm, ps, rows, out, i32(n_rows), i32(n_heads), i32(hd), i32(n_parts)])
             tag = f"{name} parts={n_parts}" + (f" reduce_block={rb}" if rb else "")
-            c.check_close(f"attention {tag}", f32_of_bits(be.to_host(out)), want,
-                          secs=round(time.time() - t0, 2))
+            got = f32_of_bits(be.to_host(out))
+            if row_subset is None:
+                c.check_close(f"attention {tag}", got, want, secs=round(time.time() - t0, 2))
+            else:
+                others = [i for i in range(nq) if i not in set(row_subset)]
+                c.check_close(f"attention {tag} rows={len(row_subset)}/{nq}", got[row_subset], want[row_subset],
+                              secs=round(time.time() - t0, 2))
+                c.record(f"attention {tag} rows outside the list untouched",
+                         bool(torch.isnan(got[others]).all()) if others else True)
+    if flash and not SKIP_FLASH:
+        tiles = flash_tiles(seq_of)
+        n_tiles = len(tiles) // 2
+        out = be.to_dev(np.full((nq, n_heads * hd), NAN_BF16))
+        t0 = time.time()
+        be.launch("flash_attention.cu", "flash_attention", (n_tiles, n_heads), (128,),
+                  [d_q, i32(q_stride), d_k, d_v, d_tab, i32(cache.max_blocks), d_seq, d_ctx, d_ws, be.to_dev(tiles),
+                   out, i32(n_tiles), i32(n_heads), i32(n_kv), i32(hd), i32(block_size), f32(scale)])
+        c.check_close(f"flash_attention {name} tiles={n_tiles}", f32_of_bits(be.to_host(out)), want,
+                      secs=round(time.time() - t0, 2))
 
 
 def test_attention(c):
     quick = c.be.quick
     shapes = [(32, 8, 128), (9, 3, 64)] if not quick else [(4, 2, 128), (9, 3, 64)]
-    extra = [(4, 1, 96), (2, 1, 256)]  # D = 3 (scalar chunk path) and D = 8 (16-byte loads)
+    extra = [(4, 1, 96), (2, 1, 256), (12, 1, 32)]  # D = 3 (scalar chunk path), D = 8, G = 12
     dec_lens = [1, 17, 300, 2500] if not quick else [1, 17, 75, 300]
     prefix, rows = (100, 33) if not quick else (40, 9)
+    long_prefix, long_rows = (70, 150) if not quick else (20, 70)  # several 64-row tiles
     window = 256 if not quick else 50
     for (nh, nkv, hd) in shapes:
         heads = f"heads={nh}/{nkv} hd={hd}"
-        # decode: one query per sequence, at its last position
+        # decode: one query per sequence, at its last position (flash: one-row tiles)
         n = len(dec_lens)
         ctx = dec_lens
         run_attention_case(c, f"decode {heads} ctx={dec_lens}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, [0] * n,
-                           [1, 4], [32, hd])
+                           [1, 4, 17], [32, hd], flash=True)
+        run_attention_case(c, f"decode {heads} ctx={dec_lens}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, [0] * n,
+                           [1, 3], [hd], row_subset=[3, 1])
         ws = [max(0, L - window) for L in dec_lens]
         run_attention_case(c, f"decode window={window} {heads}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, ws,
                            [1, 4], [hd])
         # prefill: `rows` new tokens of sequence 1 after `prefix` cached ones; sequence 0 is a
         # bystander whose blocks must not be read.
+        for (pre, nrow) in ((prefix, rows), (long_prefix, long_rows)):
+            total = pre + nrow
+            pos = list(range(pre, total))
+            ctx = [p + 1 for p in pos]
+            run_attention_case(c, f"prefill {heads} prefix={pre} rows={nrow}", nh, nkv, hd, 16, [37, total],
+                               [1] * nrow, ctx, [0] * nrow, [1, 4], [32], flash=True)
         total = prefix + rows
         pos = list(range(prefix, total))
         ctx = [p + 1 for p in pos]
-        run_attention_case(c, f"prefill {heads} prefix={prefix} rows={rows}", nh, nkv, hd, 16, [37, total],
-                           [1] * rows, ctx, [0] * rows, [1, 4], [32])
         ws = [max(0, p - window // 4 + 1) for p in pos]
         run_attention_case(c, f"prefill window={window // 4} {heads}", nh, nkv, hd, 16, [37, total],
-                           [1] * rows, ctx, ws, [1, 3], [hd])
+                           [1] * rows, ctx, ws, [1, 3], [hd], flash=True)
+        # a mixed step: two sequences' chunks, then a decode row (tiles never straddle sequences)
+        seq_of = [0] * 5 + [1] * rows + [2]
+        lens = [12, total, 40]
+        ctx = [8 + i for i in range(5)] + [p + 1 for p in pos] + [40]
+        run_attention_case(c, f"mixed chunks {heads}", nh, nkv, hd, 16, lens, seq_of, ctx, [0] * len(seq_of), [1],
+                           [], flash=True)
     for (nh, nkv, hd) in extra:
         lens = [5, 130] if quick else [5, 130, 1000]
         n = len(lens)
@@ -319,7 +370,7 @@ def test_attention(c):
     for bs in (6, 2, 32):
         lens = [1, 23, 130]
         run_attention_case(c, f"decode block_size={bs} heads=4/2 hd=64 ctx={lens}", 4, 2, 64, bs, lens, [0, 1, 2], lens,
-                           [0, 0, 0], [1, 3], [64])
+                           [0, 0, 0], [1, 3], [64], flash=True)
 
 
 def test_sampling(c):
@@ -353,9 +404,66 @@ def test_sampling(c):
         c.check_exact(f"bf16_rows_to_f32 n={count}", torch.from_numpy(be.to_host(out)), val)
 
 
+def test_gemv(c):
+    be = c.be
+    shapes = [(37, 64), (100, 4104), (5, 14336)] if not be.quick else [(37, 64), (9, 1032)]
+    for (n, k) in shapes:
+        for m in (1, 2, 3, 4):
+            xb, xv = bf16_from(c.randn(m, k))
+            wb, wv = bf16_from(c.randn(n, k, scale=0.05))
+            y = be.to_dev(np.full((m, n), NAN_BF16))
+            be.launch("gemv.cu", "gemv_bf16", ((n + 3) // 4,), (128,),
+                      [be.to_dev(xb), be.to_dev(wb), y, i32(m), i32(n), i32(k)])
+            c.check_close(f"gemv_bf16 m={m} n={n} k={k}", f32_of_bits(be.to_host(y)), xv @ wv.T)
+
+
+def bench_gemv(be):
+    """Timings (not pass/fail) of gemv_bf16 against torch.matmul (cuBLAS) at batch 1 and 4 for
+    the 8B shape's projections, as weight-read bandwidth."""
+    import torch as th
+
+    cp = be.cp
+    rows = []
+    for (name, n, k) in (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096),
+                         ("down", 4096, 14336), ("lm_head", 32768, 4096)):
+        w = th.randn(n, k, device="cuda", dtype=th.bfloat16)
+        for m in (1, 4):
+            x = th.randn(m, k, device="cuda", dtype=th.bfloat16)
+            y = th.empty(m, n, device="cuda", dtype=th.bfloat16)
+            xw, ww, yw = cp.asarray(x.view(th.int16)), cp.asarray(w.view(th.int16)), cp.asarray(y.view(th.int16))
+
+            def ours():
+                be.launch("gemv.cu", "gemv_bf16", ((n + 3) // 4,), (128,), [xw, ww, yw, i32(m), i32(n), i32(k)],
+                          sync=False)
+
+            def torch_mm():
+                th.matmul(x, w.T, out=y)
+
+            t_ours = be.time_ms(ours, reps=50)
+            th.cuda.synchronize()
+            start, stop = th.cuda.Event(enable_timing=True), th.cuda.Event(enable_timing=True)
+            for _ in range(3):
+                torch_mm()
+            start.record()
+            for _ in range(50):
+                torch_mm()
+            stop.record()
+            stop.synchronize()
+            t_torch = start.elapsed_time(stop) / 50
+            gb = n * k * 2 / 1e9
+            row = {"case": f"{name} m={m}", "n": n, "k": k, "gemv_us": round(t_ours * 1e3, 1),
+                   "cublas_us": round(t_torch * 1e3, 1), "gemv_gb_s": round(gb / (t_ours * 1e-3), 1),
+                   "cublas_gb_s": round(gb / (t_torch * 1e-3), 1)}
+            print(f"bench gemv {row['case']:14} gemv {row['gemv_us']:8.1f} us ({row['gemv_gb_s']:7.1f} GB/s)  "
+                  f"cuBLAS {row['cublas_us']:8.1f} us ({row['cublas_gb_s']:7.1f} GB/s)", flush=True)
+            rows.append(row)
+    return rows
+
+
 def bench_attention(be):
-    """Timings (not pass/fail) of paged_attention at the 8B shape (32/8 heads, head_dim 128,
-    block 16): decode at several partition counts, and a 2048-token causal prefill."""
+    """Timings (not pass/fail) at the 8B shape (32/8 heads, head_dim 128, block 16):
+    paged_attention for decode at several partition counts, and a 2048-token causal prefill in
+    one layer through flash_attention (tensor cores) and, for comparison, paged_attention."""
     cp = be.cp
     nh, nkv, hd, bs = 32, 8, 128, 16
     kv_dim = nkv * hd
@@ -365,7 +473,7 @@ def bench_attention(be):
     def bf16_bits(n):
         return (cp.random.standard_normal(n, dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
 
-    def case(label, ctx_lens, seq_of, n_parts_list):
+    def case(label, ctx_lens, seq_of, n_parts_list, flash=False):
         n_seqs = max(seq_of) + 1
         per_seq = [max(c for c, s in zip(ctx_lens, seq_of) if s == q) for q in range(n_seqs)]
         need = [math.ceil(L / bs) for L in per_seq]
@@ -385,33 +493,44 @@ def bench_attention(be):
         d_ws = cp.zeros(nq, cp.int32)
         out = cp.empty(nq * nh * hd, cp.uint16)
         kv_bytes = sum(per_seq) * kv_dim * 2 * 2
-        for n_parts in n_parts_list:
+        # attention FLOPs: 2 (QK and PV) x 2 x visible keys x head_dim per (row, head)
+        flops = 4.0 * sum(ctx_lens) * hd * nh
+        runs = [("paged", n) for n in n_parts_list] + ([("flash", 1)] if flash else [])
+        for kind, n_parts in runs:
             psize = math.ceil(max(ctx_lens) / n_parts)
             pa = cp.empty(nq * nh * n_parts * hd, cp.float32) if n_parts > 1 else None
             pm = cp.empty(nq * nh * n_parts, cp.float32) if n_parts > 1 else None
             ps = cp.empty(nq * nh * n_parts, cp.float32) if n_parts > 1 else None
+            tiles = cp.asarray(flash_tiles(seq_of))
+            n_tiles = len(tiles) // 2
 
             def run():
+                if kind == "flash":
+                    be.launch("flash_attention.cu", "flash_attention", (n_tiles, nh), (128,),
+                              [qd, i32(q_stride), kc, vc, tables, i32(max_blocks), d_seq, d_ctx, d_ws, tiles, out,
+                               i32(n_tiles), i32(nh), i32(nkv), i32(hd), i32(bs), f32(1.0 / math.sqrt(hd))],
+                              sync=False)
+                    return
                 be.launch("attention.cu", "paged_attention", (nq, nh, n_parts), (32,),
-                          [qd, i32(q_stride), kc, vc, tables, i32(max_blocks), d_seq, d_ctx, d_ws, out, pa, pm, ps,
-                           i32(nq), i32(nh), i32(nkv), i32(hd), i32(bs), i32(psize), i32(n_parts),
+                          [qd, i32(q_stride), kc, vc, tables, i32(max_blocks), d_seq, d_ctx, d_ws, None, out, pa, pm,
+                           ps, i32(nq), i32(nh), i32(nkv), i32(hd), i32(bs), i32(psize), i32(n_parts),
                            f32(1.0 / math.sqrt(hd))], sync=False)
                 if n_parts > 1:
                     be.launch("attention.cu", "paged_attention_reduce", (nq, nh), (hd,),
-                              [pa, pm, ps, out, i32(nq), i32(nh), i32(hd), i32(n_parts)], sync=False)
+                              [pa, pm, ps, None, out, i32(nq), i32(nh), i32(hd), i32(n_parts)], sync=False)
 
             ms = be.time_ms(run)
-            row = {"case": label, "n_parts": n_parts, "partition": psize, "us": round(ms * 1e3, 1),
-                   "kv_gb_s": round(kv_bytes / (ms * 1e-3) / 1e9, 1)}
-            print(f"bench attention {label:34} parts={n_parts:<3} partition={psize:<5} {row['us']:9.1f} us  "
-                  f"KV read {row['kv_gb_s']:7.1f} GB/s (unique bytes)", flush=True)
+            row = {"case": label, "kernel": kind, "n_parts": n_parts, "partition": psize, "us": round(ms * 1e3, 1),
+                   "kv_gb_s": round(kv_bytes / (ms * 1e-3) / 1e9, 1), "tflops": round(flops / (ms * 1e-3) / 1e12, 1)}
+            print(f"bench attention {label:34} {kind:5} parts={n_parts:<3} partition={psize:<5} {row['us']:9.1f} us  "
+                  f"KV read {row['kv_gb_s']:7.1f} GB/s (unique bytes)  {row['tflops']:6.1f} TFLOP/s", flush=True)
             out_rows.append(row)
 
     case("decode batch 1 ctx 256", [256], [0], [1, 4, 8])
     case("decode batch 1 ctx 2048", [2048], [0], [1, 4, 16, 32])
     case("decode batch 32 ctx 256", [256] * 32, list(range(32)), [1, 2])
     case("decode batch 128 ctx 256", [256] * 128, list(range(128)), [1])
-    case("prefill 2048 causal (one layer)", list(range(1, 2049)), [0] * 2048, [1])
+    case("prefill 2048 causal (one layer)", list(range(1, 2049)), [0] * 2048, [1], flash=True)
     return out_rows
 
 
@@ -423,6 +542,7 @@ TESTS = {
     "kv_write": test_kv_write,
     "attention": test_attention,
     "sampling": test_sampling,
+    "gemv": test_gemv,
 }
 
 
@@ -434,7 +554,10 @@ def main():
     ap.add_argument("--cuda-dir", default=CUDA_DIR, help="folder of prelude.cuh and the .cu files")
     ap.add_argument("--bench", action="store_true", help="also time paged_attention at 8B shapes (cupy only; "
                     "reported, never pass/fail)")
+    ap.add_argument("--no-flash", action="store_true", help="skip flash_attention's cases (slow under emulation)")
     args = ap.parse_args()
+    global SKIP_FLASH
+    SKIP_FLASH = args.no_flash
 
     if args.backend == "emu" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # The ASan-built kernels need the ASan runtime loaded first: re-run under it.
@@ -461,6 +584,7 @@ def main():
     if args.bench and be.name == "cupy" and not errors:
         try:
             bench = bench_attention(be)
+            bench += [dict(r, kind="gemv") for r in bench_gemv(be)]
         except Exception as e:  # noqa: BLE001 -- timings are informative only
             traceback.print_exc()
             bench = [{"error": f"{type(e).__name__}: {e}"[:1000]}]

@@ -25,6 +25,8 @@ const SOURCES: &[(&str, &str)] = &[
     ("activation.cu", include_str!("../../cuda/activation.cu")),
     ("kv_cache.cu", include_str!("../../cuda/kv_cache.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
+    ("flash_attention.cu", include_str!("../../cuda/flash_attention.cu")),
+    ("gemv.cu", include_str!("../../cuda/gemv.cu")),
     ("sampling.cu", include_str!("../../cuda/sampling.cu")),
 ];
 
@@ -49,6 +51,8 @@ pub struct Kernels {
     pub(crate) kv_write: CudaFunction,
     pub(crate) paged_attention: CudaFunction,
     pub(crate) paged_attention_reduce: CudaFunction,
+    pub(crate) flash_attention: CudaFunction,
+    pub(crate) gemv_bf16: CudaFunction,
     pub(crate) argmax_rows: CudaFunction,
     pub(crate) bf16_rows_to_f32: CudaFunction,
 }
@@ -143,6 +147,8 @@ impl GpuDevice {
                 kv_write: f("kv_cache.cu", "kv_write")?,
                 paged_attention: f("attention.cu", "paged_attention")?,
                 paged_attention_reduce: f("attention.cu", "paged_attention_reduce")?,
+                flash_attention: f("flash_attention.cu", "flash_attention")?,
+                gemv_bf16: f("gemv.cu", "gemv_bf16")?,
                 argmax_rows: f("sampling.cu", "argmax_rows")?,
                 bf16_rows_to_f32: f("sampling.cu", "bf16_rows_to_f32")?,
             };

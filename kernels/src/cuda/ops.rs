@@ -91,18 +91,54 @@ pub struct AttentionArgs<'a> {
     pub head_dim: usize,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// `(n_parts, partition_size)` of the split over the KV length, from [`attention_split`];
-    /// the last partition of each query always runs to its context end.
-    pub split: (usize, usize),
+    /// The rows the CUDA-core kernel computes, with its split over the KV length.
+    pub short_rows: ShortRows<'a>,
+    /// Tiles of long chunks for the tensor-core kernel, `(n_tiles, 2)`: first row, row count.
+    pub flash_tiles: Option<(&'a CudaView<'a, i32>, usize)>,
 }
 
-/// Shortest partition of the split over the KV length (shorter ones cost more to reduce than
-/// they save).
-pub const MIN_ATTENTION_PARTITION: usize = 64;
+/// Which query rows go through the CUDA-core kernel (`paged_attention`).
+pub enum ShortRows<'a> {
+    /// None of them (every row is in a flash tile).
+    None,
+    /// Every row, `0 .. n_queries`.
+    All {
+        /// `(n_parts, partition_size)` from [`attention_split`]; the last partition of each
+        /// query always runs to its context end.
+        split: (usize, usize),
+    },
+    /// The listed rows.
+    Listed {
+        /// Row indices.
+        rows: &'a CudaView<'a, i32>,
+        /// How many.
+        n: usize,
+        /// As for `All`.
+        split: (usize, usize),
+    },
+}
 
-/// How to split attention over the KV length: `(n_parts, partition_size)`. Enough warps to
-/// keep every SM busy (about four per SM) when the (query, head) pairs alone are too few,
-/// as in small-batch decode; one partition otherwise (prefill, large batches).
+/// Shortest partition of the split over the KV length: four of the kernel's four-key groups, so
+/// a warp's serial walk is short at batch 1 (one memory round trip per group); the reduce pass
+/// costs a few round trips whatever the count.
+pub const MIN_ATTENTION_PARTITION: usize = 16;
+
+/// Chunks of at least this many rows go through the tensor-core kernel (when the head width
+/// allows it); shorter ones, decode rows included, through the CUDA-core kernel.
+pub const FLASH_MIN_ROWS: usize = 16;
+
+/// Query rows per tile of the tensor-core kernel.
+pub const FLASH_TILE_ROWS: usize = 64;
+
+/// Whether the tensor-core kernel supports this head width.
+pub fn flash_supports(head_dim: usize) -> bool {
+    head_dim == 64 || head_dim == 128
+}
+
+/// How to split attention over the KV length: `(n_parts, partition_size)`, given the
+/// (query row, head) pairs of the CUDA-core kernel (one warp each). Enough partitions to keep
+/// every SM busy (about four warps per SM) when the pairs alone are too few, as in small-batch
+/// decode, never shorter than [`MIN_ATTENTION_PARTITION`]; one partition otherwise.
 pub fn attention_split(pairs: usize, max_context: usize, sm_count: usize) -> (usize, usize) {
     let target_warps = 4 * sm_count.max(1);
     let max_parts = max_context.div_ceil(MIN_ATTENTION_PARTITION).max(1);
@@ -110,6 +146,50 @@ pub fn attention_split(pairs: usize, max_context: usize, sm_count: usize) -> (us
     // Multiples of 4 keep the kernel's four-key groups inside one partition.
     let partition = max_context.div_ceil(n_parts).next_multiple_of(4).max(4);
     (n_parts, partition)
+}
+
+/// Splits a step's chunks between the two attention kernels: `(short_rows, flash_tiles)`, the
+/// rows for the CUDA-core kernel and `(first row, row count)` pairs for the tensor-core one.
+/// `chunk_lens` are the chunks' row counts in row order; a chunk goes to flash when it has at
+/// least [`FLASH_MIN_ROWS`] rows and the head width is supported, in tiles of at most
+/// [`FLASH_TILE_ROWS`] rows that never straddle two chunks.
+pub fn plan_attention(chunk_lens: &[usize], head_dim: usize) -> (Vec<i32>, Vec<i32>) {
+    let (mut rows, mut tiles) = (Vec::new(), Vec::new());
+    let mut first = 0usize;
+    for &len in chunk_lens {
+        if len >= FLASH_MIN_ROWS && flash_supports(head_dim) {
+            let mut start = first;
+            while start < first + len {
+                let n = FLASH_TILE_ROWS.min(first + len - start);
+                tiles.extend([start as i32, n as i32]);
+                start += n;
+            }
+        } else {
+            rows.extend((first..first + len).map(|r| r as i32));
+        }
+        first += len;
+    }
+    (rows, tiles)
+}
+
+/// Most rows [`GpuDevice::gemv`] takes; larger batches go to cuBLASLt.
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// Whether [`GpuDevice::gemv`] takes a product of `rows` rows of width `inner`.
+pub fn gemv_fits(rows: usize, inner: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&rows) && inner.is_multiple_of(8)
+}
+
+/// Largest weight matrix (elements) the decode path sends to [`GpuDevice::gemv`] at batch 1.
+/// Measured on an H200 at the 8B shape against `torch.matmul` (`test_kernels.py --bench`, three
+/// runs, `kernels/gpu/results`): the kernel is 1.3-1.7x faster on the output projection
+/// (4096 x 4096); on the QKV projection (6144 x 4096) it was 1.2x faster once and 1.3x slower
+/// twice; it loses on the MLP and LM-head matrices and at batch 2 to 4, which stay on cuBLASLt.
+pub const GEMV_DECODE_MAX_ELEMS: usize = 32 << 20;
+
+/// Whether the decode path should use [`GpuDevice::gemv`] rather than cuBLASLt.
+pub fn gemv_preferred(rows: usize, out: usize, inner: usize) -> bool {
+    rows == 1 && out * inner <= GEMV_DECODE_MAX_ELEMS && gemv_fits(rows, inner)
 }
 
 /// Scratch for the split-KV attention, grown on demand. `generation` changes whenever the
@@ -242,8 +322,14 @@ impl GpuDevice {
             for v in &args {
                 b.arg(v);
             }
+            let threads = (a.head_dim / 2).next_multiple_of(32).clamp(32, 1024) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (a.n as u32, a.n_rot_heads as u32, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: lengths checked above; positions were checked against the table on the host.
-            unsafe { b.launch(rows_config(a.n, 128)) }?;
+            unsafe { b.launch(cfg) }?;
             Ok(())
         })
     }
@@ -303,8 +389,9 @@ impl GpuDevice {
         })
     }
 
-    /// Paged attention (decode and prefill alike), split over the KV length when few
-    /// (query, head) pairs would leave the GPU idle.
+    /// Paged attention: the tiles of long chunks on tensor cores (`flash_attention`), the
+    /// other rows with CUDA cores (`paged_attention`, split over the KV length when too few
+    /// blocks would leave the GPU idle, then `paged_attention_reduce`).
     pub fn attention(
         &self,
         q: &CudaSlice<bf16>,
@@ -321,30 +408,79 @@ impl GpuDevice {
         need(K, "query_seq", a.query_seq.len(), a.n_queries)?;
         need(K, "context_lens", a.context_lens.len(), a.n_queries)?;
         need(K, "window_starts", a.window_starts.len(), a.n_queries)?;
-        let (n_parts, partition) = a.split;
-        if n_parts == 0 || partition == 0 {
-            return Err(CudaError::Shape { kernel: K, detail: format!("invalid split {:?}", a.split) });
+        if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
+            return Err(CudaError::Shape {
+                kernel: K,
+                detail: format!("{} query heads over {} KV heads", a.n_heads, a.n_kv_heads),
+            });
         }
-        if n_parts > 1 {
-            scratch.reserve(self.stream(), a.n_queries * a.n_heads * n_parts, a.head_dim)?;
+        if !a.head_dim.is_multiple_of(32) || a.head_dim > 256 {
+            return Err(CudaError::Shape {
+                kernel: K,
+                detail: format!("needs head_dim a multiple of 32 up to 256, got {}", a.head_dim),
+            });
         }
         let scale = 1.0 / (a.head_dim as f32).sqrt();
-        let ints = [
-            to_i32(K, a.n_queries)?,
-            to_i32(K, a.n_heads)?,
-            to_i32(K, a.n_kv_heads)?,
-            to_i32(K, a.head_dim)?,
-            to_i32(K, a.block_size)?,
-            to_i32(K, partition)?,
-            to_i32(K, n_parts)?,
-        ];
         let (q_stride, max_blocks) = (to_i32(K, a.q_stride)?, to_i32(K, a.max_blocks_per_seq)?);
+        let (n_heads, n_kv_heads) = (to_i32(K, a.n_heads)?, to_i32(K, a.n_kv_heads)?);
+        let (head_dim, block_size) = (to_i32(K, a.head_dim)?, to_i32(K, a.block_size)?);
+        if let Some((tiles, n_tiles)) = a.flash_tiles
+            && n_tiles > 0
+        {
+            const F: &str = "flash_attention";
+            if !flash_supports(a.head_dim) {
+                return Err(CudaError::Shape {
+                    kernel: F,
+                    detail: format!("head_dim {} is not 64 or 128", a.head_dim),
+                });
+            }
+            need(F, "tiles", tiles.len(), 2 * n_tiles)?;
+            let n_tiles_i = to_i32(F, n_tiles)?;
+            guard(|| {
+                let mut b = self.stream().launch_builder(&self.kernels.flash_attention);
+                b.arg(q).arg(&q_stride).arg(k_cache).arg(v_cache).arg(a.block_tables).arg(&max_blocks);
+                b.arg(a.query_seq).arg(a.context_lens).arg(a.window_starts).arg(tiles).arg(&mut *out);
+                b.arg(&n_tiles_i).arg(&n_heads).arg(&n_kv_heads).arg(&head_dim).arg(&block_size).arg(&scale);
+                let cfg = LaunchConfig {
+                    grid_dim: (n_tiles as u32, a.n_heads as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: lengths checked above; tiles, block tables and context lengths are
+                // built by the backend from the engine's allocations.
+                unsafe { b.launch(cfg) }?;
+                Ok(())
+            })?;
+        }
+        let (rows, n_rows, (n_parts, partition)) = match a.short_rows {
+            ShortRows::None => return Ok(()),
+            ShortRows::All { split } => (None, a.n_queries, split),
+            ShortRows::Listed { rows, n, split } => {
+                need(K, "rows", rows.len(), n)?;
+                (Some(rows), n, split)
+            }
+        };
+        if n_rows == 0 {
+            return Ok(());
+        }
+        if n_parts == 0 || partition == 0 {
+            return Err(CudaError::Shape { kernel: K, detail: format!("invalid split {n_parts} x {partition}") });
+        }
+        if n_parts > 1 {
+            scratch.reserve(self.stream(), n_rows * a.n_heads * n_parts, a.head_dim)?;
+        }
+        let (n_rows_i, partition_i, n_parts_i) = (to_i32(K, n_rows)?, to_i32(K, partition)?, to_i32(K, n_parts)?);
         guard(|| {
             let stream = self.stream();
             let null: u64 = 0;
             let mut b = stream.launch_builder(&self.kernels.paged_attention);
             b.arg(q).arg(&q_stride).arg(k_cache).arg(v_cache).arg(a.block_tables).arg(&max_blocks);
-            b.arg(a.query_seq).arg(a.context_lens).arg(a.window_starts).arg(&mut *out);
+            b.arg(a.query_seq).arg(a.context_lens).arg(a.window_starts);
+            match rows {
+                Some(r) => b.arg(r),
+                None => b.arg(&null),
+            };
+            b.arg(&mut *out);
             match (&mut scratch.acc, &mut scratch.max, &mut scratch.sum) {
                 (Some(acc), Some(max), Some(sum)) if n_parts > 1 => {
                     b.arg(acc).arg(max).arg(sum);
@@ -353,12 +489,10 @@ impl GpuDevice {
                     b.arg(&null).arg(&null).arg(&null);
                 }
             }
-            for v in &ints {
-                b.arg(v);
-            }
-            b.arg(&scale);
+            b.arg(&n_rows_i).arg(&n_heads).arg(&n_kv_heads).arg(&head_dim).arg(&block_size);
+            b.arg(&partition_i).arg(&n_parts_i).arg(&scale);
             let cfg = LaunchConfig {
-                grid_dim: (a.n_queries as u32, a.n_heads as u32, n_parts as u32),
+                grid_dim: (n_rows as u32, a.n_heads as u32, n_parts as u32),
                 block_dim: (32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -370,10 +504,14 @@ impl GpuDevice {
                     return Err(CudaError::Shape { kernel: K, detail: "missing scratch".into() });
                 };
                 let mut r = stream.launch_builder(&self.kernels.paged_attention_reduce);
-                let (nq, nh, hd, np) = (ints[0], ints[1], ints[3], ints[6]);
-                r.arg(acc).arg(max).arg(sum).arg(out).arg(&nq).arg(&nh).arg(&hd).arg(&np);
+                r.arg(acc).arg(max).arg(sum);
+                match rows {
+                    Some(rw) => r.arg(rw),
+                    None => r.arg(&null),
+                };
+                r.arg(&mut *out).arg(&n_rows_i).arg(&n_heads).arg(&head_dim).arg(&n_parts_i);
                 let cfg = LaunchConfig {
-                    grid_dim: (a.n_queries as u32, a.n_heads as u32, 1),
+                    grid_dim: (n_rows as u32, a.n_heads as u32, 1),
                     block_dim: (a.head_dim as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
@@ -405,6 +543,40 @@ impl GpuDevice {
         })
     }
 
+    /// `y (rows, out) = x (rows, inner) · w (out, inner)ᵀ` for a few rows (see [`gemv_fits`]),
+    /// streaming the weights at close to the memory bandwidth.
+    pub fn gemv(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        rows: usize,
+        out: usize,
+        inner: usize,
+    ) -> Result<(), CudaError> {
+        const K: &str = "gemv_bf16";
+        if !gemv_fits(rows, inner) {
+            return Err(CudaError::Shape {
+                kernel: K,
+                detail: format!("{rows} rows of width {inner} (needs 1..={GEMV_MAX_ROWS} rows, width a multiple of 8)"),
+            });
+        }
+        need(K, "x", x.len(), rows * inner)?;
+        need(K, "w", w.len(), out * inner)?;
+        need(K, "y", y.len(), rows * out)?;
+        let (m, n, k) = (to_i32(K, rows)?, to_i32(K, out)?, to_i32(K, inner)?);
+        guard(|| {
+            let mut b = self.stream().launch_builder(&self.kernels.gemv_bf16);
+            b.arg(x).arg(w).arg(y).arg(&m).arg(&n).arg(&k);
+            let cfg =
+                LaunchConfig { grid_dim: (out.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: lengths checked above; device allocations are 256-byte aligned, as the
+            // kernel's 16-byte loads need.
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        })
+    }
+
     /// Widens `n` bf16 values to f32.
     pub fn bf16_to_f32(&self, input: &CudaSlice<bf16>, out: &mut CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
         const K: &str = "bf16_rows_to_f32";
@@ -423,18 +595,32 @@ impl GpuDevice {
 
 #[cfg(test)]
 mod tests {
-    use super::attention_split;
+    use super::{attention_split, plan_attention};
 
     #[test]
     fn split_fills_the_gpu_only_when_needed() {
-        // Batch-1 decode of a 32-head model at 256 context on 132 SMs: split into 4 partitions of 64.
-        assert_eq!(attention_split(32, 256, 132), (4, 64));
-        // Long context: up to the warp target.
+        // Batch-1 decode of a 32-head model at 256 context on 132 SMs: 16 partitions of 16.
+        assert_eq!(attention_split(32, 256, 132), (16, 16));
+        // At 8192 context: enough warps for four per SM.
         assert_eq!(attention_split(32, 8192, 132), (17, 484));
         // Prefill or large batches: one partition.
         assert_eq!(attention_split(2048 * 32, 2048, 132).0, 1);
         assert_eq!(attention_split(128 * 32, 300, 132).0, 1);
         // Tiny contexts never split below one partition of at least 4 keys.
         assert_eq!(attention_split(1, 1, 132), (1, 4));
+    }
+
+    #[test]
+    fn long_chunks_go_to_flash_in_tiles_that_never_straddle_chunks() {
+        // decode row, a 150-row prefill chunk, another decode row, a 15-row chunk
+        let (rows, tiles) = plan_attention(&[1, 150, 1, 15], 128);
+        assert_eq!(tiles, vec![1, 64, 65, 64, 129, 22]);
+        let mut want = vec![0, 151];
+        want.extend(152..167);
+        assert_eq!(rows, want);
+        // Unsupported head width: everything through the CUDA-core kernel.
+        let (rows, tiles) = plan_attention(&[1, 150], 96);
+        assert!(tiles.is_empty());
+        assert_eq!(rows.len(), 151);
     }
 }

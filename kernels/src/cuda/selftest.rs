@@ -9,7 +9,7 @@ use half::bf16;
 
 use super::device::GpuDevice;
 use super::gemm::Gemm;
-use super::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, attention_split};
+use super::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows, attention_split, plan_attention};
 use super::{CudaError, guard};
 use crate::attention::{AttentionQuery, PagedKvLayer, paged_attention_ref};
 use crate::rope::{RopeConfig, RopeTable, apply_rope_ref};
@@ -95,6 +95,20 @@ pub fn run(dev: &GpuDevice) -> Result<Vec<SelfTestResult>, CudaError> {
             let mut want = vec![0.0; tokens * rows];
             matmul::matmul_ref(&f32s(&x), tokens, &wm, &mut want).map_err(shape_err)?;
             out.push(result(format!("gemm {tokens}x{rows}x{cols}"), rel_err(&got, &want)));
+        }
+
+        // GEMV (small batches), against the same reference.
+        for (tokens, rows, cols) in [(1, 1000, 576), (4, 37, 1032), (3, 5, 14336)] {
+            let x = rng.bf16_vec(tokens * cols, 1.0);
+            let w = rng.bf16_vec(rows * cols, 0.1);
+            let (dx, dw) = (s.clone_htod(&x)?, s.clone_htod(&w)?);
+            let mut dy = s.alloc_zeros::<bf16>(tokens * rows)?;
+            dev.gemv(&dx, &dw, &mut dy, tokens, rows, cols)?;
+            let got = f32s(&s.clone_dtoh(&dy)?);
+            let wm = WeightMatrix::new(WeightData::Bf16(&w), rows, cols).map_err(shape_err)?;
+            let mut want = vec![0.0; tokens * rows];
+            matmul::matmul_ref(&f32s(&x), tokens, &wm, &mut want).map_err(shape_err)?;
+            out.push(result(format!("gemv {tokens}x{rows}x{cols}"), rel_err(&got, &want)));
         }
 
         // Embedding gather.
@@ -192,9 +206,13 @@ pub fn run(dev: &GpuDevice) -> Result<Vec<SelfTestResult>, CudaError> {
         let exact = got.iter().zip(peaks).all(|(&g, p)| g as usize == p);
         out.push(SelfTestResult { kernel: "argmax_rows".into(), rel_err: if exact { 0.0 } else { 1.0 }, ok: exact });
 
-        for case in
-            [AttnCase::decode_long(), AttnCase::decode_batch(), AttnCase::prefill(), AttnCase::decode_stale_split()]
-        {
+        for case in [
+            AttnCase::decode_long(),
+            AttnCase::decode_batch(),
+            AttnCase::prefill(),
+            AttnCase::decode_stale_split(),
+            AttnCase::mixed(),
+        ] {
             out.push(attention_case(dev, &mut rng, &case)?);
         }
         Ok(out)
@@ -253,6 +271,20 @@ impl AttnCase {
             stale_split_for: None,
         }
     }
+    fn mixed() -> Self {
+        // A 150-row chunk after a 70-token prefix (tensor-core tiles), a decode row and a
+        // 5-row chunk (CUDA-core kernel, listed rows) in one step.
+        AttnCase {
+            name: "attention mixed: 150-row chunk (flash), decode row, 5-row chunk",
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![(220, 150), (90, 1), (33, 5)],
+            window: None,
+            stale_split_for: None,
+        }
+    }
     fn prefill() -> Self {
         // 40 new rows after a 25-token cached prefix, with a sliding window.
         AttnCase {
@@ -302,6 +334,17 @@ fn attention_case(dev: &GpuDevice, rng: &mut Rng, c: &AttnCase) -> Result<SelfTe
         (s.clone_htod(&flat_tables)?, s.clone_htod(&query_seq)?, s.clone_htod(&ctx_lens)?, s.clone_htod(&windows)?);
     let mut dout = s.alloc_zeros::<bf16>(nq * q_dim)?;
     let (tv, sv, cv, wv) = (dt.slice(..), dseq.slice(..), dctx.slice(..), dwin.slice(..));
+    let chunk_lens: Vec<usize> = c.seqs.iter().map(|&(_, rows)| rows).collect();
+    let (short, tiles) = plan_attention(&chunk_lens, c.head_dim);
+    // Device copies need at least one element; unused ones are never read.
+    let (d_short, d_tiles) =
+        (s.clone_htod(&[short.as_slice(), &[0]].concat())?, s.clone_htod(&[tiles.as_slice(), &[0]].concat())?);
+    let (short_v, tiles_v) = (d_short.slice(..), d_tiles.slice(..));
+    let split = attention_split(
+        short.len() * c.n_heads,
+        c.stale_split_for.unwrap_or_else(|| c.seqs.iter().map(|&(ctx, _)| ctx).max().unwrap_or(1)),
+        dev.sm_count(),
+    );
     let args = AttentionArgs {
         q_stride: q_dim,
         block_tables: &tv,
@@ -314,11 +357,14 @@ fn attention_case(dev: &GpuDevice, rng: &mut Rng, c: &AttnCase) -> Result<SelfTe
         n_kv_heads: c.n_kv_heads,
         head_dim: c.head_dim,
         block_size: c.block_size,
-        split: attention_split(
-            nq * c.n_heads,
-            c.stale_split_for.unwrap_or_else(|| c.seqs.iter().map(|&(ctx, _)| ctx).max().unwrap_or(1)),
-            dev.sm_count(),
-        ),
+        short_rows: if short.is_empty() {
+            ShortRows::None
+        } else if short.len() == nq {
+            ShortRows::All { split }
+        } else {
+            ShortRows::Listed { rows: &short_v, n: short.len(), split }
+        },
+        flash_tiles: Some((&tiles_v, tiles.len() / 2)),
     };
     dev.attention(&dq, &dk, &dv, &mut dout, &mut AttentionScratch::default(), &args)?;
     let got = f32s(&s.clone_dtoh(&dout)?);

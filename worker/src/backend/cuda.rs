@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use half::bf16;
 use tessera_kernels::cuda::gemm::Gemm;
-use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, attention_split};
+use tessera_kernels::cuda::ops::{
+    AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows, attention_split, gemv_preferred, plan_attention,
+};
 use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
 use tessera_kernels::rope::RopeTable;
 
@@ -137,6 +139,12 @@ impl CudaBackend {
                 c.head_dim
             )));
         }
+        if c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
+            return Err(LoadError::InvalidConfig(format!(
+                "{} query heads cannot share {} KV heads evenly",
+                c.num_heads, c.num_kv_heads
+            )));
+        }
         let dev = GpuDevice::open(&GpuOptions {
             device: options.device,
             lib_dirs: options.lib_dirs.clone(),
@@ -224,7 +232,9 @@ impl CudaBackend {
     }
 
     /// The per-step metadata of `chunks`, packed as ids | positions | slots | query_seq |
-    /// context_lens | window_starts | last_rows | block_tables (rows padded to `min_blocks`).
+    /// context_lens | window_starts | last_rows | block_tables (rows padded to `min_blocks`) |
+    /// short rows (only when some chunk goes to flash) | flash tiles, with the step's shape and
+    /// its longest context.
     fn build_meta(
         &self,
         chunks: &[SeqChunk<'_>],
@@ -275,8 +285,18 @@ impl CudaBackend {
             meta.extend(ch.block_table.iter().map(|&b| b as i32));
             meta.extend(std::iter::repeat_n(0, max_blocks - ch.block_table.len()));
         }
-        let split = attention_split(n * c.num_heads, max_context, self.dev.sm_count());
-        Ok((meta, StepShape { n, nseq, max_blocks, split }, max_context))
+        let lens: Vec<usize> = chunks.iter().map(|ch| ch.tokens.len()).collect();
+        let (short_rows, tiles) = plan_attention(&lens, c.head_dim);
+        // Every row short (decode steps): the kernel needs no list.
+        let listed = if short_rows.len() == n { 0 } else { short_rows.len() };
+        if listed > 0 {
+            meta.extend_from_slice(&short_rows);
+        }
+        meta.extend_from_slice(&tiles);
+        let split = attention_split(short_rows.len() * c.num_heads, max_context, self.dev.sm_count());
+        let shape =
+            StepShape { n, nseq, max_blocks, short_rows: short_rows.len(), listed, tiles: tiles.len() / 2, split };
+        Ok((meta, shape, max_context))
     }
 
     /// Grows the activation workspace to `n` tokens and `nseq` sequences (never shrinks).
@@ -299,7 +319,7 @@ impl CudaBackend {
     /// it can be captured into a graph.
     fn enqueue(&mut self, meta: &CudaSlice<i32>, shape: StepShape, greedy: bool) -> Result<(), EngineError> {
         let c = &self.config;
-        let StepShape { n, nseq, max_blocks, split } = shape;
+        let StepShape { n, nseq, max_blocks, short_rows, listed, tiles, split } = shape;
         let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let qkv_dim = qd + 2 * kvd;
         let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
@@ -308,6 +328,8 @@ impl CudaBackend {
         let (query_seq, context_lens, window_starts) = (view(3 * n, n), view(4 * n, n), view(5 * n, n));
         let last_rows = view(6 * n, nseq);
         let block_tables = view(6 * n + nseq, nseq * max_blocks);
+        let rows_at = 6 * n + nseq + nseq * max_blocks;
+        let (row_list, tile_list) = (view(rows_at, listed), view(rows_at + listed, 2 * tiles));
 
         let dev = &self.dev;
         let gemm = &self.gemm;
@@ -316,7 +338,7 @@ impl CudaBackend {
             let delta = if li == 0 { None } else { Some(&ws.proj) };
             dev.add_rmsnorm(&mut ws.x, delta, &layer.input_layernorm, &mut ws.normed, n, h, c.rms_norm_eps)
                 .map_err(run_err)?;
-            gemm.matmul(&ws.normed, &layer.qkv_proj, &mut ws.qkv, n, qkv_dim, h).map_err(run_err)?;
+            project(dev, gemm, &ws.normed, &layer.qkv_proj, &mut ws.qkv, n, qkv_dim, h).map_err(run_err)?;
             let rope = RopeArgs {
                 positions: &positions,
                 cos: &self.rope_cos,
@@ -342,11 +364,18 @@ impl CudaBackend {
                 n_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
                 block_size: self.kv.block_size,
-                split,
+                short_rows: if short_rows == 0 {
+                    ShortRows::None
+                } else if listed == 0 {
+                    ShortRows::All { split }
+                } else {
+                    ShortRows::Listed { rows: &row_list, n: listed, split }
+                },
+                flash_tiles: Some((&tile_list, tiles)),
             };
             dev.attention(&ws.qkv, &self.k_cache[li], &self.v_cache[li], &mut ws.attn, &mut self.scratch, &attn)
                 .map_err(run_err)?;
-            gemm.matmul(&ws.attn, &layer.o_proj, &mut ws.proj, n, h, qd).map_err(run_err)?;
+            project(dev, gemm, &ws.attn, &layer.o_proj, &mut ws.proj, n, h, qd).map_err(run_err)?;
             dev.add_rmsnorm(
                 &mut ws.x,
                 Some(&ws.proj),
@@ -357,9 +386,9 @@ impl CudaBackend {
                 c.rms_norm_eps,
             )
             .map_err(run_err)?;
-            gemm.matmul(&ws.normed, &layer.gate_up_proj, &mut ws.gate_up, n, 2 * ffn, h).map_err(run_err)?;
+            project(dev, gemm, &ws.normed, &layer.gate_up_proj, &mut ws.gate_up, n, 2 * ffn, h).map_err(run_err)?;
             dev.silu_mul(&ws.gate_up, &mut ws.act, n, ffn).map_err(run_err)?;
-            gemm.matmul(&ws.act, &layer.down_proj, &mut ws.proj, n, h, ffn).map_err(run_err)?;
+            project(dev, gemm, &ws.act, &layer.down_proj, &mut ws.proj, n, h, ffn).map_err(run_err)?;
         }
         // Final residual add (the norm of every row is a by-product), then the last rows only.
         dev.add_rmsnorm(&mut ws.x, Some(&ws.proj), &self.norm, &mut ws.normed, n, h, c.rms_norm_eps)
@@ -368,7 +397,7 @@ impl CudaBackend {
         dev.add_rmsnorm(&mut ws.last_x, None, &self.norm, &mut ws.last_normed, nseq, h, c.rms_norm_eps)
             .map_err(run_err)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        gemm.matmul(&ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
+        project(dev, gemm, &ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
         if greedy {
             dev.argmax(&ws.logits, nseq, c.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
         }
@@ -397,7 +426,7 @@ impl CudaBackend {
         // The split is sized for the context bucket; the kernel stretches the last partition to
         // each query's real end, so any context inside the bucket is computed correctly.
         shape.split =
-            attention_split(shape.n * self.config.num_heads, max_context.next_power_of_two(), self.dev.sm_count());
+            attention_split(shape.n * self.config.num_kv_heads, max_context.next_power_of_two(), self.dev.sm_count());
         let stream = self.dev.stream().clone();
         let generation = (self.workspace_generation, self.scratch.generation());
         if let Some(g) = self.graphs.get_mut(&shape)
@@ -410,7 +439,7 @@ impl CudaBackend {
         // workspace, the split scratch and the GEMM plans, then capture the same step.
         self.ensure_workspace(shape.n, shape.nseq)?;
         self.scratch
-            .reserve(&stream, shape.n * self.config.num_heads * shape.split.0, self.config.head_dim)
+            .reserve(&stream, shape.short_rows * self.config.num_heads * shape.split.0, self.config.head_dim)
             .map_err(run_err)?;
         let graph_meta = stream.clone_htod(&meta).map_err(|e| run_err(e.into()))?;
         self.enqueue(&graph_meta, shape, true)?;
@@ -428,6 +457,26 @@ impl CudaBackend {
     }
 }
 
+/// `y (rows, out) = x · wᵀ`: the GEMV kernel where it is measured faster (batch-1 decode,
+/// small matrices), cuBLASLt otherwise.
+#[allow(clippy::too_many_arguments)]
+fn project(
+    dev: &GpuDevice,
+    gemm: &Gemm,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    rows: usize,
+    out: usize,
+    inner: usize,
+) -> Result<(), CudaError> {
+    if gemv_preferred(rows, out, inner) {
+        dev.gemv(x, w, y, rows, out, inner)
+    } else {
+        gemm.matmul(x, w, y, rows, out, inner)
+    }
+}
+
 /// Most captured decode graphs kept at once (each holds a few hundred launch nodes).
 const MAX_DECODE_GRAPHS: usize = 64;
 
@@ -437,6 +486,12 @@ struct StepShape {
     n: usize,
     nseq: usize,
     max_blocks: usize,
+    /// Rows through the CUDA-core attention kernel.
+    short_rows: usize,
+    /// Length of the listed short rows in the metadata (0: all rows are short, no list).
+    listed: usize,
+    /// Tiles through the tensor-core attention kernel.
+    tiles: usize,
     split: (usize, usize),
 }
 
