@@ -82,33 +82,31 @@ pub fn run(dev: &GpuDevice) -> Result<Vec<SelfTestResult>, CudaError> {
         let mut rng = Rng(0x5EED_1234_ABCD_0001);
         let gemm = Gemm::new(s.clone())?;
 
-        // GEMM, decode and prefill shapes, including sizes that are not multiples of 8.
-        for (tokens, rows, cols) in [(1, 1000, 576), (7, 1536, 576), (130, 577, 333)] {
-            let x = rng.bf16_vec(tokens * cols, 1.0);
-            let w = rng.bf16_vec(rows * cols, 0.1);
-            let dx = s.clone_htod(&x)?;
-            let dw = s.clone_htod(&w)?;
-            let mut dy = s.alloc_zeros::<bf16>(tokens * rows)?;
-            gemm.matmul(&dx, &dw, &mut dy, tokens, rows, cols)?;
-            let got = f32s(&s.clone_dtoh(&dy)?);
-            let wm = WeightMatrix::new(WeightData::Bf16(&w), rows, cols).map_err(shape_err)?;
-            let mut want = vec![0.0; tokens * rows];
-            matmul::matmul_ref(&f32s(&x), tokens, &wm, &mut want).map_err(shape_err)?;
-            out.push(result(format!("gemm {tokens}x{rows}x{cols}"), rel_err(&got, &want)));
-        }
-
-        // GEMV (small batches), against the same reference.
-        for (tokens, rows, cols) in [(1, 1000, 576), (4, 37, 1032), (3, 5, 14336)] {
+        // GEMM (cuBLASLt) at decode and prefill shapes, including sizes that are not multiples
+        // of 8, then the GEMV kernel (small batches), both against the same reference.
+        let products = [
+            ("gemm", 1, 1000, 576),
+            ("gemm", 7, 1536, 576),
+            ("gemm", 130, 577, 333),
+            ("gemv", 1, 1000, 576),
+            ("gemv", 4, 37, 1032),
+            ("gemv", 3, 5, 14336),
+        ];
+        for (kind, tokens, rows, cols) in products {
             let x = rng.bf16_vec(tokens * cols, 1.0);
             let w = rng.bf16_vec(rows * cols, 0.1);
             let (dx, dw) = (s.clone_htod(&x)?, s.clone_htod(&w)?);
             let mut dy = s.alloc_zeros::<bf16>(tokens * rows)?;
-            dev.gemv(&dx, &dw, &mut dy, tokens, rows, cols)?;
+            if kind == "gemv" {
+                dev.gemv(&dx, &dw, &mut dy, tokens, rows, cols)?;
+            } else {
+                gemm.matmul(&dx, &dw, &mut dy, tokens, rows, cols)?;
+            }
             let got = f32s(&s.clone_dtoh(&dy)?);
             let wm = WeightMatrix::new(WeightData::Bf16(&w), rows, cols).map_err(shape_err)?;
             let mut want = vec![0.0; tokens * rows];
             matmul::matmul_ref(&f32s(&x), tokens, &wm, &mut want).map_err(shape_err)?;
-            out.push(result(format!("gemv {tokens}x{rows}x{cols}"), rel_err(&got, &want)));
+            out.push(result(format!("{kind} {tokens}x{rows}x{cols}"), rel_err(&got, &want)));
         }
 
         // Embedding gather.
