@@ -426,7 +426,7 @@ impl CudaBackend {
         // The split is sized for the context bucket; the kernel stretches the last partition to
         // each query's real end, so any context inside the bucket is computed correctly.
         shape.split =
-            attention_split(shape.n * self.config.num_kv_heads, max_context.next_power_of_two(), self.dev.sm_count());
+            attention_split(shape.n * self.config.num_heads, max_context.next_power_of_two(), self.dev.sm_count());
         let stream = self.dev.stream().clone();
         let generation = (self.workspace_generation, self.scratch.generation());
         if let Some(g) = self.graphs.get_mut(&shape)
