@@ -129,6 +129,18 @@ async fn chat_stream_and_bad_input_through_the_router() {
     let r = c.generate(req).await.unwrap().into_inner();
     assert_eq!(r.completions[0].matched_stop, " the");
     assert!(!r.completions[0].text.contains(" the"));
+    // With n = 2 each sample stops on its own; the router stops the first on the worker while
+    // its sibling is still open (the worker's `Aborted` end for it is dropped, not an error).
+    let mut req = text_request("Once upon a time", 40);
+    let sampling = req.sampling.as_mut().unwrap();
+    sampling.stop = vec![" the".into()];
+    sampling.n = 2;
+    let two = c.generate(req).await.unwrap().into_inner();
+    assert_eq!(two.completions.len(), 2);
+    for done in &two.completions {
+        assert_eq!(done.matched_stop, " the");
+        assert_eq!(done.text, r.completions[0].text);
+    }
 
     // Bad input: the right code and the field named.
     let cases: Vec<(api::GenerateRequest, Code, &str)> = vec![

@@ -108,7 +108,8 @@ async fn bad_input_is_refused_with_the_field_named_and_the_worker_keeps_serving(
     let mut r = ok();
     r.n = 17;
     expect_status(run(&mut c, r).await, Code::InvalidArgument, "n:");
-    let abort = c.abort(pb::AbortRequest { request_id: "no-such-request".into() }).await.unwrap_err();
+    let abort =
+        c.abort(pb::AbortRequest { request_id: "no-such-request".into(), sample_index: None }).await.unwrap_err();
     assert_eq!(abort.code(), Code::NotFound);
     assert!(abort.message().contains("request_id"));
 
@@ -172,6 +173,37 @@ async fn concurrent_greedy_requests_get_exactly_their_solo_tokens_and_seeds_repr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborting_one_sample_stops_it_and_leaves_its_siblings_running() {
+    let w = WorkerProcess::start(&[]);
+    let mut c = client(&w).await;
+    let mut r = greedy(prompt(9, 24), 300);
+    r.request_id = "two-samples".into();
+    r.n = 2;
+    let mut stream = c.generate(r).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+    c.abort(pb::AbortRequest { request_id: "two-samples".into(), sample_index: Some(0) }).await.unwrap();
+    // A sample index the request does not have is NOT_FOUND, and names the field.
+    let missing = c.abort(pb::AbortRequest { request_id: "two-samples".into(), sample_index: Some(5) }).await;
+    let status = missing.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().starts_with("sample_index"), "{status:?}");
+    let (mut tokens, mut finish) = ([0usize; 2], [None; 2]);
+    while let Some(msg) = stream.next().await {
+        let msg = msg.unwrap();
+        let i = msg.index as usize;
+        assert!(finish[i].is_none(), "sample {i} sent after its end");
+        tokens[i] += msg.tokens.len();
+        if msg.finish_reason != 0 {
+            finish[i] = Some(msg.finish_reason());
+        }
+    }
+    assert_eq!(finish, [Some(pb::FinishReason::Aborted), Some(pb::FinishReason::Length)]);
+    assert_eq!(tokens[1], 300, "the sibling runs to its own end");
+    assert!(tokens[0] < 300, "the stopped sample ended early ({} tokens)", tokens[0]);
+    wait_idle(&mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_streams_and_aborts_free_their_blocks_and_kv_events_track_the_cache() {
     let w = WorkerProcess::start(&[]);
     let mut c = client(&w).await;
@@ -196,7 +228,7 @@ async fn dropped_streams_and_aborts_free_their_blocks_and_kv_events_track_the_ca
     r.request_id = "abort-me".into();
     let mut stream = c.generate(r).await.unwrap().into_inner();
     stream.next().await.unwrap().unwrap();
-    c.abort(pb::AbortRequest { request_id: "abort-me".into() }).await.unwrap();
+    c.abort(pb::AbortRequest { request_id: "abort-me".into(), sample_index: None }).await.unwrap();
     let mut finish = None;
     while let Some(msg) = stream.next().await {
         let msg = msg.unwrap();

@@ -10,12 +10,14 @@
 //! request; dropping the receiver ends the task, which drops the worker stream and so aborts the
 //! request on the worker.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tessera_proto::v1 as api;
 use tessera_proto::worker_v1 as wpb;
+use tessera_proto::worker_v1::worker_client::WorkerClient;
 use tokenizers::Tokenizer;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -156,7 +158,9 @@ async fn drive(
         let mut client = routed.client.clone();
         let attempt = async {
             let mut stream = client.generate(req).await?.into_inner();
-            relay(model, metrics, &p, method, started, tx, &mut stream, &mut progress).await
+            let mut worker =
+                WorkerStream { stream: &mut stream, client: &mut client, request_id: &p.worker.request_id };
+            relay(model, metrics, &p, method, started, tx, &mut worker, &mut progress).await
         };
         let status = match attempt.instrument(span.clone()).await {
             Ok(()) => {
@@ -206,12 +210,12 @@ async fn relay(
     method: &'static str,
     started: Instant,
     tx: &mpsc::Sender<Result<Delta, Status>>,
-    stream: &mut tonic::Streaming<wpb::GenerateResponse>,
+    worker: &mut WorkerStream<'_>,
     progress: &mut Progress<'_>,
 ) -> Result<(), Status> {
     while progress.open > 0 {
         let next = tokio::select! {
-            m = stream.message() => m,
+            m = worker.stream.message() => m,
             // The client went away: dropping the stream aborts the worker request now, not at
             // the next token.
             () = tx.closed() => return Err(Status::cancelled("the client cancelled")),
@@ -222,17 +226,19 @@ async fn relay(
             Err(status) => return Err(status),
         };
         let worker_finish = wpb::FinishReason::try_from(msg.finish_reason).unwrap_or(wpb::FinishReason::Unspecified);
+        let Some(sample) = progress.samples.get_mut(msg.index as usize) else {
+            return Err(Status::internal(format!("the worker sent sample {} of {}", msg.index, p.n)));
+        };
+        if sample.done {
+            // Ended here by a stop string: what the worker still sends for it (up to the
+            // `Aborted` end that stop_sample asked for) is dropped.
+            continue;
+        }
         if worker_finish == wpb::FinishReason::Aborted {
             return Err(Status::unavailable("the worker aborted the request (it is shutting down)"));
         }
         if progress.tokens == 0 && !msg.tokens.is_empty() {
             metrics.ttft.with_label_values(&[method]).observe(started.elapsed().as_secs_f64());
-        }
-        let Some(sample) = progress.samples.get_mut(msg.index as usize) else {
-            return Err(Status::internal(format!("the worker sent sample {} of {}", msg.index, p.n)));
-        };
-        if sample.done {
-            continue;
         }
         let ids: Vec<u32> = msg.tokens.iter().map(|t| t.token_id).collect();
         progress.tokens += ids.len();
@@ -268,6 +274,10 @@ async fn relay(
             if msg.usage.is_none() {
                 // Ended by a stop string: count what this sample generated.
                 progress.usage.completion_tokens += sample.generated;
+                if progress.open > 0 {
+                    // Its siblings go on: stop it on the worker too, so it stops costing steps.
+                    worker.stop_sample(msg.index).await;
+                }
             }
         }
         if progress.open == 0 {
@@ -283,6 +293,30 @@ async fn relay(
         }
     }
     Ok(())
+}
+
+/// The worker side of one attempt: its response stream, and what it takes to stop one sample.
+struct WorkerStream<'a> {
+    stream: &'a mut tonic::Streaming<wpb::GenerateResponse>,
+    client: &'a mut WorkerClient<Channel>,
+    request_id: &'a str,
+}
+
+/// How long the router waits for the worker to confirm a stopped sample.
+const STOP_SAMPLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl WorkerStream<'_> {
+    /// Asks the worker to stop sample `index` (its siblings go on). Best effort and bounded: the
+    /// router already ignores whatever that sample still produces, so a failure only costs the
+    /// worker the steps to the sample's own end, and is logged.
+    async fn stop_sample(&mut self, index: u32) {
+        let mut req =
+            Request::new(wpb::AbortRequest { request_id: self.request_id.to_string(), sample_index: Some(index) });
+        req.set_timeout(STOP_SAMPLE_TIMEOUT);
+        if let Err(status) = self.client.abort(req).await {
+            tracing::debug!(request_id = %self.request_id, sample = index, %status, "stopping a finished sample on the worker failed");
+        }
+    }
 }
 
 fn retryable(status: &Status) -> bool {

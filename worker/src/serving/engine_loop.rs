@@ -95,7 +95,7 @@ pub fn event_capacity(samples: &[SampleSpec]) -> usize {
 
 enum Command {
     Submit(Submission),
-    Abort { request_id: String, reply: oneshot::Sender<bool> },
+    Abort { request_id: String, sample: Option<u32>, reply: oneshot::Sender<bool> },
     Shutdown,
 }
 
@@ -134,10 +134,11 @@ impl EngineHandle {
         self.send(Command::Submit(submission))
     }
 
-    /// Aborts a live request; `false` when no such request is live.
-    pub async fn abort(&self, request_id: String) -> Result<bool, SubmitError> {
+    /// Aborts a live request, or only its sample `sample` (the others go on); `false` when no
+    /// such request (or sample) is live.
+    pub async fn abort(&self, request_id: String, sample: Option<u32>) -> Result<bool, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Abort { request_id, reply })?;
+        self.send(Command::Abort { request_id, sample, reply })?;
         answer.await.map_err(|_| SubmitError::Stopped)
     }
 
@@ -267,8 +268,11 @@ impl EngineLoop {
     fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Submit(s) => self.submit(s),
-            Command::Abort { request_id, reply } => {
-                let found = self.abort(&request_id);
+            Command::Abort { request_id, sample, reply } => {
+                let found = match sample {
+                    None => self.abort(&request_id),
+                    Some(index) => self.abort_sample(&request_id, index),
+                };
                 // The asker may have gone; nothing to do then.
                 let _ = reply.send(found);
             }
@@ -343,6 +347,33 @@ impl EngineLoop {
             };
             let _ = req.events.try_send(RequestEvent::End { index: i as u32, end: SampleEnd::Aborted, usage });
             self.metrics.finished(None);
+        }
+        true
+    }
+
+    /// Aborts one sample of a live request, telling its stream; its siblings go on. False if
+    /// the request is not live or has no such sample; true (and nothing changes) if that
+    /// sample already ended.
+    fn abort_sample(&mut self, request_id: &str, index: u32) -> bool {
+        let Some(req) = self.live.get_mut(request_id) else { return false };
+        let i = index as usize;
+        let Some(&id) = req.seqs.get(i) else { return false };
+        if !req.ended[i] {
+            req.ended[i] = true;
+            self.by_seq.remove(&id);
+            self.engine.abort(id);
+            let usage = SequenceUsage {
+                prompt_tokens: req.prompt_len,
+                completion_tokens: req.produced[i],
+                cached_prompt_tokens: 0,
+            };
+            let _ = req.events.try_send(RequestEvent::End { index, end: SampleEnd::Aborted, usage });
+            self.metrics.finished(None);
+        }
+        if req.ended.iter().all(|&e| e) {
+            let arrived = req.arrived;
+            self.metrics.request_done(arrived.elapsed());
+            self.live.remove(request_id);
         }
         true
     }

@@ -300,13 +300,16 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
-        let id = request.into_inner().request_id;
+        let pb::AbortRequest { request_id: id, sample_index } = request.into_inner();
         if id.is_empty() {
             return Err(Status::invalid_argument("request_id: must not be empty"));
         }
-        match self.engine.abort(id.clone()).await {
+        match self.engine.abort(id.clone(), sample_index).await {
             Ok(true) => Ok(Response::new(pb::AbortResponse {})),
-            Ok(false) => Err(Status::not_found(format!("request_id: no live request {id:?}"))),
+            Ok(false) => Err(Status::not_found(match sample_index {
+                None => format!("request_id: no live request {id:?}"),
+                Some(i) => format!("sample_index: request {id:?} has no live sample {i}"),
+            })),
             Err(e) => Err(submit_status(e)),
         }
     }
