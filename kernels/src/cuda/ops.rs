@@ -181,10 +181,12 @@ pub fn gemv_fits(rows: usize, inner: usize) -> bool {
 }
 
 /// Largest weight matrix (elements) the decode path sends to [`GpuDevice::gemv`] at batch 1.
-/// Measured on an H200 at the 8B shape against `torch.matmul` (`test_kernels.py --bench`, three
-/// runs, `kernels/gpu/results`): the kernel is 1.3-1.7x faster on the output projection
-/// (4096 x 4096); on the QKV projection (6144 x 4096) it was 1.2x faster once and 1.3x slower
-/// twice; it loses on the MLP and LM-head matrices and at batch 2 to 4, which stay on cuBLASLt.
+/// Measured on an H200 at the 8B shape against `torch.matmul` (`test_kernels.py --bench`, four
+/// runs, `kernels/gpu/results`): the kernel is 1.3-2.2x faster on the output projection
+/// (4096 x 4096); on the QKV projection (6144 x 4096) it was 1.2x faster once and 1.3-1.4x
+/// slower three times, so the QKV projection is the next to move back to cuBLASLt (a bound of
+/// 16 Mi elements); it loses on the MLP and LM-head matrices and at batch 2 to 4, which stay on
+/// cuBLASLt.
 pub const GEMV_DECODE_MAX_ELEMS: usize = 32 << 20;
 
 /// Whether the decode path should use [`GpuDevice::gemv`] rather than cuBLASLt.
