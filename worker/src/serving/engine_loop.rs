@@ -187,6 +187,17 @@ pub fn spawn(
     Ok((EngineHandle { commands, load, kv_events }, thread))
 }
 
+/// Stops sample `i` of `req` (not yet ended) in the engine and ends its stream as aborted.
+fn end_aborted(engine: &mut Engine, metrics: &WorkerMetrics, req: &LiveRequest, i: usize) {
+    // The engine may have finished it in the step whose events are being dispatched; the client
+    // did not see that end, so it counts as aborted either way.
+    engine.abort(req.seqs[i]);
+    let usage =
+        SequenceUsage { prompt_tokens: req.prompt_len, completion_tokens: req.produced[i], cached_prompt_tokens: 0 };
+    let _ = req.events.try_send(RequestEvent::End { index: i as u32, end: SampleEnd::Aborted, usage });
+    metrics.finished(None);
+}
+
 struct LiveRequest {
     events: tmpsc::Sender<RequestEvent>,
     seqs: Vec<SeqId>,
@@ -334,19 +345,9 @@ impl EngineLoop {
         let Some(req) = self.live.remove(request_id) else { return false };
         for (i, &id) in req.seqs.iter().enumerate() {
             self.by_seq.remove(&id);
-            if req.ended[i] {
-                continue;
+            if !req.ended[i] {
+                end_aborted(&mut self.engine, &self.metrics, &req, i);
             }
-            // The engine may have finished it in the step whose events are being dispatched;
-            // the client did not see that end, so it counts as aborted either way.
-            self.engine.abort(id);
-            let usage = SequenceUsage {
-                prompt_tokens: req.prompt_len,
-                completion_tokens: req.produced[i],
-                cached_prompt_tokens: 0,
-            };
-            let _ = req.events.try_send(RequestEvent::End { index: i as u32, end: SampleEnd::Aborted, usage });
-            self.metrics.finished(None);
         }
         true
     }
@@ -355,20 +356,13 @@ impl EngineLoop {
     /// the request is not live or has no such sample; true (and nothing changes) if that
     /// sample already ended.
     fn abort_sample(&mut self, request_id: &str, index: u32) -> bool {
-        let Some(req) = self.live.get_mut(request_id) else { return false };
         let i = index as usize;
+        let Some(req) = self.live.get_mut(request_id) else { return false };
         let Some(&id) = req.seqs.get(i) else { return false };
         if !req.ended[i] {
             req.ended[i] = true;
             self.by_seq.remove(&id);
-            self.engine.abort(id);
-            let usage = SequenceUsage {
-                prompt_tokens: req.prompt_len,
-                completion_tokens: req.produced[i],
-                cached_prompt_tokens: 0,
-            };
-            let _ = req.events.try_send(RequestEvent::End { index, end: SampleEnd::Aborted, usage });
-            self.metrics.finished(None);
+            end_aborted(&mut self.engine, &self.metrics, req, i);
         }
         if req.ended.iter().all(|&e| e) {
             let arrived = req.arrived;
