@@ -93,11 +93,13 @@ pub struct AttentionArgs<'a> {
     pub block_size: usize,
     /// The rows the CUDA-core kernel computes, with its split over the KV length.
     pub short_rows: ShortRows<'a>,
-    /// Tiles of long chunks for the tensor-core kernel, `(n_tiles, 2)`: first row, row count.
-    pub flash_tiles: Option<(&'a CudaView<'a, i32>, usize)>,
+    /// Tiles of long chunks for the tensor-core kernel, `(n_tiles, 2)`: first row, row count;
+    /// with `n_tiles` 0 that kernel does not run.
+    pub flash_tiles: (&'a CudaView<'a, i32>, usize),
 }
 
 /// Which query rows go through the CUDA-core kernel (`paged_attention`).
+#[derive(Clone, Copy)]
 pub enum ShortRows<'a> {
     /// None of them (every row is in a flash tile).
     None,
@@ -116,6 +118,20 @@ pub enum ShortRows<'a> {
         /// As for `All`.
         split: (usize, usize),
     },
+}
+
+impl<'a> ShortRows<'a> {
+    /// `n_short` of the `n_queries` rows: none, all (the kernel then needs no list), or the
+    /// first `n_short` entries of `rows`.
+    pub fn of(n_short: usize, n_queries: usize, rows: &'a CudaView<'a, i32>, split: (usize, usize)) -> Self {
+        if n_short == 0 {
+            ShortRows::None
+        } else if n_short == n_queries {
+            ShortRows::All { split }
+        } else {
+            ShortRows::Listed { rows, n: n_short, split }
+        }
+    }
 }
 
 /// Shortest partition of the split over the KV length: four of the kernel's four-key groups, so
@@ -426,9 +442,8 @@ impl GpuDevice {
         let (q_stride, max_blocks) = (to_i32(K, a.q_stride)?, to_i32(K, a.max_blocks_per_seq)?);
         let (n_heads, n_kv_heads) = (to_i32(K, a.n_heads)?, to_i32(K, a.n_kv_heads)?);
         let (head_dim, block_size) = (to_i32(K, a.head_dim)?, to_i32(K, a.block_size)?);
-        if let Some((tiles, n_tiles)) = a.flash_tiles
-            && n_tiles > 0
-        {
+        let (tiles, n_tiles) = a.flash_tiles;
+        if n_tiles > 0 {
             const F: &str = "flash_attention";
             if !flash_supports(a.head_dim) {
                 return Err(CudaError::Shape {

@@ -355,14 +355,8 @@ fn attention_case(dev: &GpuDevice, rng: &mut Rng, c: &AttnCase) -> Result<SelfTe
         n_kv_heads: c.n_kv_heads,
         head_dim: c.head_dim,
         block_size: c.block_size,
-        short_rows: if short.is_empty() {
-            ShortRows::None
-        } else if short.len() == nq {
-            ShortRows::All { split }
-        } else {
-            ShortRows::Listed { rows: &short_v, n: short.len(), split }
-        },
-        flash_tiles: Some((&tiles_v, tiles.len() / 2)),
+        short_rows: ShortRows::of(short.len(), nq, &short_v, split),
+        flash_tiles: (&tiles_v, tiles.len() / 2),
     };
     dev.attention(&dq, &dk, &dv, &mut dout, &mut AttentionScratch::default(), &args)?;
     let got = f32s(&s.clone_dtoh(&dout)?);

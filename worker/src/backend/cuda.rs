@@ -139,12 +139,6 @@ impl CudaBackend {
                 c.head_dim
             )));
         }
-        if c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
-            return Err(LoadError::InvalidConfig(format!(
-                "{} query heads cannot share {} KV heads evenly",
-                c.num_heads, c.num_kv_heads
-            )));
-        }
         let dev = GpuDevice::open(&GpuOptions {
             device: options.device,
             lib_dirs: options.lib_dirs.clone(),
@@ -287,15 +281,12 @@ impl CudaBackend {
         }
         let lens: Vec<usize> = chunks.iter().map(|ch| ch.tokens.len()).collect();
         let (short_rows, tiles) = plan_attention(&lens, c.head_dim);
-        // Every row short (decode steps): the kernel needs no list.
-        let listed = if short_rows.len() == n { 0 } else { short_rows.len() };
-        if listed > 0 {
+        let split = attention_split(short_rows.len() * c.num_heads, max_context, self.dev.sm_count());
+        let shape = StepShape { n, nseq, max_blocks, short_rows: short_rows.len(), tiles: tiles.len() / 2, split };
+        if shape.listed() > 0 {
             meta.extend_from_slice(&short_rows);
         }
         meta.extend_from_slice(&tiles);
-        let split = attention_split(short_rows.len() * c.num_heads, max_context, self.dev.sm_count());
-        let shape =
-            StepShape { n, nseq, max_blocks, short_rows: short_rows.len(), listed, tiles: tiles.len() / 2, split };
         Ok((meta, shape, max_context))
     }
 
@@ -319,7 +310,7 @@ impl CudaBackend {
     /// it can be captured into a graph.
     fn enqueue(&mut self, meta: &CudaSlice<i32>, shape: StepShape, greedy: bool) -> Result<(), EngineError> {
         let c = &self.config;
-        let StepShape { n, nseq, max_blocks, short_rows, listed, tiles, split } = shape;
+        let StepShape { n, nseq, max_blocks, tiles, .. } = shape;
         let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let qkv_dim = qd + 2 * kvd;
         let ws = self.workspace.as_mut().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
@@ -329,7 +320,8 @@ impl CudaBackend {
         let last_rows = view(6 * n, nseq);
         let block_tables = view(6 * n + nseq, nseq * max_blocks);
         let rows_at = 6 * n + nseq + nseq * max_blocks;
-        let (row_list, tile_list) = (view(rows_at, listed), view(rows_at + listed, 2 * tiles));
+        let (row_list, tile_list) = (view(rows_at, shape.listed()), view(rows_at + shape.listed(), 2 * tiles));
+        let short_rows = ShortRows::of(shape.short_rows, n, &row_list, shape.split);
 
         let dev = &self.dev;
         let gemm = &self.gemm;
@@ -364,14 +356,8 @@ impl CudaBackend {
                 n_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
                 block_size: self.kv.block_size,
-                short_rows: if short_rows == 0 {
-                    ShortRows::None
-                } else if listed == 0 {
-                    ShortRows::All { split }
-                } else {
-                    ShortRows::Listed { rows: &row_list, n: listed, split }
-                },
-                flash_tiles: Some((&tile_list, tiles)),
+                short_rows,
+                flash_tiles: (&tile_list, tiles),
             };
             dev.attention(&ws.qkv, &self.k_cache[li], &self.v_cache[li], &mut ws.attn, &mut self.scratch, &attn)
                 .map_err(run_err)?;
@@ -488,11 +474,17 @@ struct StepShape {
     max_blocks: usize,
     /// Rows through the CUDA-core attention kernel.
     short_rows: usize,
-    /// Length of the listed short rows in the metadata (0: all rows are short, no list).
-    listed: usize,
     /// Tiles through the tensor-core attention kernel.
     tiles: usize,
     split: (usize, usize),
+}
+
+impl StepShape {
+    /// Length of the short-row list in the metadata: 0 when every row is short (decode steps),
+    /// where the kernel needs no list.
+    fn listed(&self) -> usize {
+        if self.short_rows == self.n { 0 } else { self.short_rows }
+    }
 }
 
 /// A captured decode step with the metadata buffer its kernels read.
