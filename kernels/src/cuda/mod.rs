@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod libs;
 pub mod nccl;
 pub mod ops;
+pub mod plan;
 pub mod selftest;
 
 pub use device::{GpuDevice, GpuOptions};

@@ -9,7 +9,8 @@ use half::bf16;
 
 use super::device::GpuDevice;
 use super::gemm::Gemm;
-use super::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows, attention_split, plan_attention};
+use super::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows};
+use super::plan::{attention_split, plan_attention};
 use super::{CudaError, guard};
 use crate::attention::{AttentionQuery, PagedKvLayer, paged_attention_ref};
 use crate::rope::{RopeConfig, RopeTable, apply_rope_ref};

@@ -13,9 +13,8 @@ use std::sync::Arc;
 
 use half::bf16;
 use tessera_kernels::cuda::gemm::Gemm;
-use tessera_kernels::cuda::ops::{
-    AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows, attention_split, gemv_preferred, plan_attention,
-};
+use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows};
+use tessera_kernels::cuda::plan::{attention_split, gemv_preferred, plan_attention};
 use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
 use tessera_kernels::rope::RopeTable;
 
