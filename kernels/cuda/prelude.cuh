@@ -62,30 +62,21 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block; every thread gets the result. blockDim.x must be a multiple of 32
-// (at most 1024) and every thread must call it. Safe to call several times in a row.
-__device__ __forceinline__ float block_sum(float v) {
+// Sum (block_sum) or maximum (block_max) over the whole block; every thread gets the result.
+// blockDim.x must be a multiple of 32 (at most 1024) and every thread must call it. Safe to call
+// several times in a row.
+template <bool kMax> __device__ __forceinline__ float block_reduce(float v) {
     __shared__ float scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = kMax ? warp_max(v) : warp_sum(v);
     __syncthreads();  // a previous call may still be reading `scratch`
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < n_warps ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < n_warps ? scratch[lane] : (kMax ? TS_NEG_INF : 0.0f);
+    return kMax ? warp_max(v) : warp_sum(v);
 }
-
-// Maximum over the whole block, same contract as block_sum.
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float scratch_max[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();  // a previous call may still be reading `scratch_max`
-    if (lane == 0) scratch_max[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? scratch_max[lane] : TS_NEG_INF;
-    return warp_max(v);
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // ---- Tensor cores and asynchronous copies (sm_80+), with plain-C++ fallbacks ----
 // On sm_80 and later these are single PTX instructions. Elsewhere (older GPUs, and the CPU
