@@ -5,8 +5,6 @@
 //! fast variant uses a polynomial `exp` on the AVX2 path (a few ulp), so results agree to f32
 //! rounding. All slices must have equal length.
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, check_len};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
@@ -32,11 +30,9 @@ pub fn silu_mul_ref(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), Ker
 pub fn silu_mul(pool: &CpuPool, gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
     check("silu_mul", gate, up, out)?;
     let isa = pool.isa();
-    pool.install(|| {
-        out.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(gate.par_chunks(ELEMS_PER_TASK))
-            .zip(up.par_chunks(ELEMS_PER_TASK))
-            .for_each(|((o, g), u)| chunk(isa, g, u, o));
+    pool.chunks_mut(out, ELEMS_PER_TASK, |i, o| {
+        let span = i * ELEMS_PER_TASK..i * ELEMS_PER_TASK + o.len();
+        chunk(isa, &gate[span.clone()], &up[span], o);
     });
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! Causality is the caller's job: it sets `context_len` per query token. Everything the kernels
 //! index is validated first, so bad input is a [`KernelError`], never a panic.
 
-use rayon::prelude::*;
+use std::cell::RefCell;
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
@@ -176,17 +176,17 @@ pub fn paged_attention(
     let ctx = Ctx { isa: pool.isa(), g, kv };
     let group_len = g.group * g.head_dim;
     let groups_per_query = g.n_heads / g.group;
-    pool.install(|| {
-        out.par_chunks_mut(group_len).zip(q.par_chunks(group_len)).enumerate().for_each_init(
-            Scratch::default,
-            |scratch, (task, (og, qg))| {
-                let job =
-                    GroupJob { query: &queries[task / groups_per_query], kv_head: task % groups_per_query, q: qg };
-                ctx.group(&job, og, scratch);
-            },
-        );
+    pool.chunks_mut(out, group_len, |task, og| {
+        let qg = &q[task * group_len..(task + 1) * group_len];
+        let job = GroupJob { query: &queries[task / groups_per_query], kv_head: task % groups_per_query, q: qg };
+        SCRATCH.with_borrow_mut(|scratch| ctx.group(&job, og, scratch));
     });
     Ok(())
+}
+
+thread_local! {
+    /// This thread's buffers, reused across tasks and calls.
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 /// Per-thread buffers reused across tasks.

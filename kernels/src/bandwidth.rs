@@ -1,12 +1,12 @@
 //! A STREAM-like memory read probe, to compare decode speed against what the machine can do.
 //!
-//! [`measure_read_bandwidth`] allocates a buffer of f32s, touches it from the pool's threads
-//! (so pages are mapped and placed near the threads that read them), then times `iters` passes
-//! that each sum the whole buffer, split across the threads, with SIMD loads. GB/s uses 1e9 bytes.
+//! [`measure_read_bandwidth`] allocates a buffer of f32s on huge pages (as model weights are held,
+//! see [`crate::hugepage`]), fills it, then times `iters` passes that each sum the whole buffer,
+//! split across the pool's threads in 1 MiB tasks, with SIMD loads. GB/s uses 1e9 bytes.
 
-use rayon::prelude::*;
 use std::time::Instant;
 
+use crate::hugepage::HugePageBuf;
 use crate::isa::Isa;
 use crate::pool::CpuPool;
 use crate::simd;
@@ -30,18 +30,14 @@ pub fn measure_read_bandwidth(pool: &CpuPool, bytes: usize, iters: usize) -> Ban
     let len = bytes / std::mem::size_of::<f32>();
     let chunk = BYTES_PER_TASK / std::mem::size_of::<f32>();
     let isa = pool.isa();
-    let mut buf = vec![0.0f32; len];
-    pool.install(|| {
-        buf.par_chunks_mut(chunk).enumerate().for_each(|(c, s)| {
-            for (i, v) in s.iter_mut().enumerate() {
-                *v = ((c + i) % 7) as f32;
-            }
-        });
-    });
+    // The same page size the weights live on (see `crate::hugepage`).
+    let buf = HugePageBuf::from_fn(len, |i| (i % 7) as f32);
     let mut rates: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let start = Instant::now();
-            let total: f32 = pool.install(|| buf.par_chunks(chunk).map(|s| sum(isa, s)).sum());
+            let mut partial = vec![0.0f32; len.div_ceil(chunk)];
+            pool.chunks_mut(&mut partial, 1, |c, p| p[0] = sum(isa, &buf[c * chunk..((c + 1) * chunk).min(len)]));
+            let total: f32 = partial.iter().sum();
             std::hint::black_box(total);
             let secs = start.elapsed().as_secs_f64().max(1e-9);
             (len * std::mem::size_of::<f32>()) as f64 / secs / 1e9

@@ -14,7 +14,7 @@ pub enum KernelError {
         /// What did not fit, with the numbers.
         detail: String,
     },
-    /// The rayon thread pool could not be built, or a requested ISA is not available.
+    /// The kernel thread pool could not be built, or a requested ISA is not available.
     #[error("thread pool: {0}")]
     Pool(String),
 }

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod bandwidth;
 pub mod comm;
 pub mod error;
+pub mod hugepage;
 pub mod isa;
 pub mod matmul;
 pub mod norm;
@@ -24,6 +25,7 @@ pub mod weights;
 mod simd;
 
 pub use error::KernelError;
+pub use hugepage::HugePageBuf;
 pub use isa::Isa;
 pub use pool::CpuPool;
 pub use weights::{WeightData, WeightMatrix};

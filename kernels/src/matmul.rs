@@ -15,7 +15,7 @@
 //! AVX2.
 
 /// Defines `task` (and its helpers) in an ISA module from the module's `tile` micro-kernel and
-/// its `MR`, `NR`, `NR_GEMV` constants: the blocking logic is the same for every ISA, only the
+/// its `MR`, `NR` constants and its `dot_row` GEMV: the blocking logic is the same for every ISA, only the
 /// enabled target features and the tile differ.
 #[cfg(target_arch = "x86_64")]
 macro_rules! define_task {
@@ -33,8 +33,8 @@ macro_rules! define_task {
             let mut r0 = t.r0;
             while r0 < t.r1 {
                 let r1 = (r0 + sub).min(t.r1);
-                // The rows after the task's last sub-block usually belong to the task this thread
-                // runs next (rayon hands each thread contiguous index ranges).
+                // The rows after the task's last sub-block belong to a task that runs soon, on
+                // this core or the other (then from the shared L3).
                 let next = &w[r1 * s.k..(r1 + sub).min(s.n) * s.k];
                 // SAFETY: same contract as this function; the sub-block lies inside the task.
                 unsafe { sub_block(x, w, s, Task { r0, r1, ..t }, next, out) };
@@ -50,8 +50,15 @@ macro_rules! define_task {
         unsafe fn sub_block<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, next: &[E], out: &SharedOut) {
             // SAFETY (every call below): same contract as this function.
             if t.i1 - t.i0 == 1 {
-                let mut pf = Prefetcher::new(next, (t.r1 - t.r0).div_ceil(NR_GEMV));
-                unsafe { strip::<E, 1, NR_GEMV>(x, w, s, t, t.i0, &mut pf, out) };
+                // One token: walk the weight rows in memory order, one row at a time, so the
+                // hardware prefetcher sees a single linear stream.
+                let xi = &x[t.i0 * s.k..(t.i0 + 1) * s.k];
+                for r in t.r0..t.r1 {
+                    let v = dot_row(xi, &w[r * s.k..(r + 1) * s.k]);
+                    // SAFETY: (t.i0, r) is inside this task's rectangle.
+                    unsafe { out.write(t.i0 * s.n + r, v) };
+                }
+                let _ = next;
                 return;
             }
             let strips = (t.i1 - t.i0).div_ceil(MR);
@@ -164,8 +171,6 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
@@ -178,10 +183,7 @@ pub(crate) const MR: usize = 4;
 /// Weight rows per micro-kernel tile (prefill).
 #[cfg(target_arch = "x86_64")]
 pub(crate) const NR: usize = 3;
-/// Weight rows per tile when `m == 1` (decode GEMV).
-#[cfg(target_arch = "x86_64")]
-pub(crate) const NR_GEMV: usize = 8;
-/// Row blocks are multiples of this (a multiple of both [`NR`] and [`NR_GEMV`]).
+/// Row blocks are multiples of this (a multiple of every ISA's `NR`).
 pub(crate) const ROW_ALIGN: usize = 24;
 /// Tokens per parallel task; a multiple of [`MR`]. Larger `m` is split into more tasks.
 const TOKENS_PER_TASK: usize = 128;
@@ -259,46 +261,46 @@ pub(crate) struct Task {
 
 /// Weight rows per task: about [`TASKS_PER_THREAD`] row blocks per thread, at least
 /// [`MIN_ROWS_PER_TASK`], rounded up to a multiple of the tile width.
-fn rows_per_task(n: usize, threads: usize) -> usize {
-    let per = n.div_ceil(threads.max(1) * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+fn rows_per_task(n: usize, m: usize, threads: usize) -> usize {
+    let per_thread = if m == 1 { 1 } else { TASKS_PER_THREAD };
+    let per = n.div_ceil(threads.max(1) * per_thread).max(MIN_ROWS_PER_TASK);
     per.next_multiple_of(ROW_ALIGN)
 }
 
 fn run<E: Elem>(pool: &CpuPool, x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
-    let rows = rows_per_task(s.n, pool.threads());
+    let rows = rows_per_task(s.n, s.m, pool.threads());
     let row_blocks = s.n.div_ceil(rows);
     let token_blocks = s.m.div_ceil(TOKENS_PER_TASK);
     let isa = pool.isa();
     let out = SharedOut::new(y);
-    pool.install(|| {
-        (0..row_blocks * token_blocks).into_par_iter().for_each_init(Vec::new, |buf, t| {
-            let (rb, tb) = (t % row_blocks, t / row_blocks);
-            let task = Task {
-                r0: rb * rows,
-                r1: ((rb + 1) * rows).min(s.n),
-                i0: tb * TOKENS_PER_TASK,
-                i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
-            };
-            match isa {
-                // SAFETY (both SIMD arms): a pool only holds an ISA the CPU supports; tasks
-                // cover disjoint (token, weight row) rectangles, so their writes through
-                // `out` never overlap, and nothing reads `y` until `install` returns.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512::task(x, w, s, task, &out) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { avx2::task(x, w, s, task, &out) },
-                #[cfg(not(target_arch = "x86_64"))]
-                Isa::Avx512 | Isa::Avx2Fma => scalar_task(x, w, s, task, &out, buf),
-                Isa::Scalar => scalar_task(x, w, s, task, &out, buf),
-            }
-        });
+    pool.run(row_blocks * token_blocks, |t| {
+        let (rb, tb) = (t % row_blocks, t / row_blocks);
+        let task = Task {
+            r0: rb * rows,
+            r1: ((rb + 1) * rows).min(s.n),
+            i0: tb * TOKENS_PER_TASK,
+            i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
+        };
+        match isa {
+            // SAFETY (both SIMD arms): a pool only holds an ISA the CPU supports; tasks
+            // cover disjoint (token, weight row) rectangles, so their writes through
+            // `out` never overlap, and nothing reads `y` until `run` returns.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::task(x, w, s, task, &out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { avx2::task(x, w, s, task, &out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 | Isa::Avx2Fma => scalar_task(x, w, s, task, &out),
+            Isa::Scalar => scalar_task(x, w, s, task, &out),
+        }
     });
 }
 
 /// Portable task: widen each weight row once, then dot it with every token row of the task.
-fn scalar_task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut, buf: &mut Vec<f32>) {
+fn scalar_task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
+    let mut buf = Vec::new();
     for r in t.r0..t.r1 {
-        let wr = E::widen(&w[r * s.k..(r + 1) * s.k], buf);
+        let wr = E::widen(&w[r * s.k..(r + 1) * s.k], &mut buf);
         for i in t.i0..t.i1 {
             let v = simd::dot(&x[i * s.k..(i + 1) * s.k], wr);
             // SAFETY: (i, r) lies in this task's rectangle, which no other task writes.

@@ -4,8 +4,6 @@
 //! The reference sums squares sequentially; the fast kernel sums them in SIMD lanes, so the two
 //! agree to f32 rounding. Multiplication order is the same in both.
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, check_len};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
@@ -51,12 +49,11 @@ pub fn rms_norm(pool: &CpuPool, x: &[f32], weight: &[f32], eps: f32, out: &mut [
     let d = weight.len();
     let chunk = (ELEMS_PER_TASK / d).max(1) * d;
     let isa = pool.isa();
-    pool.install(|| {
-        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(oc, xc)| {
-            for (or, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                row(isa, xr, weight, eps, or);
-            }
-        });
+    pool.chunks_mut(out, chunk, |i, oc| {
+        let xc = &x[i * chunk..i * chunk + oc.len()];
+        for (or, xr) in oc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+            row(isa, xr, weight, eps, or);
+        }
     });
     Ok(())
 }

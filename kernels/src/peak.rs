@@ -7,7 +7,6 @@
 //! (AVX-512 cores of the Zen 4 kind split 16-lane FMAs in two, so 8-lane chains already reach
 //! the peak there); the scalar path measures scalar `mul_add` chains.
 
-use rayon::prelude::*;
 use std::time::Instant;
 
 use crate::isa::Isa;
@@ -36,7 +35,9 @@ pub fn measure_fma_peak(pool: &CpuPool, iters: usize) -> PeakReport {
     let mut rates: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let start = Instant::now();
-            let total: f32 = pool.install(|| (0..threads).into_par_iter().map(|_| chains(isa)).sum());
+            let mut partial = vec![0.0f32; threads];
+            pool.chunks_mut(&mut partial, 1, |_, p| p[0] = chains(isa));
+            let total: f32 = partial.iter().sum();
             std::hint::black_box(total);
             flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
         })

@@ -1,21 +1,151 @@
 //! The thread pool kernels run on, and the SIMD path they use.
 //!
-//! A [`CpuPool`] owns a dedicated rayon pool (never the global one, so kernel work does not
-//! compete with unrelated rayon users) and an [`Isa`] that the CPU is known to support. Fast
-//! kernels take `&CpuPool`, read [`CpuPool::isa`] once per call and run their parallel loops
-//! inside [`CpuPool::install`].
+//! A [`CpuPool`] of `threads` runs each parallel kernel on `threads - 1` worker threads plus the
+//! calling thread. A forward pass launches about ten kernels per layer, each a few microseconds
+//! to a few hundred microseconds long, so the cost that matters is the hand-off between them:
+//! workers stay hot between launches — they spin for [`SPIN`], then yield the core for up to
+//! [`YIELD`], and only then sleep on a condition variable — so a launch during a step reaches
+//! running workers through one atomic store, not a futex wake.
 //!
-//! Cost model: a kernel called from a thread *outside* the pool pays a cross-thread hand-off
-//! (about 10 µs on a busy 2-core machine) on every call. A caller that runs many kernels in a
-//! row (a forward pass) should wrap the whole sequence in one `pool.install(|| ...)`: kernels
-//! called from inside the pool run their parallel loops directly, with no hand-off.
+//! Invariants:
+//! - A job's closure lives on the submitting thread's stack. A worker touches it only between
+//!   `active += 1` and `active -= 1`, and only after seeing the job open (`closed == false`) with
+//!   the epoch it woke for; the submitter closes the job and waits for `active == 0` before it
+//!   returns. All of these are `SeqCst`, so either the submitter sees the worker's increment and
+//!   waits, or the worker sees the job closed and backs out without reading it.
+//! - One job runs at a time (the submit lock); a launch from inside a task runs inline.
+//! - A panicking task does not kill a worker: the panic is caught, the remaining tasks still run,
+//!   and the submitter panics after the job is closed.
+
+use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::error::KernelError;
 use crate::isa::Isa;
 
-/// A rayon thread pool plus the SIMD path kernels should use on it.
+/// How long an idle worker busy-waits for the next launch.
+const SPIN: Duration = Duration::from_micros(100);
+/// How long an idle worker then keeps polling between `yield_now` calls before it sleeps.
+const YIELD: Duration = Duration::from_millis(2);
+
+thread_local! {
+    /// Set while this thread runs a task of some pool (a nested launch then runs inline).
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One launch: `tasks` calls of `f`, claimed through `next`.
+struct Job<'f> {
+    f: &'f (dyn Fn(usize) + Sync),
+    tasks: usize,
+    next: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+impl Job<'_> {
+    /// Claims and runs tasks until none are left.
+    fn work(&self) {
+        let was = IN_TASK.with(|t| t.replace(true));
+        loop {
+            let i = self.next.fetch_add(1, SeqCst);
+            if i >= self.tasks {
+                break;
+            }
+            if catch_unwind(AssertUnwindSafe(|| (self.f)(i))).is_err() {
+                self.panicked.store(true, SeqCst);
+            }
+        }
+        IN_TASK.with(|t| t.set(was));
+    }
+}
+
+/// State shared by the submitter and the workers.
+struct Shared {
+    /// Bumped once per launch (and once at shutdown).
+    epoch: AtomicU64,
+    /// The open job (a `*const Job` erased to `()`), valid while `closed` is false.
+    job: AtomicPtr<()>,
+    closed: AtomicBool,
+    /// Workers currently between checking a job in and out.
+    active: AtomicUsize,
+    stop: AtomicBool,
+    /// Workers asleep on `wake` (a launch notifies only when some are).
+    sleepers: AtomicUsize,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Shared {
+    /// A worker's life. It starts from epoch 0, the pool's initial epoch, so a launch that
+    /// comes before the thread first runs is still seen.
+    fn worker_loop(&self) {
+        let mut seen = 0;
+        loop {
+            seen = self.wait_for_epoch(seen);
+            if self.stop.load(SeqCst) {
+                return;
+            }
+            self.active.fetch_add(1, SeqCst);
+            if !self.closed.load(SeqCst) && self.epoch.load(SeqCst) == seen {
+                // SAFETY: the job is open and we are counted in `active`, so the submitter is
+                // still waiting and the `Job` on its stack is alive (module invariant).
+                let job = unsafe { &*self.job.load(SeqCst).cast::<Job<'_>>() };
+                job.work();
+            }
+            self.active.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Waits until the epoch differs from `seen` (or the pool stops); returns the new epoch.
+    fn wait_for_epoch(&self, seen: u64) -> u64 {
+        let changed = || {
+            let e = self.epoch.load(SeqCst);
+            (e != seen || self.stop.load(SeqCst)).then_some(e)
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(e) = changed() {
+                return e;
+            }
+            let idle = start.elapsed();
+            if idle < SPIN {
+                std::hint::spin_loop();
+            } else if idle < SPIN + YIELD {
+                std::thread::yield_now();
+            } else {
+                break;
+            }
+        }
+        let mut guard = self.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.sleepers.fetch_add(1, SeqCst);
+        let e = loop {
+            if let Some(e) = changed() {
+                break e;
+            }
+            guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+        };
+        self.sleepers.fetch_sub(1, SeqCst);
+        e
+    }
+
+    /// Publishes a new epoch and wakes sleeping workers.
+    fn bump(&self) {
+        self.epoch.fetch_add(1, SeqCst);
+        if self.sleepers.load(SeqCst) > 0 {
+            let _guard = self.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_all();
+        }
+    }
+}
+
+/// A pool of hot worker threads plus the SIMD path kernels should use on it.
 pub struct CpuPool {
-    pool: rayon::ThreadPool,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    submit: Mutex<()>,
     threads: usize,
     isa: Isa,
 }
@@ -27,8 +157,8 @@ impl std::fmt::Debug for CpuPool {
 }
 
 impl CpuPool {
-    /// A pool of `threads` workers (0 = `std::thread::available_parallelism`) using the best
-    /// available ISA.
+    /// A pool of `threads` (0 = `std::thread::available_parallelism`), counting the thread that
+    /// launches kernels, using the best available ISA.
     pub fn new(threads: usize) -> Result<Self, KernelError> {
         Self::with_isa(threads, Isa::detect())
     }
@@ -45,15 +175,30 @@ impl CpuPool {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("tessera-kernel-{i}"))
-            .build()
-            .map_err(|e| KernelError::Pool(e.to_string()))?;
-        Ok(CpuPool { pool, threads, isa })
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            closed: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            sleep_lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut pool = CpuPool { shared, workers: Vec::new(), submit: Mutex::new(()), threads, isa };
+        for i in 1..threads {
+            let shared = Arc::clone(&pool.shared);
+            let handle = std::thread::Builder::new()
+                .name(format!("tessera-kernel-{i}"))
+                .spawn(move || shared.worker_loop())
+                .map_err(|e| KernelError::Pool(format!("spawning kernel thread {i}: {e}")))?;
+            // On an error above, dropping `pool` stops and joins the workers started so far.
+            pool.workers.push(handle);
+        }
+        Ok(pool)
     }
 
-    /// Number of worker threads.
+    /// Number of threads, the launching one included.
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -63,9 +208,83 @@ impl CpuPool {
         self.isa
     }
 
-    /// Runs `f` inside the pool, so rayon parallel iterators in it use the pool's workers.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+    /// Calls `f(i)` for every `i < tasks`, spread over the pool; returns when all have run.
+    ///
+    /// Tasks are claimed in index order from a shared counter, so neighbouring indices tend to
+    /// run at the same time on different threads. A launch from inside a task runs inline.
+    ///
+    /// # Panics
+    /// If any task panicked (after every other task has run).
+    pub fn run(&self, tasks: usize, f: impl Fn(usize) + Sync) {
+        let job = Job { f: &f, tasks, next: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
+        if tasks <= 1 || self.workers.is_empty() || IN_TASK.with(Cell::get) {
+            job.work();
+        } else {
+            let _one_at_a_time = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+            let s = &*self.shared;
+            s.job.store(std::ptr::from_ref(&job).cast::<()>().cast_mut(), SeqCst);
+            s.closed.store(false, SeqCst);
+            s.bump();
+            job.work();
+            s.closed.store(true, SeqCst);
+            while s.active.load(SeqCst) != 0 {
+                std::hint::spin_loop();
+            }
+            s.job.store(std::ptr::null_mut(), SeqCst);
+        }
+        assert!(!job.panicked.load(SeqCst), "a kernel task panicked");
+    }
+
+    /// Splits `data` into consecutive chunks of `chunk` elements (the last may be shorter) and
+    /// calls `f(index, chunk)` for each, spread over the pool.
+    ///
+    /// # Panics
+    /// If `chunk == 0` while `data` is not empty, or if a task panicked.
+    pub fn chunks_mut<T: Send>(&self, data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+        if data.is_empty() {
+            return;
+        }
+        assert!(chunk > 0, "chunk length must be positive");
+        let len = data.len();
+        let base = SendPtr(data.as_mut_ptr());
+        self.run(len.div_ceil(chunk), |i| {
+            let start = i * chunk;
+            let n = chunk.min(len - start);
+            // SAFETY: task `i` alone gets elements `start..start + n`, inside `data`, which stays
+            // mutably borrowed until `run` returns.
+            let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+            f(i, part);
+        });
+    }
+}
+
+/// A raw pointer tasks may share (each uses a disjoint range).
+struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: only used by `chunks_mut`, whose tasks touch disjoint elements of a `Send` type.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl Drop for CpuPool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, SeqCst);
+        self.shared.bump();
+        for w in self.workers.drain(..) {
+            // A worker never panics (tasks are caught), so a join error cannot carry news.
+            let _ = w.join();
+        }
     }
 }
 
@@ -78,7 +297,6 @@ mod tests {
         let pool = CpuPool::with_isa(2, Isa::Scalar).unwrap();
         assert_eq!(pool.threads(), 2);
         assert_eq!(pool.isa(), Isa::Scalar);
-        assert_eq!(pool.install(rayon::current_num_threads), 2);
         let auto = CpuPool::new(0).unwrap();
         assert!(auto.threads() >= 1);
         assert_eq!(auto.isa(), Isa::detect());
@@ -90,5 +308,88 @@ mod tests {
             let res = CpuPool::with_isa(1, isa);
             assert_eq!(res.is_ok(), isa.is_supported());
         }
+    }
+
+    #[test]
+    fn every_task_runs_once_across_many_launches() {
+        for threads in [1, 2, 4] {
+            let pool = CpuPool::with_isa(threads, Isa::Scalar).unwrap();
+            for tasks in [0usize, 1, 2, 3, 17, 1000] {
+                let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(tasks, |i| {
+                    hits[i].fetch_add(1, SeqCst);
+                });
+                assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "threads {threads} tasks {tasks}");
+            }
+        }
+    }
+
+    #[test]
+    fn work_is_shared_and_workers_wake_after_sleeping() {
+        let pool = CpuPool::with_isa(2, Isa::Scalar).unwrap();
+        for pause in [Duration::ZERO, SPIN + YIELD + Duration::from_millis(20)] {
+            std::thread::sleep(pause);
+            // Each task waits (up to a generous deadline) until both threads have joined the
+            // launch, so the test only fails if the worker never wakes.
+            let names = Mutex::new(std::collections::HashSet::new());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            pool.run(2, |_| {
+                names.lock().unwrap().insert(std::thread::current().id());
+                while names.lock().unwrap().len() < 2 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            assert_eq!(names.lock().unwrap().len(), 2, "after a pause of {pause:?}");
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_and_nested_launches_run_inline() {
+        let pool = CpuPool::with_isa(3, Isa::Scalar).unwrap();
+        let mut data = vec![0usize; 103];
+        pool.chunks_mut(&mut data, 10, |i, part| {
+            assert!(part.len() == 10 || (i == 10 && part.len() == 3));
+            pool.run(part.len(), |_| {});
+            part.iter_mut().for_each(|v| *v = i + 1);
+        });
+        assert!(data.iter().enumerate().all(|(j, &v)| v == j / 10 + 1));
+        pool.chunks_mut(&mut Vec::<u8>::new(), 0, |_, _| {});
+    }
+
+    #[test]
+    fn a_panicking_task_fails_the_launch_but_not_the_pool() {
+        let pool = CpuPool::with_isa(2, Isa::Scalar).unwrap();
+        let ran = AtomicUsize::new(0);
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(8, |i| {
+                ran.fetch_add(1, SeqCst);
+                assert_ne!(i, 3, "task 3 fails");
+            })
+        }));
+        assert!(res.is_err());
+        assert_eq!(ran.load(SeqCst), 8);
+        let after = AtomicUsize::new(0);
+        pool.run(5, |_| {
+            after.fetch_add(1, SeqCst);
+        });
+        assert_eq!(after.load(SeqCst), 5);
+    }
+
+    #[test]
+    fn concurrent_launches_from_two_threads_do_not_mix() {
+        let pool = CpuPool::with_isa(2, Isa::Scalar).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        let sum = AtomicUsize::new(0);
+                        pool.run(10, |i| {
+                            sum.fetch_add(i, SeqCst);
+                        });
+                        assert_eq!(sum.load(SeqCst), 45);
+                    }
+                });
+            }
+        });
     }
 }

@@ -9,8 +9,6 @@
 //! `x1*cos - x2*sin`, `x2*cos + x1*sin` with separately rounded products (no FMA), so they agree
 //! bit for bit.
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
@@ -218,15 +216,13 @@ pub fn apply_rope(
     let row = n_heads * table.head_dim;
     let tokens = (ELEMS_PER_TASK / row).max(1);
     let isa = pool.isa();
-    pool.install(|| {
-        x.par_chunks_mut(tokens * row).zip(positions.par_chunks(tokens)).for_each(|(xs, ps)| {
-            for (token, &pos) in xs.chunks_exact_mut(row).zip(ps) {
-                let (cos, sin) = table.rows(pos);
-                for head in token.chunks_exact_mut(table.head_dim) {
-                    rotate(isa, head, cos, sin);
-                }
+    pool.chunks_mut(x, tokens * row, |i, xs| {
+        for (token, &pos) in xs.chunks_exact_mut(row).zip(&positions[i * tokens..]) {
+            let (cos, sin) = table.rows(pos);
+            for head in token.chunks_exact_mut(table.head_dim) {
+                rotate(isa, head, cos, sin);
             }
-        });
+        }
     });
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! (rounded to nearest even, as `torch.Tensor.to(torch.bfloat16)` does); compute is always f32.
 
 use half::bf16;
-use tessera_kernels::{WeightData, WeightMatrix};
+use tessera_kernels::{HugePageBuf, WeightData, WeightMatrix};
 
 use crate::error::LoadError;
 
@@ -28,13 +28,14 @@ impl WeightsDtype {
     }
 }
 
-/// Tensor storage.
+/// Tensor storage, on huge pages (decode streams every weight once per step; see
+/// [`tessera_kernels::hugepage`]).
 #[derive(Debug, Clone)]
 pub enum TensorData {
     /// f32 values.
-    F32(Vec<f32>),
+    F32(HugePageBuf<f32>),
     /// bf16 values.
-    Bf16(Vec<bf16>),
+    Bf16(HugePageBuf<bf16>),
 }
 
 /// A named-shape weight tensor.
@@ -61,8 +62,8 @@ impl Tensor {
     /// Converts f32 values into the requested storage format.
     pub fn from_f32(shape: Vec<usize>, values: Vec<f32>, dtype: WeightsDtype) -> Result<Self, LoadError> {
         let data = match dtype {
-            WeightsDtype::F32 => TensorData::F32(values),
-            WeightsDtype::Bf16 => TensorData::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+            WeightsDtype::F32 => TensorData::F32(values.into()),
+            WeightsDtype::Bf16 => TensorData::Bf16(HugePageBuf::from_fn(values.len(), |i| bf16::from_f32(values[i]))),
         };
         Tensor::new(shape, data)
     }
@@ -83,7 +84,7 @@ impl Tensor {
     /// The values as f32 (a copy).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.data {
-            TensorData::F32(v) => v.clone(),
+            TensorData::F32(v) => v.to_vec(),
             TensorData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
         }
     }
@@ -91,8 +92,8 @@ impl Tensor {
     /// The values as bf16 (moved when already bf16, rounded to nearest even otherwise).
     pub fn into_bf16(self) -> Vec<bf16> {
         match self.data {
-            TensorData::Bf16(v) => v,
-            TensorData::F32(v) => v.into_iter().map(bf16::from_f32).collect(),
+            TensorData::Bf16(v) => v.to_vec(),
+            TensorData::F32(v) => v.iter().copied().map(bf16::from_f32).collect(),
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{MR, NR, NR_GEMV, Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
+use super::{MR, NR, Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
 use crate::simd::avx2::{hsum, load};
 use crate::simd::{Elem, SharedOut};
 
@@ -45,4 +45,31 @@ fn tile<E: Elem, const M: usize, const N: usize>(xr: &[&[f32]; M], wr: &[&[E]; N
         }
     }
     sums
+}
+
+/// `Σ_c x[c] · w[c]` over one weight row, with four independent accumulators.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn dot_row<E: Elem>(x: &[f32], w: &[E]) -> f32 {
+    let k = x.len();
+    assert_eq!(w.len(), k, "row lengths");
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut c = 0;
+    while c + 32 <= k {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c + 8 * j + 8 <= k` for both rows; AVX2 is enabled for this function.
+            let (wv, xv) = unsafe { (E::load8(w.as_ptr().add(c + 8 * j)), load(x, c + 8 * j)) };
+            *a = _mm256_fmadd_ps(xv, wv, *a);
+        }
+        c += 32;
+    }
+    while c + 8 <= k {
+        // SAFETY: `c + 8 <= k`.
+        let (wv, xv) = unsafe { (E::load8(w.as_ptr().add(c)), load(x, c)) };
+        acc[0] = _mm256_fmadd_ps(xv, wv, acc[0]);
+        c += 8;
+    }
+    let tail: f32 = x[c..].iter().zip(&w[c..]).map(|(p, q)| p * q.to_f32()).sum();
+    let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    hsum(total) + tail
 }

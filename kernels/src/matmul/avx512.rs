@@ -2,7 +2,7 @@
 //!
 //! Same structure as the AVX2 kernels — tasks walk L2-sized weight sub-blocks, tiles of
 //! `M` token rows × `N` weight rows load each vector once — with two differences: the larger
-//! register file allows [`MR`] × [`NR`] = 4 × 4 tiles (1 × [`NR_GEMV`] for decode), and the
+//! register file allows [`MR`] × [`NR`] = 4 × 4 tiles, and the
 //! column tail (`k % 16`) is one masked load instead of scalar code.
 
 use std::arch::x86_64::*;
@@ -14,8 +14,6 @@ use crate::simd::{Elem, SharedOut};
 const MR: usize = 4;
 /// Weight rows per tile (prefill).
 const NR: usize = 4;
-/// Weight rows per tile when the task has one token (decode).
-const NR_GEMV: usize = 8;
 
 super::define_task!("avx512f,avx512bw,avx512vl");
 
@@ -53,4 +51,38 @@ fn tile<E: Elem, const M: usize, const N: usize>(xr: &[&[f32]; M], wr: &[&[E]; N
         }
     }
     sums
+}
+
+/// `Σ_c x[c] · w[c]` over one weight row, with four independent accumulators.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn dot_row<E: Elem>(x: &[f32], w: &[E]) -> f32 {
+    let k = x.len();
+    assert_eq!(w.len(), k, "row lengths");
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut c = 0;
+    while c + 64 <= k {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c + 16 * j + 16 <= k` for both rows.
+            let (wv, xv) = unsafe {
+                (
+                    E::load16_masked(w.as_ptr().add(c + 16 * j), u16::MAX),
+                    f32::load16_masked(x.as_ptr().add(c + 16 * j), u16::MAX),
+                )
+            };
+            *a = _mm512_fmadd_ps(xv, wv, *a);
+        }
+        c += 64;
+    }
+    while c < k {
+        let left = k - c;
+        let mask: u16 = if left >= 16 { u16::MAX } else { (1u16 << left) - 1 };
+        // SAFETY: lanes set in `mask` are `c..min(c + 16, k)`, inside both rows.
+        let (wv, xv) =
+            unsafe { (E::load16_masked(w.as_ptr().add(c), mask), f32::load16_masked(x.as_ptr().add(c), mask)) };
+        acc[0] = _mm512_fmadd_ps(xv, wv, acc[0]);
+        c += 16;
+    }
+    let total = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(total)
 }

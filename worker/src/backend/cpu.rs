@@ -156,6 +156,6 @@ impl ModelBackend for CpuBackend {
         // One hand-off to the pool for the whole step: kernels called from inside it run on hot
         // workers instead of paying a cross-thread wake-up each (~10 µs × ~300 calls a step).
         let (model, pool, kv, comm) = (&self.model, &self.pool, &mut self.kv, &self.comm);
-        pool.install(|| model.forward(pool, comm, kv, chunks))
+        model.forward(pool, comm, kv, chunks)
     }
 }

@@ -127,15 +127,19 @@ impl WeightSource for SafetensorsWeights {
             many => Cow::Owned(many.iter().flat_map(|s| &bytes[s.start * size..s.end * size]).copied().collect()),
         };
         let data = match (view.dtype(), dtype) {
-            (Dtype::F32, WeightsDtype::F32) => TensorData::F32(bytemuck::pod_collect_to_vec(&selected)),
-            (Dtype::BF16, WeightsDtype::Bf16) => TensorData::Bf16(bytemuck::pod_collect_to_vec(&selected)),
+            (Dtype::F32, WeightsDtype::F32) => {
+                TensorData::F32(bytemuck::pod_collect_to_vec::<u8, f32>(&selected).into())
+            }
+            (Dtype::BF16, WeightsDtype::Bf16) => {
+                TensorData::Bf16(bytemuck::pod_collect_to_vec::<u8, bf16>(&selected).into())
+            }
             (Dtype::F32, WeightsDtype::Bf16) => {
                 let v: Vec<f32> = bytemuck::pod_collect_to_vec(&selected);
-                TensorData::Bf16(v.into_iter().map(bf16::from_f32).collect())
+                TensorData::Bf16(v.into_iter().map(bf16::from_f32).collect::<Vec<_>>().into())
             }
             (Dtype::BF16, WeightsDtype::F32) => {
                 let v: Vec<bf16> = bytemuck::pod_collect_to_vec(&selected);
-                TensorData::F32(v.into_iter().map(bf16::to_f32).collect())
+                TensorData::F32(v.into_iter().map(bf16::to_f32).collect::<Vec<_>>().into())
             }
             (_, target) => {
                 let v: Vec<f16> = bytemuck::pod_collect_to_vec(&selected);
