@@ -8,6 +8,7 @@
 use crate::error::{KernelError, check_len};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
+use crate::profile::{self, KernelClass};
 
 /// Elements per parallel task.
 const ELEMS_PER_TASK: usize = 16 * 1024;
@@ -29,6 +30,7 @@ pub fn silu_mul_ref(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), Ker
 /// Fast SwiGLU gate, chunks in parallel on `pool`.
 pub fn silu_mul(pool: &CpuPool, gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
     check("silu_mul", gate, up, out)?;
+    let _timed = profile::scope(KernelClass::SiluMul, 4 * (gate.len() + up.len() + out.len()), 5 * out.len());
     let isa = pool.isa();
     pool.chunks_mut(out, ELEMS_PER_TASK, |i, o| {
         let span = i * ELEMS_PER_TASK..i * ELEMS_PER_TASK + o.len();

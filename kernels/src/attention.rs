@@ -9,6 +9,8 @@
 
 use std::cell::RefCell;
 
+use crate::profile::{self, KernelClass};
+
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
@@ -173,6 +175,13 @@ pub fn paged_attention(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     let g = validate("paged_attention", q, queries, kv, n_heads, out)?;
+    // Each query reads K and V rows of every KV head over its visible positions.
+    let visible: usize = queries.iter().map(|qr| qr.context_len - qr.window_start).sum();
+    let _timed = profile::scope(
+        KernelClass::Attention,
+        visible * 2 * kv.n_kv_heads * kv.head_dim * 4 + 4 * (q.len() + out.len()),
+        visible * n_heads * kv.head_dim * 4,
+    );
     let ctx = Ctx { isa: pool.isa(), g, kv };
     let group_len = g.group * g.head_dim;
     let groups_per_query = g.n_heads / g.group;

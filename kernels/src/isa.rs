@@ -15,7 +15,7 @@ pub enum Isa {
     /// of AVX2 (neither reliably faster), so [`Isa::detect`] keeps AVX2. Cores with full-width
     /// AVX-512 FMA units may gain on prefill.
     Avx512,
-    /// x86-64 AVX2 with fused multiply-add, 8 f32 lanes.
+    /// x86-64 AVX2 with fused multiply-add (and F16C, which every AVX2 CPU has), 8 f32 lanes.
     Avx2Fma,
     /// Portable scalar code (written so the compiler can auto-vectorise the inner loops).
     Scalar,
@@ -53,7 +53,7 @@ impl Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma_detected() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

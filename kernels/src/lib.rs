@@ -18,6 +18,8 @@ pub mod matmul;
 pub mod norm;
 pub mod peak;
 pub mod pool;
+pub mod profile;
+pub mod quant;
 pub mod rope;
 pub mod softmax;
 pub mod weights;

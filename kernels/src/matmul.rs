@@ -37,24 +37,33 @@ macro_rules! define_task {
                 // this core or the other (then from the shared L3).
                 let next = &w[r1 * s.k..(r1 + sub).min(s.n) * s.k];
                 // SAFETY: same contract as this function; the sub-block lies inside the task.
-                unsafe { sub_block(x, w, s, Task { r0, r1, ..t }, next, out) };
+                unsafe { sub_block(x, w, 0, s, Task { r0, r1, ..t }, next, out) };
                 r0 = r1;
             }
         }
 
         /// All token rows of `t` against its weight rows, prefetching `next` along the way.
+        /// Weight row `r` is `w[(r - base) * k..]`: `w` may hold only the rows from `base` on.
         ///
         /// # Safety
-        /// As for [`task`].
+        /// As for [`task`]; also `base <= t.r0`.
         #[target_feature(enable = $features)]
-        unsafe fn sub_block<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, next: &[E], out: &SharedOut) {
+        pub(super) unsafe fn sub_block<E: Elem>(
+            x: &[f32],
+            w: &[E],
+            base: usize,
+            s: Shape,
+            t: Task,
+            next: &[E],
+            out: &SharedOut,
+        ) {
             // SAFETY (every call below): same contract as this function.
             if t.i1 - t.i0 == 1 {
                 // One token: walk the weight rows in memory order, one row at a time, so the
                 // hardware prefetcher sees a single linear stream.
                 let xi = &x[t.i0 * s.k..(t.i0 + 1) * s.k];
                 for r in t.r0..t.r1 {
-                    let v = dot_row(xi, &w[r * s.k..(r + 1) * s.k]);
+                    let v = dot_row(xi, &w[(r - base) * s.k..(r - base + 1) * s.k]);
                     // SAFETY: (t.i0, r) is inside this task's rectangle.
                     unsafe { out.write(t.i0 * s.n + r, v) };
                 }
@@ -65,25 +74,28 @@ macro_rules! define_task {
             let mut pf = Prefetcher::new(next, strips * (t.r1 - t.r0).div_ceil(NR));
             let mut i = t.i0;
             while i + MR <= t.i1 {
-                unsafe { strip::<E, MR, NR>(x, w, s, t, i, &mut pf, out) };
+                unsafe { strip::<E, MR, NR>(x, w, base, s, t, i, &mut pf, out) };
                 i += MR;
             }
             match t.i1 - i {
-                1 => unsafe { strip::<E, 1, NR>(x, w, s, t, i, &mut pf, out) },
-                2 => unsafe { strip::<E, 2, NR>(x, w, s, t, i, &mut pf, out) },
-                3 => unsafe { strip::<E, 3, NR>(x, w, s, t, i, &mut pf, out) },
+                1 => unsafe { strip::<E, 1, NR>(x, w, base, s, t, i, &mut pf, out) },
+                2 => unsafe { strip::<E, 2, NR>(x, w, base, s, t, i, &mut pf, out) },
+                3 => unsafe { strip::<E, 3, NR>(x, w, base, s, t, i, &mut pf, out) },
                 _ => {}
             }
         }
 
-        /// Token rows `i..i + M` against all of the task's weight rows, `N` at a time.
+        /// Token rows `i..i + M` against all of the task's weight rows, `N` at a time (weight
+        /// rows counted from `base`, as in [`sub_block`]).
         ///
         /// # Safety
-        /// As for [`task`]; also `i + M <= t.i1`.
+        /// As for [`sub_block`]; also `i + M <= t.i1`.
         #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn strip<E: Elem, const M: usize, const N: usize>(
             x: &[f32],
             w: &[E],
+            base: usize,
             s: Shape,
             t: Task,
             i: usize,
@@ -100,7 +112,7 @@ macro_rules! define_task {
                 if r + N <= t.r1 {
                     let mut wr: [&[E]; N] = [&[]; N];
                     for (b, row) in wr.iter_mut().enumerate() {
-                        *row = &w[(r + b) * k..(r + b + 1) * k];
+                        *row = &w[(r - base + b) * k..(r - base + b + 1) * k];
                     }
                     pf.step();
                     let sums = tile(&xr, &wr, k);
@@ -112,7 +124,7 @@ macro_rules! define_task {
                     }
                     r += N;
                 } else {
-                    let sums = tile(&xr, &[&w[r * k..(r + 1) * k]], k);
+                    let sums = tile(&xr, &[&w[(r - base) * k..(r - base + 1) * k]], k);
                     for (a, sa) in sums.iter().enumerate() {
                         // SAFETY: (i + a, r) is inside this task's rectangle.
                         unsafe { out.write((i + a) * s.n + r, sa[0]) };
@@ -170,10 +182,14 @@ pub(crate) const W_BLOCK_BYTES: usize = 256 * 1024;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod quantized;
+#[cfg(target_arch = "x86_64")]
+mod quantized_avx2;
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
+use crate::profile::{self, KernelClass};
 use crate::simd::{self, Elem, SharedOut};
 use crate::weights::{WeightData, WeightMatrix};
 
@@ -195,38 +211,40 @@ const TASKS_PER_THREAD: usize = 8;
 /// Checks `x`, `y` and `w` against `m` and the weight shape.
 fn check(kernel: &'static str, x: &[f32], m: usize, w: &WeightMatrix, y: &[f32]) -> Result<(), KernelError> {
     check_len(kernel, "weight data", w.data.len(), mul(kernel, w.rows, w.cols)?)?;
+    if !w.cols.is_multiple_of(w.data.block_len()) {
+        return Err(KernelError::shape(
+            kernel,
+            format!("{} columns are not whole {} blocks", w.cols, w.data.format_name()),
+        ));
+    }
     check_len(kernel, "x", x.len(), mul(kernel, m, w.cols)?)?;
     check_len(kernel, "y", y.len(), mul(kernel, m, w.rows)?)
 }
 
-/// Reference: `y[i][r] = Σ_k x[i][k] · w[r][k]`, summed sequentially in f32.
+/// Reference: `y[i][r] = Σ_k x[i][k] · w[r][k]`, summed sequentially in f32, with each weight
+/// widened exactly (block formats as ggml dequantises them, see [`crate::quant`]).
 pub fn matmul_ref(x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
     check("matmul_ref", x, m, w, y)?;
-    let shape = Shape { m, n: w.rows, k: w.cols };
-    match w.data {
-        WeightData::F32(d) => reference(x, d, shape, y),
-        WeightData::Bf16(d) => reference(x, d, shape, y),
-    }
-    Ok(())
-}
-
-fn reference<E: Elem>(x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
-    for i in 0..s.m {
-        let xi = &x[i * s.k..(i + 1) * s.k];
-        for r in 0..s.n {
-            let wr = &w[r * s.k..(r + 1) * s.k];
+    let mut row = vec![0.0f32; w.cols];
+    for r in 0..w.rows {
+        w.row_to_f32(r, &mut row);
+        for i in 0..m {
+            let xi = &x[i * w.cols..(i + 1) * w.cols];
             let mut acc = 0.0f32;
-            for (a, b) in xi.iter().zip(wr) {
-                acc += a * b.to_f32();
+            for (a, b) in xi.iter().zip(&row) {
+                acc += a * b;
             }
-            y[i * s.n + r] = acc;
+            y[i * w.rows + r] = acc;
         }
     }
+    Ok(())
 }
 
 /// Fast `y (m, w.rows) = x (m, w.cols) · wᵀ`, multi-threaded on `pool` with its SIMD path.
 pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
     check("matmul", x, m, w, y)?;
+    let class = if m <= 8 { KernelClass::MatmulDecode } else { KernelClass::MatmulPrefill };
+    let _timed = profile::scope(class, w.bytes() + 4 * (x.len() + y.len()), 2 * m * w.rows * w.cols);
     if w.cols == 0 {
         y.fill(0.0);
         return Ok(());
@@ -238,6 +256,10 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
     match w.data {
         WeightData::F32(d) => run(pool, x, d, shape, y),
         WeightData::Bf16(d) => run(pool, x, d, shape, y),
+        WeightData::F16(d) => run(pool, x, d, shape, y),
+        WeightData::Q8_0(b) => quantized::run(pool, x, b, shape, y),
+        WeightData::Q4_0(b) => quantized::run(pool, x, b, shape, y),
+        WeightData::Q4_1(b) => quantized::run(pool, x, b, shape, y),
     }
     Ok(())
 }
@@ -259,28 +281,46 @@ pub(crate) struct Task {
     pub(crate) i1: usize,
 }
 
-/// Weight rows per task: about [`TASKS_PER_THREAD`] row blocks per thread, at least
-/// [`MIN_ROWS_PER_TASK`], rounded up to a multiple of the tile width.
-fn rows_per_task(n: usize, m: usize, threads: usize) -> usize {
-    let per_thread = if m == 1 { 1 } else { TASKS_PER_THREAD };
-    let per = n.div_ceil(threads.max(1) * per_thread).max(MIN_ROWS_PER_TASK);
-    per.next_multiple_of(ROW_ALIGN)
+/// How a call is cut into tasks: blocks of weight rows × blocks of up to [`TOKENS_PER_TASK`]
+/// tokens. A single token (decode GEMV) gets one contiguous row block per thread, so each
+/// thread streams one linear stretch of the matrix; larger calls get about
+/// [`TASKS_PER_THREAD`] row blocks per thread, for load balance.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    rows: usize,
+    row_blocks: usize,
+    token_blocks: usize,
+}
+
+impl Plan {
+    pub(crate) fn new(s: Shape, threads: usize) -> Self {
+        let per_thread = if s.m == 1 { 1 } else { TASKS_PER_THREAD };
+        let per = s.n.div_ceil(threads.max(1) * per_thread).max(MIN_ROWS_PER_TASK);
+        let rows = per.next_multiple_of(ROW_ALIGN);
+        Plan { rows, row_blocks: s.n.div_ceil(rows), token_blocks: s.m.div_ceil(TOKENS_PER_TASK) }
+    }
+
+    pub(crate) fn tasks(&self) -> usize {
+        self.row_blocks * self.token_blocks
+    }
+
+    pub(crate) fn task(&self, t: usize, s: Shape) -> Task {
+        let (rb, tb) = (t % self.row_blocks, t / self.row_blocks);
+        Task {
+            r0: rb * self.rows,
+            r1: ((rb + 1) * self.rows).min(s.n),
+            i0: tb * TOKENS_PER_TASK,
+            i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
+        }
+    }
 }
 
 fn run<E: Elem>(pool: &CpuPool, x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
-    let rows = rows_per_task(s.n, s.m, pool.threads());
-    let row_blocks = s.n.div_ceil(rows);
-    let token_blocks = s.m.div_ceil(TOKENS_PER_TASK);
+    let plan = Plan::new(s, pool.threads());
     let isa = pool.isa();
     let out = SharedOut::new(y);
-    pool.run(row_blocks * token_blocks, |t| {
-        let (rb, tb) = (t % row_blocks, t / row_blocks);
-        let task = Task {
-            r0: rb * rows,
-            r1: ((rb + 1) * rows).min(s.n),
-            i0: tb * TOKENS_PER_TASK,
-            i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
-        };
+    pool.run(plan.tasks(), |t| {
+        let task = plan.task(t, s);
         match isa {
             // SAFETY (both SIMD arms): a pool only holds an ISA the CPU supports; tasks
             // cover disjoint (token, weight row) rectangles, so their writes through
@@ -290,17 +330,36 @@ fn run<E: Elem>(pool: &CpuPool, x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => unsafe { avx2::task(x, w, s, task, &out) },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512 | Isa::Avx2Fma => scalar_task(x, w, s, task, &out),
-            Isa::Scalar => scalar_task(x, w, s, task, &out),
+            Isa::Avx512 | Isa::Avx2Fma => scalar_rows(x, w, 0, s, task, &out),
+            Isa::Scalar => scalar_rows(x, w, 0, s, task, &out),
         }
     });
 }
 
-/// Portable task: widen each weight row once, then dot it with every token row of the task.
-fn scalar_task<E: Elem>(x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
+/// The task's rectangle against f32 weight rows `w` that start at row `base` (`base <= t.r0`),
+/// with the pool's tile kernels and no prefetching: for rows just widened into a buffer.
+///
+/// # Safety
+/// `isa` must be supported; no other thread may touch the task's `out` entries meanwhile.
+unsafe fn f32_rows(isa: Isa, x: &[f32], w: &[f32], base: usize, s: Shape, t: Task, out: &SharedOut) {
+    match isa {
+        // SAFETY (both SIMD arms): the caller's contract.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::sub_block(x, w, base, s, t, &[], out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2::sub_block(x, w, base, s, t, &[], out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx512 | Isa::Avx2Fma => scalar_rows(x, w, base, s, t, out),
+        Isa::Scalar => scalar_rows(x, w, base, s, t, out),
+    }
+}
+
+/// Portable task: widen each weight row once (rows counted from `base`), then dot it with every
+/// token row of the task.
+fn scalar_rows<E: Elem>(x: &[f32], w: &[E], base: usize, s: Shape, t: Task, out: &SharedOut) {
     let mut buf = Vec::new();
     for r in t.r0..t.r1 {
-        let wr = E::widen(&w[r * s.k..(r + 1) * s.k], &mut buf);
+        let wr = E::widen(&w[(r - base) * s.k..(r - base + 1) * s.k], &mut buf);
         for i in t.i0..t.i1 {
             let v = simd::dot(&x[i * s.k..(i + 1) * s.k], wr);
             // SAFETY: (i, r) lies in this task's rectangle, which no other task writes.

@@ -7,6 +7,7 @@
 use crate::error::{KernelError, check_len};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
+use crate::profile::{self, KernelClass};
 use crate::simd;
 
 /// Elements per parallel task (rounded to whole rows).
@@ -46,6 +47,7 @@ pub fn rms_norm_ref(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Res
 /// Fast RMSNorm: rows in parallel on `pool`, SIMD within a row.
 pub fn rms_norm(pool: &CpuPool, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), KernelError> {
     check("rms_norm", x, weight, out)?;
+    let _timed = profile::scope(KernelClass::RmsNorm, 4 * (x.len() + out.len() + weight.len()), 3 * x.len());
     let d = weight.len();
     let chunk = (ELEMS_PER_TASK / d).max(1) * d;
     let isa = pool.isa();

@@ -29,30 +29,45 @@ const ROUNDS: usize = 2_000_000;
 /// Measures the f32 FMA rate of all of `pool`'s threads together, `iters` timed passes.
 pub fn measure_fma_peak(pool: &CpuPool, iters: usize) -> PeakReport {
     let isa = pool.isa();
+    let mut widths = vec![if isa.has_avx2() { 8 } else { 1 }];
+    if isa.has_avx2() && Isa::Avx512.is_supported() {
+        widths.push(16);
+    }
     let threads = pool.threads();
-    let lanes = if isa.has_avx2() { 8 } else { 1 };
-    let flops = (threads * CHAINS * ROUNDS * lanes * 2) as f64;
-    let mut rates: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            let mut partial = vec![0.0f32; threads];
-            pool.chunks_mut(&mut partial, 1, |_, p| p[0] = chains(isa));
-            let total: f32 = partial.iter().sum();
-            std::hint::black_box(total);
-            flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
+    widths
+        .into_iter()
+        .map(|lanes| {
+            let flops = (threads * CHAINS * ROUNDS * lanes * 2) as f64;
+            let mut rates: Vec<f64> = (0..iters.max(1))
+                .map(|_| {
+                    let start = Instant::now();
+                    let mut partial = vec![0.0f32; threads];
+                    pool.chunks_mut(&mut partial, 1, |_, p| p[0] = chains(isa, lanes));
+                    let total: f32 = partial.iter().sum();
+                    std::hint::black_box(total);
+                    flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
+                })
+                .collect();
+            rates.sort_by(f64::total_cmp);
+            PeakReport {
+                best_gflop_per_s: rates.last().copied().unwrap_or(0.0),
+                median_gflop_per_s: rates[rates.len() / 2],
+            }
         })
-        .collect();
-    rates.sort_by(f64::total_cmp);
-    PeakReport { best_gflop_per_s: rates.last().copied().unwrap_or(0.0), median_gflop_per_s: rates[rates.len() / 2] }
+        .fold(PeakReport { best_gflop_per_s: 0.0, median_gflop_per_s: 0.0 }, |a, b| {
+            if b.best_gflop_per_s > a.best_gflop_per_s { b } else { a }
+        })
 }
 
-fn chains(isa: Isa) -> f32 {
+/// One thread's chains, `lanes` wide (8 or 16 on x86 SIMD paths, else scalar).
+fn chains(isa: Isa, lanes: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
-        // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2+FMA.
-        return unsafe { chains_avx2() };
+        // SAFETY: pools hold only supported ISAs, every x86 SIMD ISA includes AVX2+FMA, and 16
+        // lanes are asked for only when the CPU has AVX-512 too.
+        return unsafe { if lanes == 16 { chains_avx512() } else { chains_avx2() } };
     }
-    let _ = isa;
+    let _ = (isa, lanes);
     let mut acc = [0.0f32; CHAINS];
     let (a, b) = (std::hint::black_box(0.999_f32), std::hint::black_box(1e-3_f32));
     for _ in 0..ROUNDS {
@@ -80,6 +95,21 @@ fn chains_avx2() -> f32 {
     // SAFETY: `out` holds 8 f32s.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
     out.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn chains_avx512() -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(std::hint::black_box(0.999));
+    let b = _mm512_set1_ps(std::hint::black_box(1e-3));
+    let mut acc = [_mm512_setzero_ps(); CHAINS];
+    for _ in 0..ROUNDS {
+        for v in acc.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, a, b);
+        }
+    }
+    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v)))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
+use crate::profile::{self, KernelClass};
 
 /// Frequency rescaling for context extension, as in a checkpoint's `rope_scaling`.
 #[derive(Clone, Debug, PartialEq)]
@@ -210,6 +211,7 @@ pub fn apply_rope(
     n_heads: usize,
 ) -> Result<(), KernelError> {
     check("apply_rope", table, x, positions, n_heads)?;
+    let _timed = profile::scope(KernelClass::Rope, 8 * x.len(), 3 * x.len());
     if x.is_empty() {
         return Ok(());
     }

@@ -9,7 +9,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 
-use half::bf16;
+use half::{bf16, f16};
 
 /// Lane count of the portable accumulators (matches an AVX2 register of f32).
 pub(crate) const LANES: usize = 8;
@@ -25,7 +25,7 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// Loads 8 consecutive elements widened to f32.
     ///
     /// # Safety
-    /// `p` must be valid for reading 8 elements and the CPU must support AVX2 and FMA.
+    /// `p` must be valid for reading 8 elements and the CPU must support AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 
@@ -100,6 +100,39 @@ impl Elem for bf16 {
         // are neither read nor faulted on. `bf16` is `repr(transparent)` over `u16`.
         let raw = unsafe { _mm256_maskz_loadu_epi16(mask, p.cast::<i16>()) };
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.clear();
+        buf.extend(src.iter().map(|v| v.to_f32()));
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees `p` is readable for 8 f16 = 16 bytes; `f16` is
+        // `repr(transparent)` over `u16`, and `loadu` has no alignment requirement.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast::<__m128i>()) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees the masked-in elements are readable; masked-out lanes
+        // are neither read nor faulted on (they widen from +0.0).
+        _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(mask, p.cast::<i16>()) })
     }
 }
 

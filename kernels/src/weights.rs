@@ -1,11 +1,14 @@
 //! Borrowed weight matrices in checkpoint layout.
 //!
 //! A [`WeightMatrix`] is row-major `(rows, cols)` = `(out_features, in_features)`, exactly as a
-//! Hugging Face checkpoint stores a linear layer. Its invariant, checked by
-//! [`WeightMatrix::new`], is `data.len() == rows * cols`; kernels rely on it.
+//! Hugging Face checkpoint stores a linear layer. Its invariants, checked by
+//! [`WeightMatrix::new`], are `data.len() == rows * cols` and, for block formats, that `cols` is a
+//! multiple of the block length (every row is whole blocks); kernels rely on both.
+
+use half::{bf16, f16};
 
 use crate::error::{KernelError, check_len, mul};
-use half::bf16;
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock, dequantize_into};
 
 /// The element storage of a weight matrix.
 #[derive(Clone, Copy, Debug)]
@@ -14,27 +17,63 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     /// bfloat16, widened to f32 inside the kernels.
     Bf16(&'a [bf16]),
+    /// IEEE half precision, widened to f32 inside the kernels.
+    F16(&'a [f16]),
+    /// ggml Q8_0 blocks (see [`crate::quant`]); rows are whole blocks.
+    Q8_0(&'a [BlockQ8_0]),
+    /// ggml Q4_0 blocks; rows are whole blocks.
+    Q4_0(&'a [BlockQ4_0]),
+    /// ggml Q4_1 blocks; rows are whole blocks.
+    Q4_1(&'a [BlockQ4_1]),
 }
 
 impl WeightData<'_> {
-    /// Number of elements.
+    /// Number of values (a block format holds [`QK`] per block).
     pub fn len(&self) -> usize {
         match self {
             WeightData::F32(d) => d.len(),
             WeightData::Bf16(d) => d.len(),
+            WeightData::F16(d) => d.len(),
+            WeightData::Q8_0(d) => d.len() * QK,
+            WeightData::Q4_0(d) => d.len() * QK,
+            WeightData::Q4_1(d) => d.len() * QK,
         }
     }
 
-    /// Whether there are no elements.
+    /// Whether there are no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Bytes per element.
-    pub fn elem_bytes(&self) -> usize {
+    /// Bytes of storage.
+    pub fn bytes(&self) -> usize {
         match self {
-            WeightData::F32(_) => std::mem::size_of::<f32>(),
-            WeightData::Bf16(_) => std::mem::size_of::<bf16>(),
+            WeightData::F32(d) => std::mem::size_of_val(*d),
+            WeightData::Bf16(d) => std::mem::size_of_val(*d),
+            WeightData::F16(d) => std::mem::size_of_val(*d),
+            WeightData::Q8_0(d) => std::mem::size_of_val(*d),
+            WeightData::Q4_0(d) => std::mem::size_of_val(*d),
+            WeightData::Q4_1(d) => std::mem::size_of_val(*d),
+        }
+    }
+
+    /// Values per storage unit along a row: 1 for plain floats, [`QK`] for block formats.
+    pub fn block_len(&self) -> usize {
+        match self {
+            WeightData::F32(_) | WeightData::Bf16(_) | WeightData::F16(_) => 1,
+            WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => QK,
+        }
+    }
+
+    /// The format's name ("f32", "bf16", "f16", "Q8_0", …).
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            WeightData::F32(_) => "f32",
+            WeightData::Bf16(_) => "bf16",
+            WeightData::F16(_) => "f16",
+            WeightData::Q8_0(_) => BlockQ8_0::NAME,
+            WeightData::Q4_0(_) => BlockQ4_0::NAME,
+            WeightData::Q4_1(_) => BlockQ4_1::NAME,
         }
     }
 }
@@ -55,12 +94,18 @@ impl<'a> WeightMatrix<'a> {
     pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Result<Self, KernelError> {
         let expected = mul("WeightMatrix::new", rows, cols)?;
         check_len("WeightMatrix::new", "data", data.len(), expected)?;
+        if !cols.is_multiple_of(data.block_len()) {
+            return Err(KernelError::shape(
+                "WeightMatrix::new",
+                format!("{cols} columns are not whole {} blocks of {}", data.format_name(), data.block_len()),
+            ));
+        }
         Ok(WeightMatrix { data, rows, cols })
     }
 
     /// Storage size in bytes.
     pub fn bytes(&self) -> usize {
-        self.data.len() * self.data.elem_bytes()
+        self.data.bytes()
     }
 
     /// Writes row `r` widened to f32 into `out`.
@@ -71,13 +116,14 @@ impl<'a> WeightMatrix<'a> {
         assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
         assert_eq!(out.len(), self.cols, "output row length");
         let span = r * self.cols..(r + 1) * self.cols;
+        let blocks = r * self.cols / QK..(r + 1) * self.cols / QK;
         match self.data {
             WeightData::F32(d) => out.copy_from_slice(&d[span]),
-            WeightData::Bf16(d) => {
-                for (o, v) in out.iter_mut().zip(&d[span]) {
-                    *o = v.to_f32();
-                }
-            }
+            WeightData::Bf16(d) => out.iter_mut().zip(&d[span]).for_each(|(o, v)| *o = v.to_f32()),
+            WeightData::F16(d) => out.iter_mut().zip(&d[span]).for_each(|(o, v)| *o = v.to_f32()),
+            WeightData::Q8_0(d) => dequantize_into(&d[blocks], out),
+            WeightData::Q4_0(d) => dequantize_into(&d[blocks], out),
+            WeightData::Q4_1(d) => dequantize_into(&d[blocks], out),
         }
     }
 }

@@ -8,7 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use tessera_kernels::CpuPool;
 use tessera_kernels::bandwidth::measure_read_bandwidth;
 use tessera_kernels::peak::measure_fma_peak;
-use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest, GenerationStats};
+use tessera_kernels::profile::{self, ClassTotals, KernelClass};
+use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::plan::human_bytes;
 use tessera_worker::sampler::SamplingParams;
@@ -49,8 +50,8 @@ pub struct EngineBenchArgs {
     /// Tokens generated per sequence (end-of-sequence is ignored).
     #[arg(long, default_value_t = 128)]
     pub gen_len: usize,
-    /// Timed runs per batch size; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs per batch size; the median and the range are reported.
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Buffer size of the CPU read-bandwidth measurement, in MiB (well above the last-level cache).
     #[arg(long, default_value_t = 1024)]
@@ -79,6 +80,104 @@ fn median(mut xs: Vec<f64>) -> f64 {
         0 => 0.0,
         n if n % 2 == 1 => xs[n / 2],
         n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+/// One timed run of `bench engine`.
+struct Run {
+    prefill: f64,
+    decode: f64,
+    /// Read bandwidth measured right before the run (CPU only), GB/s.
+    bandwidth: Option<f64>,
+    /// Decode tok/s over the roofline at that bandwidth.
+    roofline_ratio: Option<f64>,
+}
+
+/// Median and range of a set of runs.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+impl Spread {
+    fn of(xs: impl Iterator<Item = f64>) -> Self {
+        let xs: Vec<f64> = xs.collect();
+        let (min, max) = xs.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        Spread { median: median(xs.clone()), min, max, n: xs.len() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn show(&self, decimals: usize) -> String {
+        format!("{:.d$} [{:.d$} – {:.d$}]", self.median, self.min, self.max, d = decimals)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        if self.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!({ "median": self.median, "min": self.min, "max": self.max })
+        }
+    }
+}
+
+/// One more run with kernel accounting on: totals per class for the steps with prompt tokens
+/// (until every sequence has its first token) and for the decode steps after them.
+fn profile_phases(
+    engine: &mut Engine,
+    requests: &[GenerationRequest],
+) -> anyhow::Result<Vec<(&'static str, KernelClass, ClassTotals)>> {
+    let mut started = vec![false; requests.len()];
+    let mut waiting = requests.len();
+    let mut prefill = Vec::new();
+    profile::set_enabled(true);
+    let _ = profile::take();
+    let result = engine.generate(requests, |seq, _| {
+        if let Some(s) = started.get_mut(seq).filter(|s| !**s) {
+            *s = true;
+            waiting -= 1;
+            if waiting == 0 {
+                prefill = profile::take();
+            }
+        }
+    });
+    profile::set_enabled(false);
+    let decode = profile::take();
+    result?;
+    let tag = |phase: &'static str, v: Vec<(KernelClass, ClassTotals)>| {
+        v.into_iter().filter(|(_, t)| t.calls > 0).map(move |(c, t)| (phase, c, t))
+    };
+    Ok(tag("prefill", prefill).chain(tag("decode", decode)).collect())
+}
+
+/// The per-class table, with each class's rates next to the machine's peaks.
+fn print_classes(classes: &[(&'static str, KernelClass, ClassTotals)], bandwidth: f64, fma_peak: f64) {
+    println!(
+        "per kernel class (one more run with accounting on; peaks: {bandwidth:.1} GB/s read, {fma_peak:.1} GFLOP/s f32 FMA)"
+    );
+    println!("  phase    class          calls   time ms  share    GB/s  of bw   GFLOP/s  of peak");
+    for phase in ["prefill", "decode"] {
+        let rows: Vec<_> = classes.iter().filter(|(p, _, _)| *p == phase).collect();
+        let total: f64 = rows.iter().map(|(_, _, t)| t.time.as_secs_f64()).sum();
+        for (_, class, t) in rows {
+            let secs = t.time.as_secs_f64().max(1e-12);
+            let (gbs, gflops) = (t.bytes as f64 / secs / 1e9, t.flops as f64 / secs / 1e9);
+            println!(
+                "  {phase:<8} {:<13} {:>6} {:>9.2} {:>5.1}% {:>7.1} {:>5.2} {:>9.1} {:>7.2}",
+                class.name(),
+                t.calls,
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                gbs,
+                gbs / bandwidth.max(1e-9),
+                gflops,
+                gflops / fma_peak.max(1e-9)
+            );
+        }
     }
 }
 
@@ -126,14 +225,14 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         EngineOptions { prefix_caching: false, ..EngineOptions::default() },
     )?;
     let info = engine.backend().info();
-    // The CPU ceiling: read bandwidth with as many threads as the engine uses, in this run.
-    let (bandwidth, fma_peak) = match args.model.device {
-        Device::Cpu => {
-            let pool = CpuPool::new(args.model.threads)?;
-            (Some(measure_read_bandwidth(&pool, args.bandwidth_mib << 20, 10)), Some(measure_fma_peak(&pool, 10)))
-        }
-        Device::Cuda => (None, None),
+    // The CPU ceilings, measured in this run with as many threads as the engine uses: the FMA
+    // peak once, the read bandwidth right before every timed run (it drifts with what else the
+    // host's memory is doing, so each run gets its own roofline).
+    let probe = match args.model.device {
+        Device::Cpu => Some(CpuPool::new(args.model.threads)?),
+        Device::Cuda => None,
     };
+    let fma_peak = probe.as_ref().map(|pool| measure_fma_peak(pool, 10).best_gflop_per_s);
     let flops_per_token = config.matmul_flops_per_token() as f64;
 
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -153,60 +252,81 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         let warm: Vec<GenerationRequest> =
             requests.iter().map(|r| GenerationRequest { max_new_tokens: args.gen_len.min(4), ..r.clone() }).collect();
         engine.generate(&warm, |_, _| {})?;
-        let mut runs: Vec<GenerationStats> = Vec::with_capacity(args.runs);
-        for _ in 0..args.runs {
-            runs.push(engine.generate(&requests, |_, _| {})?.1);
-        }
-        let prefill = median(runs.iter().map(|s| per_second(s.prefill_tokens, s.prefill_time)).collect());
-        let decode = median(runs.iter().map(|s| per_second(s.decode_tokens, s.decode_time)).collect());
         // KV read per decode step: every sequence reads its whole context; the mean context over
         // the decode steps is prompt_len + gen_len / 2.
         let mean_context = args.prompt_len as f64 + args.gen_len as f64 / 2.0;
         let kv_per_step = batch as f64 * mean_context * info.kv_bytes_per_token as f64;
         let weights_per_step = info.weight_bytes_per_step as f64;
         let bytes_per_token = (weights_per_step + kv_per_step) / batch as f64;
+        let mut runs: Vec<Run> = Vec::with_capacity(args.runs);
+        for _ in 0..args.runs {
+            let bandwidth =
+                probe.as_ref().map(|pool| measure_read_bandwidth(pool, args.bandwidth_mib << 20, 5).best_gb_per_s);
+            let stats = engine.generate(&requests, |_, _| {})?.1;
+            let decode = per_second(stats.decode_tokens, stats.decode_time);
+            runs.push(Run {
+                prefill: per_second(stats.prefill_tokens, stats.prefill_time),
+                decode,
+                bandwidth,
+                roofline_ratio: bandwidth.map(|bw| decode / (bw * 1e9 / bytes_per_token)),
+            });
+        }
+        let classes = match probe {
+            Some(_) => profile_phases(&mut engine, &requests)?,
+            None => Vec::new(),
+        };
+        let prefill = Spread::of(runs.iter().map(|r| r.prefill));
+        let decode = Spread::of(runs.iter().map(|r| r.decode));
+        let bandwidth = Spread::of(runs.iter().filter_map(|r| r.bandwidth));
+        let ratio = Spread::of(runs.iter().filter_map(|r| r.roofline_ratio));
+        let prefill_gflops = prefill.median * flops_per_token / 1e9;
         if args.json {
+            let class_json: Vec<serde_json::Value> = classes
+                .iter()
+                .map(|(phase, class, t)| {
+                    serde_json::json!({ "phase": phase, "class": class.name(), "calls": t.calls,
+                        "seconds": t.time.as_secs_f64(), "bytes": t.bytes, "flops": t.flops })
+                })
+                .collect();
             let line = serde_json::json!({
                 "model": resolved.id, "device": info.device, "weights_dtype": info.weights_dtype,
                 "batch": batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
-                "prefill_tok_s": prefill, "decode_tok_s": decode,
+                "prefill_tok_s": prefill.json(), "decode_tok_s": decode.json(),
                 "weight_bytes_per_step": weights_per_step, "kv_bytes_per_step_mean": kv_per_step,
-                "read_bandwidth_gb_s": bandwidth.map(|b| b.best_gb_per_s),
-                "prefill_gflop_s": prefill * flops_per_token / 1e9,
-                "fma_peak_gflop_s": fma_peak.map(|p| p.best_gflop_per_s),
+                "read_bandwidth_gb_s": bandwidth.json(), "decode_over_roofline": ratio.json(),
+                "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak,
+                "kernel_classes": class_json,
             });
             println!("{line}");
             continue;
         }
         println!("model                 {} ({} weights, {})", resolved.id, info.weights_dtype, info.device);
         println!(
-            "shape                 batch {batch} × prompt {} + gen {}, {} runs (median)",
+            "shape                 batch {batch} × prompt {} + gen {}; {} runs: median [min – max]",
             args.prompt_len, args.gen_len, args.runs
         );
-        let prefill_gflops = prefill * flops_per_token / 1e9;
-        println!("prefill               {prefill:.1} tok/s ({prefill_gflops:.1} GFLOP/s in matmuls)");
+        println!("prefill               {} tok/s ({prefill_gflops:.1} GFLOP/s in matmuls)", prefill.show(1));
         if let Some(peak) = fma_peak {
-            println!(
-                "f32 FMA peak          {:.1} GFLOP/s best, {:.1} median (same run); prefill / peak {:.3}",
-                peak.best_gflop_per_s,
-                peak.median_gflop_per_s,
-                prefill_gflops / peak.best_gflop_per_s
-            );
+            println!("f32 FMA peak          {peak:.1} GFLOP/s (same run); prefill / peak {:.3}", prefill_gflops / peak);
         }
-        println!("decode                {decode:.1} tok/s (output tokens, all sequences)");
+        println!("decode                {} tok/s (output tokens, all sequences)", decode.show(1));
         println!("weights read per step {} ({weights_per_step:.0} bytes)", human_bytes(weights_per_step as u64));
         println!(
             "bytes read per token  {} (weights ÷ batch + KV at mean context {mean_context:.0})",
             human_bytes(bytes_per_token as u64)
         );
-        if let Some(bw) = bandwidth {
-            let roofline = bw.best_gb_per_s * 1e9 / bytes_per_token;
+        if !bandwidth.is_empty() {
             println!(
-                "read bandwidth        {:.1} GB/s best, {:.1} GB/s median ({} MiB buffer, same run)",
-                bw.best_gb_per_s, bw.median_gb_per_s, args.bandwidth_mib
+                "read bandwidth        {} GB/s ({} MiB, measured right before each run)",
+                bandwidth.show(1),
+                args.bandwidth_mib
             );
-            println!("roofline decode       {roofline:.1} tok/s (bandwidth ÷ bytes per token)");
-            println!("decode / roofline     {:.3}", decode / roofline);
+            let roofline = bandwidth.median * 1e9 / bytes_per_token;
+            println!("roofline decode       {roofline:.1} tok/s at the median bandwidth (bandwidth ÷ bytes per token)");
+            println!("decode / roofline     {} (each run against its own bandwidth)", ratio.show(3));
+        }
+        if !classes.is_empty() {
+            print_classes(&classes, bandwidth.median, fma_peak.unwrap_or(0.0));
         }
         println!();
     }

@@ -28,17 +28,26 @@ pub enum Device {
 /// In-memory format of weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightsDtypeArg {
+    /// The file's own format where the CPU kernels read it (f32, bf16, f16, Q8_0, Q4_0, Q4_1;
+    /// a Q4_1 GGUF stays Q4_1), else f32.
+    Keep,
     /// 32-bit floats (exact for f32 checkpoints; quantised files are dequantised).
     F32,
-    /// bfloat16 (half the memory traffic; rounded to nearest even).
+    /// bfloat16 (half the memory traffic of f32; rounded to nearest even).
     Bf16,
+    /// ggml Q8_0, quantised at load (about a quarter of f32's traffic); matrices whose rows are
+    /// not whole 32-value blocks stay f32.
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 impl From<WeightsDtypeArg> for WeightsDtype {
     fn from(a: WeightsDtypeArg) -> Self {
         match a {
+            WeightsDtypeArg::Keep => WeightsDtype::Keep,
             WeightsDtypeArg::F32 => WeightsDtype::F32,
             WeightsDtypeArg::Bf16 => WeightsDtype::Bf16,
+            WeightsDtypeArg::Q8_0 => WeightsDtype::Q8_0,
         }
     }
 }
@@ -200,8 +209,12 @@ impl ModelArgs {
 /// Prints, at start-up, what each rank of a group holds (measured after loading).
 fn report_group(config: &tessera_worker::ModelConfig, dtype: WeightsDtype, group: &TpCpuBackend) {
     let mib = |b: usize| b as f64 / f64::from(1u32 << 20);
-    let whole = config.parameter_count() as f64 * dtype.size() as f64;
     let ranks = group.footprints();
+    // With `keep` the bytes per weight depend on the file: estimate from what the ranks hold.
+    let whole = match dtype.bytes_per_weight() {
+        Some(b) => config.parameter_count() as f64 * b,
+        None => ranks.iter().map(|f| f.weight_bytes as f64).sum(),
+    };
     let per_rank: Vec<String> = ranks
         .iter()
         .enumerate()

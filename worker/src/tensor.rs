@@ -1,32 +1,47 @@
 //! Weight tensors as the model holds them in memory.
 //!
-//! Invariant: `data.len() == shape.iter().product()`. Matrices are row-major
-//! `(out_features, in_features)` as in checkpoints. Weights are held either as f32 or as bf16
-//! (rounded to nearest even, as `torch.Tensor.to(torch.bfloat16)` does); compute is always f32.
+//! Invariant: the number of values in `data` equals `shape.iter().product()` (a block format
+//! holds [`QK`] values per block, and a block-format tensor is a matrix whose rows are whole
+//! blocks). Matrices are row-major `(out_features, in_features)` as in checkpoints. Compute is
+//! always f32: the kernels widen every format in registers. Conversions round as PyTorch does
+//! (bf16 and f16 to nearest even); Q8_0 is quantised as ggml's reference code does.
 
-use half::bf16;
+use half::{bf16, f16};
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use tessera_kernels::{HugePageBuf, WeightData, WeightMatrix};
 
 use crate::error::LoadError;
 
-/// The in-memory format of weight matrices (norm weights are always f32).
+/// How weight matrices should be held in memory (norm weights are always f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightsDtype {
     /// 32-bit floats.
     F32,
-    /// bfloat16, converted to f32 in registers.
+    /// bfloat16.
     Bf16,
+    /// ggml Q8_0 blocks, quantised at load time; a matrix whose rows are not whole blocks of 32
+    /// stays f32.
+    Q8_0,
+    /// The file's own format where the kernels read it (f32, bf16, f16, Q8_0, Q4_0, Q4_1) —
+    /// e.g. a Q4_1 GGUF stays Q4_1; anything else (other ggml types, a tensor-parallel column
+    /// shard that splits a block) is widened to f32.
+    Keep,
 }
 
 impl WeightsDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes per weight, when the format does not depend on the file.
+    pub fn bytes_per_weight(self) -> Option<f64> {
         match self {
-            WeightsDtype::F32 => 4,
-            WeightsDtype::Bf16 => 2,
+            WeightsDtype::F32 => Some(4.0),
+            WeightsDtype::Bf16 => Some(2.0),
+            WeightsDtype::Q8_0 => Some(Q8_0_BLOCK_BYTES as f64 / QK as f64),
+            WeightsDtype::Keep => None,
         }
     }
 }
+
+/// Bytes of one Q8_0 block.
+const Q8_0_BLOCK_BYTES: usize = std::mem::size_of::<BlockQ8_0>();
 
 /// Tensor storage, on huge pages (decode streams every weight once per step; see
 /// [`tessera_kernels::hugepage`]).
@@ -36,6 +51,28 @@ pub enum TensorData {
     F32(HugePageBuf<f32>),
     /// bf16 values.
     Bf16(HugePageBuf<bf16>),
+    /// f16 values.
+    F16(HugePageBuf<f16>),
+    /// Q8_0 blocks.
+    Q8_0(HugePageBuf<BlockQ8_0>),
+    /// Q4_0 blocks.
+    Q4_0(HugePageBuf<BlockQ4_0>),
+    /// Q4_1 blocks.
+    Q4_1(HugePageBuf<BlockQ4_1>),
+}
+
+impl TensorData {
+    /// The kernels' view.
+    fn view(&self) -> WeightData<'_> {
+        match self {
+            TensorData::F32(v) => WeightData::F32(v),
+            TensorData::Bf16(v) => WeightData::Bf16(v),
+            TensorData::F16(v) => WeightData::F16(v),
+            TensorData::Q8_0(v) => WeightData::Q8_0(v),
+            TensorData::Q4_0(v) => WeightData::Q4_0(v),
+            TensorData::Q4_1(v) => WeightData::Q4_1(v),
+        }
+    }
 }
 
 /// A named-shape weight tensor.
@@ -46,24 +83,37 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// Builds a tensor, checking that the data length matches the shape.
+    /// Builds a tensor, checking that the data holds exactly the shape's values (and, for block
+    /// formats, that it is a matrix of whole-block rows).
     pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Self, LoadError> {
-        let len = match &data {
-            TensorData::F32(v) => v.len(),
-            TensorData::Bf16(v) => v.len(),
-        };
+        let view = data.view();
         let expected: usize = shape.iter().product();
-        if len != expected {
-            return Err(LoadError::InvalidConfig(format!("tensor of shape {shape:?} given {len} values")));
+        if view.len() != expected {
+            return Err(LoadError::InvalidConfig(format!("tensor of shape {shape:?} given {} values", view.len())));
+        }
+        let block = view.block_len();
+        if block > 1 && !matches!(shape[..], [_, cols] if cols % block == 0) {
+            return Err(LoadError::InvalidConfig(format!(
+                "a {} tensor must be a matrix of whole {block}-value blocks per row, not {shape:?}",
+                view.format_name()
+            )));
         }
         Ok(Tensor { shape, data })
     }
 
-    /// Converts f32 values into the requested storage format.
+    /// Stores f32 values as `dtype` ([`WeightsDtype::Keep`] keeps them f32; Q8_0 falls back to
+    /// f32 unless the tensor is a matrix of whole-block rows).
     pub fn from_f32(shape: Vec<usize>, values: Vec<f32>, dtype: WeightsDtype) -> Result<Self, LoadError> {
         let data = match dtype {
-            WeightsDtype::F32 => TensorData::F32(values.into()),
+            WeightsDtype::F32 | WeightsDtype::Keep => TensorData::F32(values.into()),
             WeightsDtype::Bf16 => TensorData::Bf16(HugePageBuf::from_fn(values.len(), |i| bf16::from_f32(values[i]))),
+            WeightsDtype::Q8_0 => match shape[..] {
+                [_, cols] if cols % QK == 0 => {
+                    let chunks = values.as_chunks::<QK>().0;
+                    TensorData::Q8_0(HugePageBuf::from_fn(chunks.len(), |b| BlockQ8_0::quantize(&chunks[b])))
+                }
+                _ => TensorData::F32(values.into()),
+            },
         };
         Tensor::new(shape, data)
     }
@@ -75,25 +125,38 @@ impl Tensor {
 
     /// Storage bytes.
     pub fn bytes(&self) -> usize {
-        match &self.data {
-            TensorData::F32(v) => v.len() * 4,
-            TensorData::Bf16(v) => v.len() * 2,
-        }
+        self.data.view().bytes()
     }
 
-    /// The values as f32 (a copy).
+    /// The storage format's name ("f32", "bf16", "Q4_1", …).
+    pub fn format_name(&self) -> &'static str {
+        self.data.view().format_name()
+    }
+
+    /// The values as f32 (a copy; block formats dequantised exactly as ggml does).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.data {
             TensorData::F32(v) => v.to_vec(),
             TensorData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::Q8_0(_) | TensorData::Q4_0(_) | TensorData::Q4_1(_) => {
+                // Block formats are always matrices (checked in `new`).
+                let (rows, cols) = (self.shape[0], self.shape[1]);
+                let w = WeightMatrix { data: self.data.view(), rows, cols };
+                let mut out = vec![0.0f32; rows * cols];
+                for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+                    w.row_to_f32(r, row);
+                }
+                out
+            }
         }
     }
 
-    /// The values as bf16 (moved when already bf16, rounded to nearest even otherwise).
+    /// The values as bf16 (copied when already bf16, rounded to nearest even otherwise).
     pub fn into_bf16(self) -> Vec<bf16> {
         match self.data {
             TensorData::Bf16(v) => v.to_vec(),
-            TensorData::F32(v) => v.iter().copied().map(bf16::from_f32).collect(),
+            _ => self.to_f32_vec().into_iter().map(bf16::from_f32).collect(),
         }
     }
 
@@ -102,10 +165,31 @@ impl Tensor {
         let [rows, cols] = self.shape[..] else {
             return Err(LoadError::InvalidConfig(format!("expected a matrix, got shape {:?}", self.shape)));
         };
-        let data = match &self.data {
-            TensorData::F32(v) => WeightData::F32(v),
-            TensorData::Bf16(v) => WeightData::Bf16(v),
-        };
-        WeightMatrix::new(data, rows, cols).map_err(|e| LoadError::InvalidConfig(e.to_string()))
+        WeightMatrix::new(self.data.view(), rows, cols).map_err(|e| LoadError::InvalidConfig(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_needs_whole_block_rows_and_falls_back_to_f32() {
+        let values: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) / 7.0).collect();
+        let q = Tensor::from_f32(vec![2, 64], values.clone(), WeightsDtype::Q8_0).unwrap();
+        assert_eq!(q.format_name(), "Q8_0");
+        assert_eq!(q.bytes(), 4 * 34);
+        let back = q.to_f32_vec();
+        let step = values.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+        assert!(back.iter().zip(&values).all(|(a, b)| (a - b).abs() <= step));
+        let odd = Tensor::from_f32(vec![4, 32], values, WeightsDtype::Q8_0).unwrap();
+        assert_eq!(odd.format_name(), "Q8_0");
+        let f = Tensor::from_f32(vec![2, 3], vec![1.0; 6], WeightsDtype::Q8_0).unwrap();
+        assert_eq!(f.format_name(), "f32");
+        assert_eq!(Tensor::from_f32(vec![6], vec![1.0; 6], WeightsDtype::Keep).unwrap().format_name(), "f32");
+        let blocks: HugePageBuf<BlockQ8_0> = vec![BlockQ8_0::quantize(&[1.0; QK])].into();
+        assert!(Tensor::new(vec![32], TensorData::Q8_0(blocks.clone())).is_err());
+        assert!(Tensor::new(vec![2, 16], TensorData::Q8_0(blocks.clone())).is_err());
+        assert!(Tensor::new(vec![1, 32], TensorData::Q8_0(blocks)).is_ok());
     }
 }

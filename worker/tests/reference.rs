@@ -3,7 +3,8 @@
 //! Fixtures in `tests/fixtures/<model>/` come from `scripts/make_reference_fixtures.py`:
 //! prompt ids, 48 greedy ids and the first step's logits for 4 prompts, with f32 weights and
 //! with the weights rounded to bf16. Acceptance: f32 ids identical for all 48 steps and first
-//! logits within max-abs 1e-3; bf16 ids identical for at least the first 16 steps.
+//! logits within max-abs 1e-3; bf16 ids identical for at least the first 16 steps; the GGUF's own
+//! Q4_1 weights (`keep`) and weights re-quantised to Q8_0 against the f32 ids for 16 steps.
 
 #![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
 
@@ -18,9 +19,12 @@ use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::loader::{self, ModelSpec, ResolveOptions, WeightSource};
 use tessera_worker::model::LlamaModel;
 use tessera_worker::sampler::SamplingParams;
+use tessera_worker::tensor::Tensor;
 
 const LOGITS_TOLERANCE: f32 = 1e-3;
 const BF16_EXACT_STEPS: usize = 16;
+/// Leading greedy ids that must match with quantised weights.
+const QUANTISED_EXACT_STEPS: usize = 16;
 
 fn fixture_dir(model: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(model)
@@ -150,6 +154,79 @@ fn smollm2_gguf_bf16_matches_transformers() {
     let model = resolve(ModelSpec::Default);
     let mut e = engine(model.weights.as_ref(), &model.config, WeightsDtype::Bf16);
     check(&mut e, &cases("smollm2-135m-instruct", "bf16"), BF16_EXACT_STEPS, true);
+}
+
+#[test]
+fn smollm2_gguf_kept_q4_1_matches_transformers() {
+    // `--weights-dtype keep`: the file's Q4_1 matrices (and Q8_0 embedding) are used as they
+    // are. They hold exactly the values the f32 reference dequantised, so only the order of the
+    // sums differs from the f32 run.
+    let model = resolve(ModelSpec::Default);
+    let kept = LlamaModel::load(&model.config, model.weights.as_ref(), WeightsDtype::Keep, |_| {}).unwrap();
+    assert_eq!(kept.weights_format(), "Q4_1+Q8_0");
+    let mut e = engine(model.weights.as_ref(), &model.config, WeightsDtype::Keep);
+    check(&mut e, &cases("smollm2-135m-instruct", "f32"), QUANTISED_EXACT_STEPS, true);
+}
+
+#[test]
+fn q8_0_weights_match_transformers_for_the_first_steps() {
+    // `--weights-dtype q8_0` quantises every matrix whose rows are whole blocks (the down
+    // projection, 172 columns, stays f32): logits move by the quantisation error, so only the
+    // leading greedy ids are checked.
+    let model = resolve(ModelSpec::HfDir(shared_model("stories260K")));
+    let q8 = LlamaModel::load(&model.config, model.weights.as_ref(), WeightsDtype::Q8_0, |_| {}).unwrap();
+    assert_eq!(q8.weights_format(), "f32+Q8_0");
+    let mut e = engine(model.weights.as_ref(), &model.config, WeightsDtype::Q8_0);
+    check(&mut e, &cases("stories260K", "f32"), QUANTISED_EXACT_STEPS, false);
+}
+
+/// A source whose matrices are quantised to Q8_0 and widened back to f32: the exact values a
+/// Q8_0 model computes with.
+struct Q8RoundTrip<'a>(&'a dyn WeightSource);
+
+impl WeightSource for Q8RoundTrip<'_> {
+    fn load_part(
+        &self,
+        name: &str,
+        shape: &[usize],
+        part: &loader::TensorPart,
+        dtype: WeightsDtype,
+    ) -> Result<Tensor, tessera_worker::error::LoadError> {
+        let t = self.0.load_part(name, shape, part, WeightsDtype::Q8_0)?;
+        Tensor::from_f32(t.shape().to_vec(), t.to_f32_vec(), dtype)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+#[test]
+fn q8_0_kernels_match_f32_kernels_on_the_same_values() {
+    // SmolLM2's Q4_1 values re-quantised to Q8_0 drift from the transformers reference (a
+    // second rounding), so the Q8_0 kernels are checked against f32 kernels on the very values
+    // the blocks hold: only the order of the sums differs, as for f32 against transformers.
+    let model = resolve(ModelSpec::Default);
+    let mut q8 = engine(model.weights.as_ref(), &model.config, WeightsDtype::Q8_0);
+    let widened = Q8RoundTrip(model.weights.as_ref());
+    let mut f32_engine = engine(&widened, &model.config, WeightsDtype::F32);
+    for case in cases("smollm2-135m-instruct", "f32") {
+        let request = GenerationRequest {
+            prompt: case.prompt.clone(),
+            max_new_tokens: case.greedy.len(),
+            sampling: SamplingParams::greedy(),
+            stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
+        };
+        let a = q8.prompt_logits(&case.prompt).unwrap();
+        let b = f32_engine.prompt_logits(&case.prompt).unwrap();
+        let max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(max_abs <= LOGITS_TOLERANCE, "{}: logits differ by {max_abs}", case.name);
+        let got = &q8.generate(std::slice::from_ref(&request), |_, _| {}).unwrap().0[0].tokens;
+        let want = &f32_engine.generate(&[request], |_, _| {}).unwrap().0[0].tokens;
+        assert_eq!(got, want, "{}", case.name);
+    }
 }
 
 #[test]

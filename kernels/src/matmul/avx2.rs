@@ -11,10 +11,10 @@ use super::{MR, NR, Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
 use crate::simd::avx2::{hsum, load};
 use crate::simd::{Elem, SharedOut};
 
-super::define_task!("avx2,fma");
+super::define_task!("avx2,fma,f16c");
 
 /// `sums[a][b] = Σ_c xr[a][c] · wr[b][c]`; every row slice has length `k`.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn tile<E: Elem, const M: usize, const N: usize>(xr: &[&[f32]; M], wr: &[&[E]; N], k: usize) -> [[f32; N]; M] {
     // Lengths are checked once here so the vector loop can load without bounds checks.
@@ -48,7 +48,7 @@ fn tile<E: Elem, const M: usize, const N: usize>(xr: &[&[f32]; M], wr: &[&[E]; N
 }
 
 /// `Σ_c x[c] · w[c]` over one weight row, with four independent accumulators.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn dot_row<E: Elem>(x: &[f32], w: &[E]) -> f32 {
     let k = x.len();

@@ -1,5 +1,7 @@
-use half::bf16;
+use half::{bf16, f16};
+use rand::Rng;
 use tessera_kernels::matmul::{matmul, matmul_ref};
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use tessera_kernels::{KernelError, WeightData, WeightMatrix};
 
 use crate::{pools, rng, uniform};
@@ -13,10 +15,26 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     let x = uniform(&mut r, m * cols, 1.0);
     let wf = uniform(&mut r, rows * cols, 1.0);
     let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-    let mats = [
+    let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+    let mut mats = vec![
         WeightMatrix::new(WeightData::F32(&wf), rows, cols).unwrap(),
         WeightMatrix::new(WeightData::Bf16(&wb), rows, cols).unwrap(),
+        WeightMatrix::new(WeightData::F16(&wh), rows, cols).unwrap(),
     ];
+    // Block formats need whole blocks per row: random scales, minimums and values.
+    let blocks = rows * cols / QK;
+    let q8: Vec<BlockQ8_0> = wf.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let scale = |r: &mut rand_chacha::ChaCha8Rng| f16::from_f32(r.random_range(-0.2f32..0.2));
+    let q4_0: Vec<BlockQ4_0> =
+        (0..blocks).map(|_| BlockQ4_0 { d: scale(&mut r), qs: std::array::from_fn(|_| r.random()) }).collect();
+    let q4_1: Vec<BlockQ4_1> = (0..blocks)
+        .map(|_| BlockQ4_1 { d: scale(&mut r), m: scale(&mut r), qs: std::array::from_fn(|_| r.random()) })
+        .collect();
+    if cols.is_multiple_of(QK) {
+        mats.push(WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap());
+        mats.push(WeightMatrix::new(WeightData::Q4_0(&q4_0), rows, cols).unwrap());
+        mats.push(WeightMatrix::new(WeightData::Q4_1(&q4_1), rows, cols).unwrap());
+    }
     for w in &mats {
         let mut want = vec![0.0; m * rows];
         matmul_ref(&x, m, w, &mut want).unwrap();
@@ -37,8 +55,8 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
                 let tol = REL * s + 1e-6;
                 assert!(
                     (g - e).abs() <= tol,
-                    "m={m} rows={rows} cols={cols} {:?} {} x{}: y[{idx}] = {g}, ref {e}",
-                    std::mem::discriminant(&w.data),
+                    "m={m} rows={rows} cols={cols} {} {} x{}: y[{idx}] = {g}, ref {e}",
+                    w.data.format_name(),
                     pool.isa(),
                     pool.threads()
                 );
@@ -50,8 +68,8 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
 #[test]
 fn fast_matches_reference_on_awkward_shapes() {
     let mut seed = 0;
-    for m in [1, 3, 5, 17, 130] {
-        for cols in [1, 7, 33, 577] {
+    for m in [1, 2, 3, 4, 5, 9, 17, 130] {
+        for cols in [1, 7, 32, 33, 96, 577] {
             for rows in [1, 5, 150] {
                 seed += 1;
                 check_one(m, rows, cols, seed);
@@ -65,6 +83,8 @@ fn fast_matches_reference_on_model_shapes() {
     check_one(1, 576, 576, 100);
     check_one(4, 1536, 576, 101);
     check_one(9, 576, 1536, 102);
+    check_one(8, 1536, 576, 103);
+    check_one(128, 576, 576, 104);
 }
 
 #[test]
@@ -113,4 +133,11 @@ fn bad_shapes_are_errors() {
     let bad = WeightMatrix { data: WeightData::F32(&wd[..10]), rows: 3, cols: 4 };
     assert!(matmul(pool, &x, 2, &bad, &mut y).is_err());
     assert!(matmul_ref(&x, 2, &bad, &mut y).is_err());
+    // Block formats need whole blocks per row.
+    let blocks = [BlockQ8_0::quantize(&[0.5; QK]); 3];
+    assert!(WeightMatrix::new(WeightData::Q8_0(&blocks), 2, 48).is_err());
+    let bad = WeightMatrix { data: WeightData::Q8_0(&blocks), rows: 2, cols: 48 };
+    let (x, mut y) = (vec![0.0f32; 48], vec![0.0f32; 2]);
+    assert!(matmul(pool, &x, 1, &bad, &mut y).is_err());
+    assert!(matmul_ref(&x, 1, &bad, &mut y).is_err());
 }

@@ -146,7 +146,7 @@ impl ModelBackend for CpuBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
             device: format!("cpu ({}, {} threads)", self.pool.isa(), self.pool.threads()),
-            weights_dtype: format!("{:?}", self.model.weights_dtype()).to_lowercase(),
+            weights_dtype: self.model.weights_format(),
             weight_bytes_per_step: self.model.weight_bytes_per_token(),
             kv_bytes_per_token: self.kv_bytes_per_token(),
         }

@@ -27,7 +27,7 @@ pub const CUDA_KV_ELEM_BYTES: usize = 2;
 pub struct BackendInfo {
     /// "cpu (avx2+fma, 2 threads)", "cuda (NVIDIA H100 80GB HBM3, sm_90)", …
     pub device: String,
-    /// How weight matrices are stored ("f32", "bf16").
+    /// How weight matrices are stored ("f32", "bf16", "Q4_1+Q8_0": the formats held, most bytes first).
     pub weights_dtype: String,
     /// Bytes of weights read to decode one step (every matrix once, one embedding row).
     pub weight_bytes_per_step: usize,

@@ -499,6 +499,20 @@ impl GgufFile {
     /// Rows `rows` of matrix `name` dequantised to f32 (only their bytes are read), with the
     /// full row-major shape. GGUF quantises within rows, so any row range is self-contained.
     pub fn tensor_rows_f32(&self, name: &str, rows: Range<usize>) -> Result<(Vec<usize>, Vec<f32>), LoadError> {
+        let (info, span) = self.tensor_rows_raw(name, rows.clone())?;
+        let shape = info.shape();
+        let mut values = vec![0.0f32; rows.len() * shape[1]];
+        gguf_quant::dequantize(info.ggml_type, span, &mut values).map_err(|e| LoadError::Malformed {
+            path: self.path.clone(),
+            format: "GGUF",
+            reason: format!("tensor {name:?}: {e}"),
+        })?;
+        Ok((shape, values))
+    }
+
+    /// The encoded bytes of rows `rows` of matrix `name` (a whole number of blocks per row, in
+    /// the file's own type), with the tensor's info.
+    pub fn tensor_rows_raw(&self, name: &str, rows: Range<usize>) -> Result<(&GgufTensorInfo, &[u8]), LoadError> {
         let info = self.tensor_info(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
         let malformed = |reason: String| LoadError::Malformed { path: self.path.clone(), format: "GGUF", reason };
         let shape = info.shape();
@@ -517,10 +531,7 @@ impl GgufFile {
         let span = bytes
             .get(rows.start * row_bytes..rows.end * row_bytes)
             .ok_or_else(|| malformed(format!("tensor {name:?}: data is shorter than its shape")))?;
-        let mut values = vec![0.0f32; rows.len() * cols];
-        gguf_quant::dequantize(info.ggml_type, span, &mut values)
-            .map_err(|e| malformed(format!("tensor {name:?}: {e}")))?;
-        Ok((shape, values))
+        Ok((info, span))
     }
 
     /// Metadata `key` as an unsigned integer (any non-negative integer type).

@@ -10,6 +10,7 @@
 //!   input exactly that many blocks' bytes, otherwise an error and no panic.
 
 use half::{bf16, f16};
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock};
 
 /// A tensor encoding. Only the ones we can dequantise have their own variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +106,6 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-/// Values per block of the block-quantised types.
-const QK: usize = 32;
-
 /// Decodes `bytes` (encoded as `ty`) into `out`, which fixes the element count.
 ///
 /// Errors if `ty` cannot be dequantised here or the lengths do not match.
@@ -141,18 +139,18 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
             }
         }
         GgmlType::Q8_0 => {
-            for (o, b) in out.as_chunks_mut::<QK>().0.iter_mut().zip(bytes.as_chunks::<34>().0) {
-                dequantize_q8_0(b, o);
+            for (o, b) in out.as_chunks_mut::<QK>().0.iter_mut().zip(bytes.chunks_exact(BlockQ8_0::BYTES)) {
+                dequantize_block::<BlockQ8_0>(b, o);
             }
         }
         GgmlType::Q4_0 => {
-            for (o, b) in out.as_chunks_mut::<QK>().0.iter_mut().zip(bytes.as_chunks::<18>().0) {
-                dequantize_q4_0(b, o);
+            for (o, b) in out.as_chunks_mut::<QK>().0.iter_mut().zip(bytes.chunks_exact(BlockQ4_0::BYTES)) {
+                dequantize_block::<BlockQ4_0>(b, o);
             }
         }
         GgmlType::Q4_1 => {
-            for (o, b) in out.as_chunks_mut::<QK>().0.iter_mut().zip(bytes.as_chunks::<20>().0) {
-                dequantize_q4_1(b, o);
+            for (o, b) in out.as_chunks_mut::<QK>().0.iter_mut().zip(bytes.chunks_exact(BlockQ4_1::BYTES)) {
+                dequantize_block::<BlockQ4_1>(b, o);
             }
         }
         GgmlType::Other(_) => return Err(format!("cannot dequantise {ty}")),
@@ -160,38 +158,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
     Ok(())
 }
 
-/// One Q8_0 block: f16 scale `d`, then 32 `i8` values; `x = d * q`.
-fn dequantize_q8_0(block: &[u8; 34], out: &mut [f32; QK]) {
-    let [d0, d1, qs @ ..] = block;
-    let d = f16::from_le_bytes([*d0, *d1]).to_f32();
-    for (o, &q) in out.iter_mut().zip(qs) {
-        *o = d * f32::from(i8::from_le_bytes([q]));
-    }
-}
-
-/// One Q4_0 block: f16 scale `d`, then 16 bytes whose low nibbles are values 0..16 and high
-/// nibbles values 16..32; `x = (q - 8) * d`.
-fn dequantize_q4_0(block: &[u8; 18], out: &mut [f32; QK]) {
-    let [d0, d1, qs @ ..] = block;
-    let d = f16::from_le_bytes([*d0, *d1]).to_f32();
-    let (lo, hi) = out.split_at_mut(QK / 2);
-    for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
-        *l = f32::from(i16::from(q & 0x0F) - 8) * d;
-        *h = f32::from(i16::from(q >> 4) - 8) * d;
-    }
-}
-
-/// One Q4_1 block: f16 scale `d`, f16 minimum `m`, then 16 bytes of nibbles laid out as in
-/// Q4_0; `x = q * d + m`.
-fn dequantize_q4_1(block: &[u8; 20], out: &mut [f32; QK]) {
-    let [d0, d1, m0, m1, qs @ ..] = block;
-    let d = f16::from_le_bytes([*d0, *d1]).to_f32();
-    let m = f16::from_le_bytes([*m0, *m1]).to_f32();
-    let (lo, hi) = out.split_at_mut(QK / 2);
-    for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
-        *l = f32::from(q & 0x0F) * d + m;
-        *h = f32::from(q >> 4) * d + m;
-    }
+/// One block, decoded by the kernels' definition of the format (ggml's, bit for bit).
+fn dequantize_block<B: QuantBlock>(block: &[u8], out: &mut [f32; QK]) {
+    *out = B::from_bytes(block).dequantize();
 }
 
 #[cfg(test)]

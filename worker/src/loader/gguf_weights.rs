@@ -1,16 +1,21 @@
 //! Weights and model config from a GGUF file (llama.cpp's format).
 //!
 //! GGUF names tensors its own way (`blk.N.attn_q.weight`); this module maps the Hugging Face
-//! names the model asks for onto them, dequantises, and undoes llama.cpp's row permutation of
-//! the query/key projections (its converter interleaves the two RoPE halves of every head; we
-//! use Hugging Face's `rotate_half` layout). Invariant: a tensor loaded here equals what
-//! `transformers` gets from the same GGUF.
+//! names the model asks for onto them, dequantises (or, with [`WeightsDtype::Keep`], keeps the
+//! file's encoding), and undoes llama.cpp's row permutation of the query/key projections (its
+//! converter interleaves the two RoPE halves of every head; we use Hugging Face's `rotate_half`
+//! layout; GGUF quantises within rows, so whole encoded rows can be moved). Invariant: a tensor
+//! loaded here holds the values `transformers` gets from the same GGUF.
 
-use super::gguf::GgufFile;
+use half::{bf16, f16};
+use tessera_kernels::HugePageBuf;
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QuantBlock};
+
+use super::gguf::{GgmlType, GgufFile};
 use super::weights::{TensorPart, WeightSource, check_shape};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::LoadError;
-use crate::tensor::{Tensor, WeightsDtype};
+use crate::tensor::{Tensor, TensorData, WeightsDtype};
 
 /// A GGUF file viewed as a weight source.
 pub struct GgufWeights {
@@ -61,21 +66,103 @@ fn gguf_name(hf: &str) -> Option<String> {
 }
 
 /// Undoes llama.cpp's per-head interleave of rows: GGUF row `h*d + 2i + j` holds Hugging Face row
-/// `h*d + j*(d/2) + i`, for `d = rows / heads`.
-fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// `h*d + j*(d/2) + i`, for `d = rows / heads`. A row is `row_len` items (values or, for a tensor
+/// kept in its file format, encoded bytes).
+fn unpermute_rows<T: Copy>(values: &[T], rows: usize, row_len: usize, heads: usize) -> Vec<T> {
     let d = rows / heads;
     let half = d / 2;
-    let mut out = vec![0.0; values.len()];
+    let mut out = values.to_vec();
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * d + 2 * i + j) * cols;
-                let dst = (h * d + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+                let src = (h * d + 2 * i + j) * row_len;
+                let dst = (h * d + j * half + i) * row_len;
+                out[dst..dst + row_len].copy_from_slice(&values[src..src + row_len]);
             }
         }
     }
     out
+}
+
+/// Decodes `bytes` (little-endian, `n` items of `size` bytes each) with `decode`, onto huge pages.
+fn decode_items<T: Copy>(bytes: &[u8], size: usize, decode: impl Fn(&[u8]) -> T) -> HugePageBuf<T> {
+    HugePageBuf::from_fn(bytes.len() / size, |i| decode(&bytes[i * size..(i + 1) * size]))
+}
+
+impl GgufWeights {
+    /// How many attention heads a row part of `name` holds, when llama.cpp permuted its rows
+    /// (the query and key projections); an error if the part splits a head.
+    fn permuted_heads(
+        &self,
+        name: &str,
+        gname: &str,
+        shape: &[usize],
+        part: &TensorPart,
+        part_rows: usize,
+    ) -> Result<Option<usize>, LoadError> {
+        let heads = match gname.rsplit('.').nth(1) {
+            Some("attn_q") => self.num_heads,
+            Some("attn_k") => self.num_kv_heads,
+            _ => return Ok(None),
+        };
+        let head_rows = shape[0] / heads.max(1);
+        let first = match part {
+            TensorPart::Rows(r) => r.start,
+            _ => 0,
+        };
+        if head_rows == 0 || !first.is_multiple_of(head_rows) || !part_rows.is_multiple_of(head_rows) {
+            return Err(LoadError::InvalidConfig(format!(
+                "tensor {name:?}: a shard of rows {part:?} splits an attention head of {head_rows} rows"
+            )));
+        }
+        Ok(Some(part_rows / head_rows))
+    }
+
+    /// `part` of matrix `gname` in the file's own encoding, when the kernels read that encoding
+    /// and the part keeps whole blocks; `None` otherwise (the caller widens to f32).
+    fn load_kept(
+        &self,
+        gname: &str,
+        shape: &[usize],
+        part: &TensorPart,
+        part_shape: Vec<usize>,
+        heads: Option<usize>,
+    ) -> Result<Option<Tensor>, LoadError> {
+        let (&[rows, cols], Some(info)) = (shape, self.file.tensor_info(gname)) else { return Ok(None) };
+        let ty = info.ggml_type;
+        let (Some(block), Some(block_bytes)) = (ty.block_size(), ty.block_bytes()) else { return Ok(None) };
+        // Both are small constants (≤ 34).
+        let (block, block_bytes) = (block as usize, block_bytes as usize);
+        let (row_range, col_range) = match part {
+            TensorPart::Whole => (0..rows, 0..cols),
+            TensorPart::Rows(r) => (r.clone(), 0..cols),
+            TensorPart::Cols(c) => (0..rows, c.clone()),
+        };
+        if !col_range.start.is_multiple_of(block) || !col_range.end.is_multiple_of(block) {
+            return Ok(None);
+        }
+        let (_, span) = self.file.tensor_rows_raw(gname, row_range.clone())?;
+        let row_bytes = cols / block * block_bytes;
+        let (b0, b1) = (col_range.start / block * block_bytes, col_range.end / block * block_bytes);
+        let mut bytes: Vec<u8> = if (b0, b1) == (0, row_bytes) {
+            span.to_vec()
+        } else {
+            span.chunks_exact(row_bytes).flat_map(|r| &r[b0..b1]).copied().collect()
+        };
+        if let Some(heads) = heads {
+            bytes = unpermute_rows(&bytes, row_range.len(), b1 - b0, heads);
+        }
+        let data = match ty {
+            GgmlType::F32 => TensorData::F32(decode_items(&bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            GgmlType::F16 => TensorData::F16(decode_items(&bytes, 2, |b| f16::from_le_bytes([b[0], b[1]]))),
+            GgmlType::Bf16 => TensorData::Bf16(decode_items(&bytes, 2, |b| bf16::from_le_bytes([b[0], b[1]]))),
+            GgmlType::Q8_0 => TensorData::Q8_0(decode_items(&bytes, BlockQ8_0::BYTES, BlockQ8_0::from_bytes)),
+            GgmlType::Q4_0 => TensorData::Q4_0(decode_items(&bytes, BlockQ4_0::BYTES, BlockQ4_0::from_bytes)),
+            GgmlType::Q4_1 => TensorData::Q4_1(decode_items(&bytes, BlockQ4_1::BYTES, BlockQ4_1::from_bytes)),
+            GgmlType::Other(_) => return Ok(None),
+        };
+        Tensor::new(part_shape, data).map(Some)
+    }
 }
 
 impl WeightSource for GgufWeights {
@@ -90,11 +177,16 @@ impl WeightSource for GgufWeights {
         let info = self.file.tensor_info(&gname).ok_or_else(|| LoadError::MissingTensor(name.into()))?;
         check_shape(name, &info.shape(), shape)?;
         let part_shape = part.shape_of(name, shape)?;
-        let heads = match gname.rsplit('.').nth(1) {
-            Some("attn_q") => Some(self.num_heads),
-            Some("attn_k") => Some(self.num_kv_heads),
+        // llama.cpp permutes rows within each head, so a row part must hold whole heads.
+        let heads = match part_shape[..] {
+            [rows, _] => self.permuted_heads(name, &gname, shape, part, rows)?,
             _ => None,
         };
+        if dtype == WeightsDtype::Keep
+            && let Some(kept) = self.load_kept(&gname, shape, part, part_shape.clone(), heads)?
+        {
+            return Ok(kept);
+        }
         let values = match part {
             TensorPart::Whole => self.file.tensor_f32(&gname)?.1,
             TensorPart::Rows(rows) => self.file.tensor_rows_f32(&gname, rows.clone())?.1,
@@ -107,21 +199,8 @@ impl WeightSource for GgufWeights {
                 out
             }
         };
-        // llama.cpp permutes rows within each head, so a row part must hold whole heads.
         let values = match (heads, &part_shape[..]) {
-            (Some(heads), &[rows, cols]) => {
-                let head_rows = shape[0] / heads.max(1);
-                let first = match part {
-                    TensorPart::Rows(r) => r.start,
-                    _ => 0,
-                };
-                if head_rows == 0 || first % head_rows != 0 || rows % head_rows != 0 {
-                    return Err(LoadError::InvalidConfig(format!(
-                        "tensor {name:?}: a shard of rows {part:?} splits an attention head of {head_rows} rows"
-                    )));
-                }
-                unpermute_rows(&values, rows, cols, rows / head_rows)
-            }
+            (Some(heads), &[rows, cols]) => unpermute_rows(&values, rows, cols, heads),
             _ => values,
         };
         Tensor::from_f32(part_shape, values, dtype)

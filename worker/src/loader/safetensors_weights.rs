@@ -127,23 +127,27 @@ impl WeightSource for SafetensorsWeights {
             many => Cow::Owned(many.iter().flat_map(|s| &bytes[s.start * size..s.end * size]).copied().collect()),
         };
         let data = match (view.dtype(), dtype) {
-            (Dtype::F32, WeightsDtype::F32) => {
+            (Dtype::F32, WeightsDtype::F32 | WeightsDtype::Keep) => {
                 TensorData::F32(bytemuck::pod_collect_to_vec::<u8, f32>(&selected).into())
             }
-            (Dtype::BF16, WeightsDtype::Bf16) => {
+            (Dtype::BF16, WeightsDtype::Bf16 | WeightsDtype::Keep) => {
                 TensorData::Bf16(bytemuck::pod_collect_to_vec::<u8, bf16>(&selected).into())
+            }
+            (Dtype::F16, WeightsDtype::Keep) => {
+                TensorData::F16(bytemuck::pod_collect_to_vec::<u8, f16>(&selected).into())
             }
             (Dtype::F32, WeightsDtype::Bf16) => {
                 let v: Vec<f32> = bytemuck::pod_collect_to_vec(&selected);
                 TensorData::Bf16(v.into_iter().map(bf16::from_f32).collect::<Vec<_>>().into())
             }
-            (Dtype::BF16, WeightsDtype::F32) => {
-                let v: Vec<bf16> = bytemuck::pod_collect_to_vec(&selected);
-                TensorData::F32(v.into_iter().map(bf16::to_f32).collect::<Vec<_>>().into())
-            }
-            (_, target) => {
-                let v: Vec<f16> = bytemuck::pod_collect_to_vec(&selected);
-                let f: Vec<f32> = v.into_iter().map(f16::to_f32).collect();
+            (file, target) => {
+                let f: Vec<f32> = match file {
+                    Dtype::F32 => bytemuck::pod_collect_to_vec(&selected),
+                    Dtype::BF16 => {
+                        bytemuck::pod_collect_to_vec::<u8, bf16>(&selected).into_iter().map(bf16::to_f32).collect()
+                    }
+                    _ => bytemuck::pod_collect_to_vec::<u8, f16>(&selected).into_iter().map(f16::to_f32).collect(),
+                };
                 return Tensor::from_f32(part_shape, f, target);
             }
         };

@@ -142,9 +142,26 @@ impl LlamaModel {
         &self.config
     }
 
-    /// How matrices are stored.
+    /// How matrices were requested to be stored.
     pub fn weights_dtype(&self) -> WeightsDtype {
         self.weights_dtype
+    }
+
+    /// The formats the matrices are actually held in, most bytes first, e.g. `"Q4_1+Q8_0"`.
+    pub fn weights_format(&self) -> String {
+        let mut by_format: Vec<(&'static str, usize)> = Vec::new();
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
+        for t in layers.chain([&self.embed_tokens]).chain(&self.lm_head) {
+            match by_format.iter_mut().find(|(f, _)| *f == t.format_name()) {
+                Some((_, bytes)) => *bytes += t.bytes(),
+                None => by_format.push((t.format_name(), t.bytes())),
+            }
+        }
+        by_format.sort_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+        by_format.iter().map(|(f, _)| *f).collect::<Vec<_>>().join("+")
     }
 
     /// Bytes of all weights held in memory.

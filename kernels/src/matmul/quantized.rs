@@ -1,0 +1,123 @@
+//! Matmul against block-quantised weights (Q8_0, Q4_0, Q4_1), read in their own format.
+//!
+//! Tasks are cut as for plain weights ([`super::Plan`]). Within a task:
+//! - up to [`DIRECT_MAX_TOKENS`] tokens (decode, small batches) on an x86 SIMD path: each weight
+//!   row is read once, its blocks widened in registers and multiplied with up to four token rows
+//!   at a time (`quantized_avx2`), walking the rows in memory order;
+//! - more tokens (prefill): an L2-sized group of rows is widened into this thread's buffer, then
+//!   the f32 tile kernels run over it, so widening costs one pass per [`TOKENS_PER_TASK`] tokens.
+//!
+//! No matrix is ever expanded whole: the buffer holds at most [`W_BLOCK_BYTES`] of f32 rows.
+//!
+//! [`TOKENS_PER_TASK`]: super::TOKENS_PER_TASK
+//! [`W_BLOCK_BYTES`]: super::W_BLOCK_BYTES
+
+use std::cell::RefCell;
+
+use super::{Plan, ROW_ALIGN, Shape, Task, f32_rows};
+use crate::isa::Isa;
+use crate::pool::CpuPool;
+use crate::quant::{QK, QuantBlock, dequantize_into};
+use crate::simd::SharedOut;
+
+/// Most tokens a task multiplies straight from the blocks; larger tasks widen rows first.
+const DIRECT_MAX_TOKENS: usize = 8;
+
+/// Bytes of widened f32 rows a task works on at a time.
+const WIDEN_BYTES: usize = 256 * 1024;
+
+thread_local! {
+    /// This thread's widened rows, reused across tasks and calls.
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A block format with a register-widening kernel on x86.
+pub(crate) trait Kernel: QuantBlock {
+    /// `out[a] = Σ_c xs[a][c] · w[c]` for the token rows `xs` (each `w.len() * QK` long).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_rows<const M: usize>(xs: [&[f32]; M], w: &[Self]) -> [f32; M];
+}
+
+pub(super) fn run<B: Kernel>(pool: &CpuPool, x: &[f32], w: &[B], s: Shape, y: &mut [f32]) {
+    let plan = Plan::new(s, pool.threads());
+    let isa = pool.isa();
+    let out = SharedOut::new(y);
+    pool.run(plan.tasks(), |t| {
+        let task = plan.task(t, s);
+        #[cfg(target_arch = "x86_64")]
+        if isa.has_avx2() && task.i1 - task.i0 <= DIRECT_MAX_TOKENS {
+            // SAFETY: the pool's ISA is supported and includes AVX2, FMA and F16C; tasks write
+            // disjoint rectangles of `out`, which nobody reads until `run` returns.
+            unsafe { direct(x, w, s, task, &out) };
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { widened(isa, x, w, s, task, &out) };
+    });
+}
+
+/// Rows in memory order; for each, the task's tokens four at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; no other thread touches the task's `out` entries.
+#[cfg(target_arch = "x86_64")]
+unsafe fn direct<B: Kernel>(x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    let per_row = s.k / QK;
+    let tok = |i: usize| &x[i * s.k..(i + 1) * s.k];
+    for r in t.r0..t.r1 {
+        let row = &w[r * per_row..(r + 1) * per_row];
+        let mut i = t.i0;
+        while i < t.i1 {
+            // SAFETY (every arm): the caller guarantees the CPU features.
+            let (n, sums): (usize, [f32; 4]) = match t.i1 - i {
+                1 => (1, pad(unsafe { B::dot_rows([tok(i)], row) })),
+                2 => (2, pad(unsafe { B::dot_rows([tok(i), tok(i + 1)], row) })),
+                3 => (3, pad(unsafe { B::dot_rows([tok(i), tok(i + 1), tok(i + 2)], row) })),
+                _ => (4, unsafe { B::dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row) }),
+            };
+            for (a, v) in sums.iter().take(n).enumerate() {
+                // SAFETY: (i + a, r) lies in this task's rectangle.
+                unsafe { out.write((i + a) * s.n + r, *v) };
+            }
+            i += n;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn pad<const M: usize>(v: [f32; M]) -> [f32; 4] {
+    std::array::from_fn(|a| if a < M { v[a] } else { 0.0 })
+}
+
+/// Widens groups of the task's rows into this thread's buffer and runs the f32 tiles on them.
+///
+/// # Safety
+/// `isa` must be supported; no other thread touches the task's `out` entries.
+unsafe fn widened<B: QuantBlock>(isa: Isa, x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    let per_row = s.k / QK;
+    let group = (WIDEN_BYTES / (s.k * std::mem::size_of::<f32>())).max(1).next_multiple_of(ROW_ALIGN);
+    WIDENED.with_borrow_mut(|buf| {
+        let mut r0 = t.r0;
+        while r0 < t.r1 {
+            let r1 = (r0 + group).min(t.r1);
+            buf.resize((r1 - r0) * s.k, 0.0);
+            dequantize_into(&w[r0 * per_row..r1 * per_row], buf);
+            // SAFETY: the caller's contract; `buf` holds rows `r0..r1`, counted from `r0`.
+            unsafe { f32_rows(isa, x, buf, r0, s, Task { r0, r1, ..t }, out) };
+            r0 = r1;
+        }
+    });
+}
+
+/// Off x86 every format takes the widening path; the trait has no methods there.
+#[cfg(not(target_arch = "x86_64"))]
+mod portable {
+    use super::Kernel;
+    use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
+    impl Kernel for BlockQ8_0 {}
+    impl Kernel for BlockQ4_0 {}
+    impl Kernel for BlockQ4_1 {}
+}
