@@ -182,6 +182,8 @@ pub(crate) const W_BLOCK_BYTES: usize = 256 * 1024;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod bf16_dot;
 mod quantized;
 #[cfg(target_arch = "x86_64")]
 mod quantized_avx2;
@@ -255,6 +257,10 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
     let shape = Shape { m, n: w.rows, k: w.cols };
     match w.data {
         WeightData::F32(d) => run(pool, x, d, shape, y),
+        #[cfg(target_arch = "x86_64")]
+        WeightData::Bf16(d) if pool.isa() == Isa::Avx512Bf16 && m <= bf16_dot::MAX_TOKENS => {
+            bf16_dot::run(pool, x, d, shape, y)
+        }
         WeightData::Bf16(d) => run(pool, x, d, shape, y),
         WeightData::F16(d) => run(pool, x, d, shape, y),
         WeightData::Q8_0(b) => quantized::run(pool, x, b, shape, y),
@@ -328,9 +334,9 @@ fn run<E: Elem>(pool: &CpuPool, x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { avx512::task(x, w, s, task, &out) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::task(x, w, s, task, &out) },
+            Isa::Avx2Fma | Isa::Avx512Bf16 => unsafe { avx2::task(x, w, s, task, &out) },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512 | Isa::Avx2Fma => scalar_rows(x, w, 0, s, task, &out),
+            Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => scalar_rows(x, w, 0, s, task, &out),
             Isa::Scalar => scalar_rows(x, w, 0, s, task, &out),
         }
     });
@@ -347,9 +353,9 @@ unsafe fn f32_rows(isa: Isa, x: &[f32], w: &[f32], base: usize, s: Shape, t: Tas
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::sub_block(x, w, base, s, t, &[], out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { avx2::sub_block(x, w, base, s, t, &[], out) },
+        Isa::Avx2Fma | Isa::Avx512Bf16 => unsafe { avx2::sub_block(x, w, base, s, t, &[], out) },
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512 | Isa::Avx2Fma => scalar_rows(x, w, base, s, t, out),
+        Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => scalar_rows(x, w, base, s, t, out),
         Isa::Scalar => scalar_rows(x, w, base, s, t, out),
     }
 }

@@ -2,13 +2,17 @@ use half::{bf16, f16};
 use rand::Rng;
 use tessera_kernels::matmul::{matmul, matmul_ref};
 use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
-use tessera_kernels::{KernelError, WeightData, WeightMatrix};
+use tessera_kernels::{Isa, KernelError, WeightData, WeightMatrix};
 
 use crate::{pools, rng, uniform};
 
 /// Fast and reference sums differ only in summation order, so compare against the scale of the
 /// terms: `|fast - ref| <= 1e-5 * Σ_k |x_k w_k| + 1e-6`.
 const REL: f32 = 1e-5;
+/// The AVX-512 BF16 path for decode-sized matmuls against bf16 weights rounds the token rows
+/// to bf16 (relative error ≤ 2⁻⁹ per value), so its sums may move by up to 2⁻⁹ of the terms'
+/// scale; twice that is allowed.
+const REL_BF16_DOT: f32 = 1.0 / 256.0;
 
 fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     let mut r = rng(seed);
@@ -51,8 +55,10 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
         for pool in pools() {
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, w, &mut got).unwrap();
+            let bf16_dot = pool.isa() == Isa::Avx512Bf16 && matches!(w.data, WeightData::Bf16(_)) && m <= 8;
+            let rel = if bf16_dot { REL_BF16_DOT } else { REL };
             for (idx, ((g, e), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
-                let tol = REL * s + 1e-6;
+                let tol = rel * s + 1e-6;
                 assert!(
                     (g - e).abs() <= tol,
                     "m={m} rows={rows} cols={cols} {} {} x{}: y[{idx}] = {g}, ref {e}",
@@ -68,7 +74,7 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
 #[test]
 fn fast_matches_reference_on_awkward_shapes() {
     let mut seed = 0;
-    for m in [1, 2, 3, 4, 5, 9, 17, 130] {
+    for m in [1, 2, 3, 4, 5, 8, 9, 17, 130] {
         for cols in [1, 7, 32, 33, 96, 577] {
             for rows in [1, 5, 150] {
                 seed += 1;
