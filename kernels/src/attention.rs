@@ -310,6 +310,24 @@ impl Ctx<'_, '_> {
             let head_scores = &scores[h * n..(h + 1) * n];
             for d0 in (0..hd).step_by(DIMS) {
                 let vectors = (hd - d0).min(DIMS) / 8;
+                if vectors == DIMS / 8 {
+                    // A full 64-dim slice: fixed-size accumulators the compiler keeps in registers
+                    // (a run-time length would send them through memory on every position).
+                    let mut acc = [_mm256_setzero_ps(); DIMS / 8];
+                    for (&w, &off) in head_scores.iter().zip(offsets.iter()) {
+                        let wv = _mm256_set1_ps(w);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            // SAFETY: `d0 + 8 * j + 8 <= d0 + DIMS <= hd`; the row at `off` has
+                            // `hd` floats.
+                            *a = _mm256_fmadd_ps(wv, unsafe { load(kv.v, off + d0 + 8 * j) }, *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        // SAFETY: `d0 + 8 * j + 8 <= hd == oh.len()`.
+                        unsafe { store(oh, d0 + 8 * j, *a) };
+                    }
+                    continue;
+                }
                 let mut acc = [_mm256_setzero_ps(); DIMS / 8];
                 for (&w, &off) in head_scores.iter().zip(offsets.iter()) {
                     let wv = _mm256_set1_ps(w);
