@@ -148,3 +148,39 @@ fn tokenizer_matches_the_reference_tokenizer_json() {
     // Special tokens are skipped on request.
     assert_eq!(ours.decode(chat.get_ids(), true).unwrap(), "user\nHi");
 }
+
+#[test]
+fn kept_tensors_and_shards_hold_the_dequantised_values() {
+    // `--weights-dtype keep` moves encoded rows (un-permuting the query/key heads as bytes) and
+    // slices whole blocks out of column shards; widened, every part must equal what the f32
+    // path loads. A column shard that splits a block falls back to f32.
+    use tessera_worker::WeightsDtype;
+    use tessera_worker::loader::gguf_weights::{GgufWeights, config_from_gguf};
+    use tessera_worker::loader::{TensorPart, WeightSource};
+    let file = open_model();
+    let config = match config_from_gguf(&file) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let weights = GgufWeights::new(file, &config);
+    let (h, q, kv, ffn) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
+    let cases: Vec<(&str, [usize; 2], TensorPart, &str)> = vec![
+        ("model.layers.0.self_attn.q_proj.weight", [q, h], TensorPart::Whole, "Q4_1"),
+        ("model.layers.3.self_attn.q_proj.weight", [q, h], TensorPart::Rows(192..384), "Q4_1"),
+        ("model.layers.3.self_attn.k_proj.weight", [kv, h], TensorPart::Rows(64..128), "Q4_1"),
+        ("model.layers.5.self_attn.o_proj.weight", [h, q], TensorPart::Cols(192..384), "Q4_1"),
+        ("model.layers.7.mlp.down_proj.weight", [h, ffn], TensorPart::Cols(512..1024), "Q4_1"),
+        ("model.layers.7.mlp.down_proj.weight", [h, ffn], TensorPart::Cols(500..1000), "f32"),
+        ("model.embed_tokens.weight", [config.vocab_size, h], TensorPart::Rows(100..300), "Q8_0"),
+    ];
+    for (name, shape, part, format) in cases {
+        let load = |dtype| match weights.load_part(name, &shape, &part, dtype) {
+            Ok(t) => t,
+            Err(e) => panic!("{name} {part:?}: {e}"),
+        };
+        let (kept, widened) = (load(WeightsDtype::Keep), load(WeightsDtype::F32));
+        assert_eq!(kept.format_name(), format, "{name} {part:?}");
+        assert_eq!(kept.shape(), widened.shape(), "{name} {part:?}");
+        assert!(kept.to_f32_vec() == widened.to_f32_vec(), "{name} {part:?}: values differ");
+    }
+}
