@@ -88,6 +88,18 @@ fn engine_on(
     Engine::new(Box::new(CpuBackend::new(model, pool, kv).unwrap()), kv).unwrap()
 }
 
+/// Greedy decoding of the case's prompt for as many tokens as the reference has.
+fn greedy_request(case: &Case) -> GenerationRequest {
+    GenerationRequest {
+        prompt: case.prompt.clone(),
+        max_new_tokens: case.greedy.len(),
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: Vec::new(),
+        min_tokens: 0,
+        logprobs: None,
+    }
+}
+
 /// How closely first-step logits must match.
 #[derive(Clone, Copy)]
 enum Logits {
@@ -119,14 +131,7 @@ fn check(engine: &mut Engine, cases: &[Case], exact_steps: usize, logits: impl I
         if let Logits::Within(tolerance) = logits {
             assert!(max_abs <= tolerance, "{}: logits differ by {max_abs}", case.name);
         }
-        let request = GenerationRequest {
-            prompt: case.prompt.clone(),
-            max_new_tokens: case.greedy.len(),
-            sampling: SamplingParams::greedy(),
-            stop_token_ids: Vec::new(),
-            min_tokens: 0,
-            logprobs: None,
-        };
+        let request = greedy_request(case);
         let (out, _) = engine.generate(&[request], |_, _| {}).unwrap();
         let got = &out[0].tokens;
         let agree = got.iter().zip(&case.greedy).take_while(|(a, b)| a == b).count();
@@ -250,14 +255,7 @@ fn q8_0_kernels_match_f32_kernels_on_the_same_values() {
     let widened = Q8RoundTrip(model.weights.as_ref());
     let mut f32_engine = engine(&widened, &model.config, WeightsDtype::F32);
     for case in cases("smollm2-135m-instruct", "f32") {
-        let request = GenerationRequest {
-            prompt: case.prompt.clone(),
-            max_new_tokens: case.greedy.len(),
-            sampling: SamplingParams::greedy(),
-            stop_token_ids: Vec::new(),
-            min_tokens: 0,
-            logprobs: None,
-        };
+        let request = greedy_request(&case);
         let a = q8.prompt_logits(&case.prompt).unwrap();
         let b = f32_engine.prompt_logits(&case.prompt).unwrap();
         let max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
