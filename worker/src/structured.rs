@@ -17,8 +17,9 @@
 //! - `mask_logits` never leaves a token finite that `accept` would refuse; once the constraint is
 //!   finished only the EOS ids stay finite.
 //! - llguidance never writes to stderr: the factory is quiet and nothing sets a log level.
-//! - JSON may have at most [`JSON_MAX_WHITESPACE`] whitespace characters between two lexemes and
-//!   none before the first: a model cannot pad a bounded schema forever with blank lines. The
+//! - Between two JSON lexemes there may be at most one line break followed by at most
+//!   [`JSON_MAX_INDENT`] spaces or tabs (as llama.cpp's JSON grammar allows), and nothing before
+//!   the first: a model can indent, but cannot pad a bounded schema with runs of blank lines. The
 //!   worker sets llguidance's JSON options itself, so a schema's own `x-guidance` is refused.
 //! - Forced-token fast-forwarding is not used, so llguidance never needs our tokenizer's exact
 //!   tokenisation: the token environment tokenises greedily and says it is not canonical.
@@ -34,9 +35,9 @@ use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use crate::error::EngineError;
 use crate::sequence::OutputConstraint;
 
-/// The most whitespace characters JSON output may have between two lexemes (enough for a newline
-/// and indentation several levels deep).
-pub const JSON_MAX_WHITESPACE: usize = 20;
+/// The most spaces or tabs JSON output may have between two lexemes, after at most one line break
+/// (enough for indentation several levels deep).
+pub const JSON_MAX_INDENT: usize = 20;
 
 /// What the output must conform to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,7 +225,7 @@ fn with_json_options(schema: Value) -> Result<Value, EngineError> {
             "JSON schema: the `x-guidance` keyword is not accepted (the worker sets llguidance's options)".into(),
         ));
     }
-    let whitespace = format!(r"[\x20\x0A\x0D\x09]{{1,{JSON_MAX_WHITESPACE}}}");
+    let whitespace = format!(r"[\x20\x09]{{1,{JSON_MAX_INDENT}}}|\x0D?\x0A[\x20\x09]{{0,{JSON_MAX_INDENT}}}");
     schema.insert("x-guidance".into(), json!({ "whitespace_pattern": whitespace }));
     Ok(Value::Object(schema))
 }
@@ -458,6 +459,32 @@ mod tests {
         c.accept(byte(b'7')).unwrap();
         assert!(c.is_finished());
         assert_eq!(step(&mut c), vec![2]);
+    }
+
+    #[test]
+    fn json_whitespace_is_one_line_break_and_bounded_indentation() {
+        let tok = crate::loader::text_assets::byte_fallback_tokenizer(300).unwrap();
+        let compiler = ConstraintCompiler::new(&tok, &[2], 320).unwrap();
+        let byte = |b: u8| 3 + u32::from(b);
+        let spec = ConstraintSpec::JsonSchema(r#"{"type": "array", "items": {"type": "integer"}}"#.into());
+        // Feeds `text` byte by byte; `Err(i)` when byte `i` is refused.
+        let feed = |text: &str| -> Result<(), usize> {
+            let mut c = compiler.compile(&spec).unwrap();
+            for (i, b) in text.bytes().enumerate() {
+                let mut logits = vec![0.0; 320];
+                c.mask_logits(&mut logits).unwrap();
+                if logits[byte(b) as usize] != 0.0 {
+                    return Err(i);
+                }
+                c.accept(byte(b)).unwrap();
+            }
+            Ok(())
+        };
+        let indent = " ".repeat(JSON_MAX_INDENT);
+        assert_eq!(feed(&format!("[\n{indent}1,\r\n\t2, 3]")), Ok(()));
+        assert_eq!(feed(&format!("[{indent} 1]")), Err(1 + JSON_MAX_INDENT));
+        assert_eq!(feed("[1,\n\n2]"), Err(4));
+        assert_eq!(feed(" [1]"), Err(0));
     }
 
     #[test]

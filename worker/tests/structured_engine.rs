@@ -82,7 +82,8 @@ fn hundred_temperature_one_samples_under_a_schema_all_validate() {
     let validator = jsonschema::validator_for(&schema).unwrap();
     let mut distinct = HashSet::new();
     for id in &ids {
-        assert_eq!(finished.get(id), Some(&FinishReason::Stop), "{id:?} did not complete its JSON");
+        let text_so_far = model.text.tokenizer.decode(&tokens[id], false).unwrap();
+        assert_eq!(finished.get(id), Some(&FinishReason::Stop), "{id:?} did not complete its JSON: {text_so_far:?}");
         let text_ids: Vec<u32> = tokens[id].iter().copied().filter(|t| !eos.contains(t)).collect();
         let text = model.text.tokenizer.decode(&text_ids, false).unwrap();
         let value: serde_json::Value =
