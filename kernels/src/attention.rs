@@ -62,6 +62,20 @@ impl Geometry {
         let block = table[p / self.block_size] as usize;
         (block * self.block_size + p % self.block_size) * self.slot_stride + kvh * self.head_dim
     }
+
+    /// Appends the offsets of KV head `kvh` at every visible position of `qr`, in order: the
+    /// same values as [`Geometry::offset`], one block-table lookup (and division) per block
+    /// rather than per position. The query must have been validated.
+    fn offsets_into(&self, qr: &AttentionQuery, kvh: usize, out: &mut Vec<usize>) {
+        let mut p = qr.window_start;
+        while p < qr.context_len {
+            let slot = p % self.block_size;
+            let run = (self.block_size - slot).min(qr.context_len - p);
+            let first = self.offset(qr.block_table, p, kvh);
+            out.extend((0..run).map(|j| first + j * self.slot_stride));
+            p += run;
+        }
+    }
 }
 
 fn validate(
@@ -227,7 +241,7 @@ impl Ctx<'_, '_> {
     fn group(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
         let (g, qr) = (&self.g, job.query);
         scratch.offsets.clear();
-        scratch.offsets.extend((qr.window_start..qr.context_len).map(|p| g.offset(qr.block_table, p, job.kv_head)));
+        g.offsets_into(qr, job.kv_head, &mut scratch.offsets);
         scratch.scores.clear();
         scratch.scores.resize(g.group * scratch.offsets.len(), 0.0);
         #[cfg(target_arch = "x86_64")]
