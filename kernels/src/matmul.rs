@@ -6,10 +6,13 @@
 //!
 //! The fast kernel splits the output into tasks of (a block of weight rows) × (a block of up to
 //! 128 tokens); each task writes only its own `y[i][r]` entries. Inside a task the AVX2 path
-//! runs a register-tiled micro-kernel — 4 token rows × 3 weight rows (all 16 ymm registers), or
-//! 1 × 8 for decode — so each weight vector is loaded (and widened from bf16 with a
-//! 16-bit shift) once per tile and reused across the tile's token rows. Tasks walk their weight
-//! rows in L2-sized sub-blocks so that every token tile reuses them from cache. The AVX-512 path
+//! runs a register-tiled micro-kernel — 4 token rows × 3 weight rows (all 16 ymm registers) — so
+//! each weight vector is loaded (and widened from bf16 with a 16-bit shift) once per tile and
+//! reused across the tile's token rows; a single token (decode) instead walks the rows in memory
+//! order, one row at a time. Tasks walk their weight rows in L2-sized sub-blocks so that every
+//! token tile reuses them from cache. Block-quantised weights (`quantized.rs`) and, on
+//! [`Isa::Avx512Bf16`], decode-sized bf16 matmuls (`bf16_dot.rs`) have their own drivers over the
+//! same task plan. The AVX-512 path
 //! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
 //! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
 //! AVX2.
@@ -67,7 +70,6 @@ macro_rules! define_task {
                     // SAFETY: (t.i0, r) is inside this task's rectangle.
                     unsafe { out.write(t.i0 * s.n + r, v) };
                 }
-                let _ = next;
                 return;
             }
             let strips = (t.i1 - t.i0).div_ceil(MR);
@@ -201,6 +203,9 @@ pub(crate) const MR: usize = 4;
 /// Weight rows per micro-kernel tile (prefill).
 #[cfg(target_arch = "x86_64")]
 pub(crate) const NR: usize = 3;
+/// Most token rows a matmul has to count as decode-sized: bandwidth-bound, and served by the
+/// row-by-row drivers of the quantised and bf16 dot-product paths (and by its own profile class).
+pub(crate) const DECODE_MAX_TOKENS: usize = 8;
 /// Row blocks are multiples of this (a multiple of every ISA's `NR`).
 pub(crate) const ROW_ALIGN: usize = 24;
 /// Tokens per parallel task; a multiple of [`MR`]. Larger `m` is split into more tasks.
@@ -212,13 +217,7 @@ const TASKS_PER_THREAD: usize = 8;
 
 /// Checks `x`, `y` and `w` against `m` and the weight shape.
 fn check(kernel: &'static str, x: &[f32], m: usize, w: &WeightMatrix, y: &[f32]) -> Result<(), KernelError> {
-    check_len(kernel, "weight data", w.data.len(), mul(kernel, w.rows, w.cols)?)?;
-    if !w.cols.is_multiple_of(w.data.block_len()) {
-        return Err(KernelError::shape(
-            kernel,
-            format!("{} columns are not whole {} blocks", w.cols, w.data.format_name()),
-        ));
-    }
+    w.check(kernel)?;
     check_len(kernel, "x", x.len(), mul(kernel, m, w.cols)?)?;
     check_len(kernel, "y", y.len(), mul(kernel, m, w.rows)?)
 }
@@ -245,7 +244,7 @@ pub fn matmul_ref(x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Resul
 /// Fast `y (m, w.rows) = x (m, w.cols) · wᵀ`, multi-threaded on `pool` with its SIMD path.
 pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
     check("matmul", x, m, w, y)?;
-    let class = if m <= 8 { KernelClass::MatmulDecode } else { KernelClass::MatmulPrefill };
+    let class = if m <= DECODE_MAX_TOKENS { KernelClass::MatmulDecode } else { KernelClass::MatmulPrefill };
     let _timed = profile::scope(class, w.bytes() + 4 * (x.len() + y.len()), 2 * m * w.rows * w.cols);
     if w.cols == 0 {
         y.fill(0.0);

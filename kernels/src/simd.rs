@@ -19,8 +19,13 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// Widens one element.
     fn to_f32(self) -> f32;
 
-    /// `src` as f32: borrowed when it already is, else widened into `buf` (resized to fit).
-    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+    /// `src` as f32: borrowed when it already is (f32 overrides this), else widened into `buf`
+    /// (resized to fit).
+    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.clear();
+        buf.extend(src.iter().map(|&v| Elem::to_f32(v)));
+        buf
+    }
 
     /// Loads 8 consecutive elements widened to f32.
     ///
@@ -74,12 +79,6 @@ impl Elem for bf16 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
     }
 
-    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        buf.clear();
-        buf.extend(src.iter().map(|v| v.to_f32()));
-        buf
-    }
-
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -107,12 +106,6 @@ impl Elem for f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
-    }
-
-    fn widen<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        buf.clear();
-        buf.extend(src.iter().map(|v| v.to_f32()));
-        buf
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -92,15 +92,27 @@ pub struct WeightMatrix<'a> {
 impl<'a> WeightMatrix<'a> {
     /// Wraps `data` as a `(rows, cols)` matrix; fails unless `data.len() == rows * cols`.
     pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Result<Self, KernelError> {
-        let expected = mul("WeightMatrix::new", rows, cols)?;
-        check_len("WeightMatrix::new", "data", data.len(), expected)?;
-        if !cols.is_multiple_of(data.block_len()) {
+        let w = WeightMatrix { data, rows, cols };
+        w.check("WeightMatrix::new")?;
+        Ok(w)
+    }
+
+    /// Checks the type's invariants (the fields are public, so a kernel re-checks a matrix it is
+    /// given); errors name `kernel`.
+    pub(crate) fn check(&self, kernel: &'static str) -> Result<(), KernelError> {
+        check_len(kernel, "weight data", self.data.len(), mul(kernel, self.rows, self.cols)?)?;
+        if !self.cols.is_multiple_of(self.data.block_len()) {
             return Err(KernelError::shape(
-                "WeightMatrix::new",
-                format!("{cols} columns are not whole {} blocks of {}", data.format_name(), data.block_len()),
+                kernel,
+                format!(
+                    "{} columns are not whole {} blocks of {}",
+                    self.cols,
+                    self.data.format_name(),
+                    self.data.block_len()
+                ),
             ));
         }
-        Ok(WeightMatrix { data, rows, cols })
+        Ok(())
     }
 
     /// Storage size in bytes.

@@ -7,7 +7,7 @@
 //! (bf16 and f16 to nearest even); Q8_0 is quantised as ggml's reference code does.
 
 use half::{bf16, f16};
-use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock};
 use tessera_kernels::{HugePageBuf, WeightData, WeightMatrix};
 
 use crate::error::LoadError;
@@ -34,14 +34,11 @@ impl WeightsDtype {
         match self {
             WeightsDtype::F32 => Some(4.0),
             WeightsDtype::Bf16 => Some(2.0),
-            WeightsDtype::Q8_0 => Some(Q8_0_BLOCK_BYTES as f64 / QK as f64),
+            WeightsDtype::Q8_0 => Some(BlockQ8_0::BYTES as f64 / QK as f64),
             WeightsDtype::Keep => None,
         }
     }
 }
-
-/// Bytes of one Q8_0 block.
-const Q8_0_BLOCK_BYTES: usize = std::mem::size_of::<BlockQ8_0>();
 
 /// Tensor storage, on huge pages (decode streams every weight once per step; see
 /// [`tessera_kernels::hugepage`]).

@@ -17,8 +17,10 @@ use super::{Plan, Shape, Task};
 use crate::pool::CpuPool;
 use crate::simd::SharedOut;
 
-/// Most token rows this path takes; larger matmuls use the f32 tiles.
-pub(super) const MAX_TOKENS: usize = 8;
+/// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
+/// `rows` dispatches on each count up to 8.
+pub(super) const MAX_TOKENS: usize = super::DECODE_MAX_TOKENS;
+const _: () = assert!(MAX_TOKENS == 8, "bf16_dot::rows has one arm per token count up to 8");
 
 /// `y = x · wᵀ` for `s.m <= MAX_TOKENS` token rows.
 ///

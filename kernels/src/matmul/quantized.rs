@@ -1,7 +1,7 @@
 //! Matmul against block-quantised weights (Q8_0, Q4_0, Q4_1), read in their own format.
 //!
 //! Tasks are cut as for plain weights ([`super::Plan`]). Within a task:
-//! - up to [`DIRECT_MAX_TOKENS`] tokens (decode, small batches) on an x86 SIMD path: each weight
+//! - up to [`DECODE_MAX_TOKENS`] tokens (decode, small batches) on an x86 SIMD path: each weight
 //!   row is read once, its blocks widened in registers and multiplied with up to four token rows
 //!   at a time (`quantized_avx2`), walking the rows in memory order;
 //! - more tokens (prefill): an L2-sized group of rows is widened into this thread's buffer, then
@@ -14,14 +14,11 @@
 
 use std::cell::RefCell;
 
-use super::{Plan, ROW_ALIGN, Shape, Task, f32_rows};
+use super::{DECODE_MAX_TOKENS, Plan, ROW_ALIGN, Shape, Task, f32_rows};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
 use crate::quant::{QK, QuantBlock, dequantize_into};
 use crate::simd::SharedOut;
-
-/// Most tokens a task multiplies straight from the blocks; larger tasks widen rows first.
-const DIRECT_MAX_TOKENS: usize = 8;
 
 /// Bytes of widened f32 rows a task works on at a time.
 const WIDEN_BYTES: usize = 256 * 1024;
@@ -48,7 +45,7 @@ pub(super) fn run<B: Kernel>(pool: &CpuPool, x: &[f32], w: &[B], s: Shape, y: &m
     pool.run(plan.tasks(), |t| {
         let task = plan.task(t, s);
         #[cfg(target_arch = "x86_64")]
-        if isa.has_avx2() && task.i1 - task.i0 <= DIRECT_MAX_TOKENS {
+        if isa.has_avx2() && task.i1 - task.i0 <= DECODE_MAX_TOKENS {
             // SAFETY: the pool's ISA is supported and includes AVX2, FMA and F16C; tasks write
             // disjoint rectangles of `out`, which nobody reads until `run` returns.
             unsafe { direct(x, w, s, task, &out) };

@@ -136,10 +136,6 @@ impl WeightSource for SafetensorsWeights {
             (Dtype::F16, WeightsDtype::Keep) => {
                 TensorData::F16(bytemuck::pod_collect_to_vec::<u8, f16>(&selected).into())
             }
-            (Dtype::F32, WeightsDtype::Bf16) => {
-                let v: Vec<f32> = bytemuck::pod_collect_to_vec(&selected);
-                TensorData::Bf16(v.into_iter().map(bf16::from_f32).collect::<Vec<_>>().into())
-            }
             (file, target) => {
                 let f: Vec<f32> = match file {
                     Dtype::F32 => bytemuck::pod_collect_to_vec(&selected),

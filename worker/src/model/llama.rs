@@ -150,11 +150,7 @@ impl LlamaModel {
     /// The formats the matrices are actually held in, most bytes first, e.g. `"Q4_1+Q8_0"`.
     pub fn weights_format(&self) -> String {
         let mut by_format: Vec<(&'static str, usize)> = Vec::new();
-        let layers = self
-            .layers
-            .iter()
-            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]);
-        for t in layers.chain([&self.embed_tokens]).chain(&self.lm_head) {
+        for t in self.matrices() {
             match by_format.iter_mut().find(|(f, _)| *f == t.format_name()) {
                 Some((_, bytes)) => *bytes += t.bytes(),
                 None => by_format.push((t.format_name(), t.bytes())),
@@ -166,18 +162,20 @@ impl LlamaModel {
 
     /// Bytes of all weights held in memory.
     pub fn weight_bytes(&self) -> usize {
-        let layer_bytes: usize = self
-            .layers
+        let matrices: usize = self.matrices().map(Tensor::bytes).sum();
+        let norms: usize =
+            self.layers.iter().map(|l| l.input_layernorm.len() + l.post_attention_layernorm.len()).sum::<usize>()
+                + self.norm.len();
+        matrices + 4 * norms
+    }
+
+    /// Every weight matrix held: each layer's projections, the embedding and an untied LM head.
+    fn matrices(&self) -> impl Iterator<Item = &Tensor> {
+        self.layers
             .iter()
-            .map(|l| {
-                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .iter()
-                    .map(|t| t.bytes())
-                    .sum::<usize>()
-                    + 4 * (l.input_layernorm.len() + l.post_attention_layernorm.len())
-            })
-            .sum();
-        self.embed_tokens.bytes() + layer_bytes + 4 * self.norm.len() + self.lm_head.as_ref().map_or(0, Tensor::bytes)
+            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj])
+            .chain([&self.embed_tokens])
+            .chain(&self.lm_head)
     }
 
     /// Bytes of weights read to decode one token: every matrix of this shard once, plus one embedding row
