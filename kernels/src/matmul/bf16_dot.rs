@@ -2,12 +2,12 @@
 //! ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)).
 //!
 //! The (at most [`MAX_TOKENS`]) token rows are rounded to bf16 once per call, to nearest even.
-//! Tasks walk their weight rows in memory order — one linear stream per thread, as the f32 GEMV
-//! does — and each row, loaded one cache line (32 values) at a time, meets every token row through
-//! `vdpbf16ps`, which adds 32 products into 16 f32 lanes: twice the multiply rate of f32 FMAs, and
-//! no widening of the weights. Each token row has two accumulators that alternate over 32-value
-//! chunks, so a token's sum is formed in the same order whatever else is in the batch; a masked
-//! load covers the row's tail.
+//! Tasks walk their weight rows in tiles of a few rows × all the task's tokens; each row, loaded
+//! one cache line (32 values) at a time, meets every token row through `vdpbf16ps`, which adds 32
+//! products into 16 f32 lanes: twice the multiply rate of f32 FMAs, and no widening of the
+//! weights. Each (row, token) pair has one accumulator over the chunks in order and the lanes are
+//! summed by one fixed tree, so a token's sum is formed in the same order whatever else is in the
+//! batch; a masked load covers the row's tail.
 
 use std::arch::x86_64::*;
 
@@ -21,6 +21,13 @@ use crate::simd::SharedOut;
 /// `rows` dispatches on each count up to 8.
 pub(super) const MAX_TOKENS: usize = super::DECODE_MAX_TOKENS;
 const _: () = assert!(MAX_TOKENS == 8, "bf16_dot::rows has one arm per token count up to 8");
+
+/// How far ahead of the chunk being multiplied the weight stream is prefetched, in values
+/// (2 KiB). With several token rows a row takes long enough that the hardware prefetcher alone
+/// leaves the weight loads waiting on memory; one token streams fast enough without it.
+const PREFETCH_AHEAD: usize = 1024;
+/// Token rows from which the software prefetch is issued.
+const PREFETCH_FROM_TOKENS: usize = 2;
 
 /// `y = x · wᵀ` for `s.m <= MAX_TOKENS` token rows.
 ///
@@ -57,33 +64,41 @@ unsafe fn round(x: &[f32]) -> Vec<u16> {
     out
 }
 
-/// The task's weight rows in memory order against its token rows.
+/// The task's weight rows in memory order (one linear stream per thread), each against all of
+/// the task's token rows.
 ///
 /// # Safety
 /// The CPU must have the module's features; no other thread touches the task's `out` entries.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn rows(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &SharedOut) {
-    let k = s.k;
-    let tok = |i: usize| &xb[i * k..(i + 1) * k];
-    let i = t.i0;
-    for r in t.r0..t.r1 {
-        let row = &w[r * k..(r + 1) * k];
-        let mut sums = [0.0f32; MAX_TOKENS];
-        let m = t.i1 - t.i0;
-        let put = |sums: &mut [f32; MAX_TOKENS], v: &[f32]| sums[..v.len()].copy_from_slice(v);
-        match m {
-            1 => put(&mut sums, &dot([tok(i)], row)),
-            2 => put(&mut sums, &dot([tok(i), tok(i + 1)], row)),
-            3 => put(&mut sums, &dot([tok(i), tok(i + 1), tok(i + 2)], row)),
-            4 => put(&mut sums, &dot(std::array::from_fn::<_, 4, _>(|a| tok(i + a)), row)),
-            5 => put(&mut sums, &dot(std::array::from_fn::<_, 5, _>(|a| tok(i + a)), row)),
-            6 => put(&mut sums, &dot(std::array::from_fn::<_, 6, _>(|a| tok(i + a)), row)),
-            7 => put(&mut sums, &dot(std::array::from_fn::<_, 7, _>(|a| tok(i + a)), row)),
-            _ => put(&mut sums, &dot(std::array::from_fn::<_, 8, _>(|a| tok(i + a)), row)),
+    // SAFETY (every arm): the caller's contract.
+    unsafe {
+        match t.i1 - t.i0 {
+            1 => rows_of::<1>(xb, w, s, t, out),
+            2 => rows_of::<2>(xb, w, s, t, out),
+            3 => rows_of::<3>(xb, w, s, t, out),
+            4 => rows_of::<4>(xb, w, s, t, out),
+            5 => rows_of::<5>(xb, w, s, t, out),
+            6 => rows_of::<6>(xb, w, s, t, out),
+            7 => rows_of::<7>(xb, w, s, t, out),
+            _ => rows_of::<8>(xb, w, s, t, out),
         }
-        for (a, v) in sums.iter().take(m).enumerate() {
-            // SAFETY: (i + a, r) lies in this task's rectangle.
-            unsafe { out.write((i + a) * s.n + r, *v) };
+    }
+}
+
+/// [`rows`] for exactly `T` token rows.
+///
+/// # Safety
+/// As for [`rows`]; also `t.i1 - t.i0 == T`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn rows_of<const T: usize>(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &SharedOut) {
+    let k = s.k;
+    let xs: [&[u16]; T] = std::array::from_fn(|a| &xb[(t.i0 + a) * k..(t.i0 + a + 1) * k]);
+    for r in t.r0..t.r1 {
+        let sums = dot(xs, &w[r * k..(r + 1) * k]);
+        for (a, v) in sums.iter().enumerate() {
+            // SAFETY: (t.i0 + a, r) lies in this task's rectangle.
+            unsafe { out.write((t.i0 + a) * s.n + r, *v) };
         }
     }
 }
@@ -100,37 +115,77 @@ unsafe fn load32(p: *const u16, mask: u32) -> __m512bh {
     unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p.cast())) }
 }
 
-/// `out[a] = Σ_c xs[a][c] · w[c]` with f32 accumulation of bf16 products.
+/// `out[a] = Σ_c xs[a][c] · w[c]` with f32 accumulation of bf16 products: two accumulators per
+/// token (even and odd 32-value chunks, so even one token has two dependency chains), added, then
+/// [`reduce`]. None of it depends on `T`, so a token's sum is the same whatever else is in the
+/// batch.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-fn dot<const M: usize>(xs: [&[u16]; M], w: &[bf16]) -> [f32; M] {
+fn dot<const T: usize>(xs: [&[u16]; T], w: &[bf16]) -> [f32; T] {
     let k = w.len();
     assert!(xs.iter().all(|x| x.len() == k), "row lengths");
     let wp = w.as_ptr().cast::<u16>();
-    let mut acc0 = [_mm512_setzero_ps(); M];
-    let mut acc1 = [_mm512_setzero_ps(); M];
-    let mut c = 0;
-    while c + 64 <= k {
-        // SAFETY (all loads here): `c + 64 <= k`, the length of every row.
-        let (w0, w1) = unsafe { (load32(wp.add(c), u32::MAX), load32(wp.add(c + 32), u32::MAX)) };
-        for a in 0..M {
-            let xp = xs[a].as_ptr();
-            let (x0, x1) = unsafe { (load32(xp.add(c), u32::MAX), load32(xp.add(c + 32), u32::MAX)) };
-            acc0[a] = _mm512_dpbf16_ps(acc0[a], x0, w0);
-            acc1[a] = _mm512_dpbf16_ps(acc1[a], x1, w1);
-        }
-        c += 64;
-    }
-    while c < k {
-        let left = k - c;
-        let mask: u32 = if left >= 32 { u32::MAX } else { (1u32 << left) - 1 };
+    let mut even = [_mm512_setzero_ps(); T];
+    let mut odd = [_mm512_setzero_ps(); T];
+    let step = |c: usize, mask: u32, acc: &mut [__m512; T]| {
         // SAFETY (both loads): the masked-in elements are `c..min(c + 32, k)`, inside the rows.
         let wv = unsafe { load32(wp.add(c), mask) };
-        for a in 0..M {
-            let xv = unsafe { load32(xs[a].as_ptr().add(c), mask) };
-            acc0[a] = _mm512_dpbf16_ps(acc0[a], xv, wv);
+        for (a, x) in xs.iter().enumerate() {
+            let xv = unsafe { load32(x.as_ptr().add(c), mask) };
+            acc[a] = _mm512_dpbf16_ps(acc[a], xv, wv);
         }
-        c += 32;
+    };
+    let mut c = 0;
+    while c + 64 <= k {
+        if T >= PREFETCH_FROM_TOKENS {
+            // A hint: addresses past the matrix are harmless (prefetches never fault).
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c + PREFETCH_AHEAD).cast());
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c + PREFETCH_AHEAD + 32).cast());
+        }
+        step(c, u32::MAX, &mut even);
+        step(c + 32, u32::MAX, &mut odd);
+        c += 64;
     }
-    std::array::from_fn(|a| _mm512_reduce_add_ps(_mm512_add_ps(acc0[a], acc1[a])))
+    if c < k {
+        let left = k - c;
+        step(c, if left >= 32 { u32::MAX } else { (1u32 << left) - 1 }, &mut even);
+        if left > 32 {
+            step(c + 32, (1u32 << (left - 32)) - 1, &mut odd);
+        }
+    }
+    reduce(std::array::from_fn(|a| _mm512_add_ps(even[a], odd[a])))
+}
+
+/// The lane sums of up to 16 vectors through a transposing tree: each level adds every vector's
+/// lanes `j` and `j + width / 2` (512 → 256 → 128 → 64 → 32 bits), packing two vectors' halves
+/// into one register, so 8 vectors cost 8 shuffle pairs rather than 8 separate reductions. Every
+/// input is summed by the same tree whatever the count, and unpaired partners are zero, so a
+/// vector's sum does not depend on its neighbours.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+fn reduce<const T: usize>(vs: [__m512; T]) -> [f32; T] {
+    const { assert!(T >= 1 && T <= 16, "reduce takes 1 to 16 vectors") };
+    let zero = _mm512_setzero_ps();
+    let pair = |v: &[__m512], i: usize| (v[2 * i], v.get(2 * i + 1).copied().unwrap_or(zero));
+    let mut l1 = [zero; 8];
+    for (i, l) in l1.iter_mut().enumerate().take(T.div_ceil(2)) {
+        let (a, b) = pair(&vs, i);
+        *l = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+    }
+    let mut l2 = [zero; 4];
+    for (i, l) in l2.iter_mut().enumerate().take(T.div_ceil(4)) {
+        let (a, b) = pair(&l1[..T.div_ceil(2)], i);
+        *l = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+    }
+    let mut l3 = [zero; 2];
+    for (i, l) in l3.iter_mut().enumerate().take(T.div_ceil(8)) {
+        let (a, b) = pair(&l2[..T.div_ceil(4)], i);
+        *l = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+    }
+    let (a, b) = pair(&l3[..T.div_ceil(8)], 0);
+    let lanes: [f32; 16] =
+        // SAFETY: `__m512` and `[f32; 16]` have the same size and every bit pattern is valid.
+        unsafe { std::mem::transmute(_mm512_add_ps(_mm512_shuffle_ps::<0x88>(a, b), _mm512_shuffle_ps::<0xDD>(a, b))) };
+    // Input `j` ends in lane `4 (j % 4) + j / 4`.
+    std::array::from_fn(|j| lanes[4 * (j % 4) + j / 4])
 }

@@ -93,6 +93,47 @@ fn fast_matches_reference_on_model_shapes() {
     check_one(128, 576, 576, 104);
 }
 
+/// On the paths that promise it — bf16 weights through AVX-512 BF16 dot products, and the
+/// block formats' register-widening kernels — a decode step's token gets the same bits whether
+/// it is alone or batched with up to seven others, so a sequence's greedy output does not depend
+/// on its neighbours. (The f32 tiles sum a lone token and a tile's tokens in different orders.)
+#[test]
+fn decode_sized_results_do_not_depend_on_the_batch() {
+    let (rows, cols) = (37, 577);
+    let mut r = rng(7);
+    let x = uniform(&mut r, 8 * cols, 1.0);
+    let wf = uniform(&mut r, rows * cols, 1.0);
+    let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+    let w = WeightMatrix::new(WeightData::Bf16(&wb), rows, cols).unwrap();
+    let (qcols, qf) = (576, uniform(&mut r, rows * 576, 1.0));
+    let q8: Vec<BlockQ8_0> = qf.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let wq = WeightMatrix::new(WeightData::Q8_0(&q8), rows, qcols).unwrap();
+    for pool in pools().into_iter().filter(|p| p.isa().has_avx2()) {
+        let mut cases = vec![(&wq, qcols)];
+        if pool.isa() == Isa::Avx512Bf16 {
+            cases.push((&w, cols));
+        }
+        for (w, cols) in cases {
+            for m in 1..=8 {
+                let xs = &x[..m * cols];
+                let mut batched = vec![0.0; m * rows];
+                matmul(&pool, xs, m, w, &mut batched).unwrap();
+                for (i, want) in batched.chunks_exact(rows).enumerate() {
+                    let mut alone = vec![0.0; rows];
+                    matmul(&pool, &xs[i * cols..(i + 1) * cols], 1, w, &mut alone).unwrap();
+                    let same = alone.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} {}: token {i} of {m} differs from the token alone",
+                        w.data.format_name(),
+                        pool.isa()
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn reference_matches_hand_computed_values() {
     // x = [[1, 2], [3, 4]], w = [[1, 0], [0.5, -1], [2, 2]] -> y = x · wᵀ.
