@@ -1,13 +1,18 @@
 //! Attention of query tokens over a paged KV cache (one layer).
 //!
-//! The cache is `(num_blocks, block_size, n_kv_heads, head_dim)` for K and for V. A query token
-//! attends to its sequence's positions `[window_start, context_len)`; position `p` lives in
-//! physical block `block_table[p / block_size]`, slot `p % block_size`. Scores are scaled by
+//! The cache is `(num_blocks, n_kv_heads, block_size, head_dim)` for K and for V: within a block,
+//! each KV head's rows are one contiguous run, so reading a head's context streams whole
+//! `block_size * head_dim` runs rather than every `n_kv_heads`-th row. A query token attends to
+//! its sequence's positions `[window_start, context_len)`; position `p` lives in physical block
+//! `block_table[p / block_size]`, slot `p % block_size` ([`PagedKvLayer::offset`]). Scores are scaled by
 //! `1 / sqrt(head_dim)`; query head `h` reads KV head `h / (n_heads / n_kv_heads)` (GQA).
 //! Causality is the caller's job: it sets `context_len` per query token. Everything the kernels
 //! index is validated first, so bad input is a [`KernelError`], never a panic.
 
 use std::cell::RefCell;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use crate::profile::{self, KernelClass};
 
@@ -19,7 +24,7 @@ use crate::softmax::{softmax_isa, softmax_ref};
 /// One layer's paged KV cache.
 #[derive(Clone, Copy, Debug)]
 pub struct PagedKvLayer<'a> {
-    /// Keys, `(num_blocks, block_size, n_kv_heads, head_dim)`.
+    /// Keys, `(num_blocks, n_kv_heads, block_size, head_dim)`.
     pub k: &'a [f32],
     /// Values, same layout as `k`.
     pub v: &'a [f32],
@@ -29,6 +34,13 @@ pub struct PagedKvLayer<'a> {
     pub n_kv_heads: usize,
     /// Per-head dimension.
     pub head_dim: usize,
+}
+
+impl PagedKvLayer<'_> {
+    /// Index in `k` and `v` of the row of (physical `block`, `slot` in it, KV head `kv_head`).
+    pub fn offset(&self, block: usize, slot: usize, kv_head: usize) -> usize {
+        ((block * self.n_kv_heads + kv_head) * self.block_size + slot) * self.head_dim
+    }
 }
 
 /// What one query token may see.
@@ -50,8 +62,7 @@ struct Geometry {
     /// Query heads per KV head.
     group: usize,
     block_size: usize,
-    /// Floats between consecutive slots (`n_kv_heads * head_dim`).
-    slot_stride: usize,
+    n_kv_heads: usize,
     scale: f32,
 }
 
@@ -60,7 +71,7 @@ impl Geometry {
     #[inline]
     fn offset(&self, table: &[u32], p: usize, kvh: usize) -> usize {
         let block = table[p / self.block_size] as usize;
-        (block * self.block_size + p % self.block_size) * self.slot_stride + kvh * self.head_dim
+        ((block * self.n_kv_heads + kvh) * self.block_size + p % self.block_size) * self.head_dim
     }
 
     /// Appends the offsets of KV head `kvh` at every visible position of `qr`, in order: the
@@ -72,7 +83,7 @@ impl Geometry {
             let slot = p % self.block_size;
             let run = (self.block_size - slot).min(qr.context_len - p);
             let first = self.offset(qr.block_table, p, kvh);
-            out.extend((0..run).map(|j| first + j * self.slot_stride));
+            out.extend((0..run).map(|j| first + j * self.head_dim));
             p += run;
         }
     }
@@ -96,8 +107,7 @@ fn validate(
     if !n_heads.is_multiple_of(kv.n_kv_heads) {
         return Err(err(format!("n_heads {n_heads} is not a multiple of n_kv_heads {}", kv.n_kv_heads)));
     }
-    let slot_stride = mul(kernel, kv.n_kv_heads, kv.head_dim)?;
-    let block_stride = mul(kernel, kv.block_size, slot_stride)?;
+    let block_stride = mul(kernel, mul(kernel, kv.n_kv_heads, kv.head_dim)?, kv.block_size)?;
     check_len(kernel, "v", kv.v.len(), kv.k.len())?;
     if !kv.k.len().is_multiple_of(block_stride) {
         return Err(err(format!(
@@ -132,7 +142,7 @@ fn validate(
         head_dim: kv.head_dim,
         group: n_heads / kv.n_kv_heads,
         block_size: kv.block_size,
-        slot_stride,
+        n_kv_heads: kv.n_kv_heads,
         scale: 1.0 / (kv.head_dim as f32).sqrt(),
     })
 }
@@ -207,6 +217,25 @@ pub fn paged_attention(
     Ok(())
 }
 
+/// How far ahead (in blocks of 8 positions) the first head of a group prefetches K and V rows:
+/// the rows of a paged cache come in runs of one block's slots, too short for the hardware
+/// prefetcher to get ahead of the loads.
+const PREFETCH_BLOCKS: usize = 2;
+
+/// Prefetches (into L1) the `count` rows of `head_dim` floats at `offsets[from..]` of `cache`;
+/// positions past the end are skipped.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_rows(cache: &[f32], offsets: &[usize], from: usize, count: usize, head_dim: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    for &off in offsets.iter().skip(from).take(count) {
+        for line in (0..head_dim).step_by(16) {
+            // SAFETY: a prefetch is a hint; the address is inside `cache` (a validated row).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(cache.as_ptr().add(off + line).cast()) };
+        }
+    }
+}
+
 thread_local! {
     /// This thread's buffers, reused across tasks and calls.
     static SCRATCH: RefCell<Scratch> = RefCell::default();
@@ -245,9 +274,25 @@ impl Ctx<'_, '_> {
         scratch.scores.clear();
         scratch.scores.resize(g.group * scratch.offsets.len(), 0.0);
         #[cfg(target_arch = "x86_64")]
-        if self.isa.has_avx2() {
-            // SAFETY: pools hold only supported ISAs, and every x86 SIMD ISA includes AVX2.
-            unsafe { self.group_avx2(job, out, scratch) };
+        if self.isa.has_avx2() && g.head_dim.is_multiple_of(8) {
+            let rows = x86::Rows {
+                k: self.kv.k,
+                v: self.kv.v,
+                offsets: &scratch.offsets,
+                head_dim: g.head_dim,
+                scale: g.scale,
+            };
+            // SAFETY: pools hold only supported ISAs (every x86 SIMD ISA includes AVX2 and FMA,
+            // the AVX-512 ones also F and VL); the offsets were validated to start whole rows;
+            // `q`, `out` and `scores` are sized for the group's heads.
+            unsafe {
+                match self.isa {
+                    Isa::Avx512 | Isa::Avx512Bf16 => {
+                        x86::group_avx512(self.isa, &rows, job.q, &mut scratch.scores, out)
+                    }
+                    _ => x86::group_avx2(self.isa, &rows, job.q, &mut scratch.scores, out),
+                }
+            }
             return;
         }
         self.group_portable(job, out, scratch);
@@ -273,86 +318,6 @@ impl Ctx<'_, '_> {
                 let w = scores[h * n + i];
                 for (o, v) in oh.iter_mut().zip(&kv.v[off..off + hd]) {
                     *o += w * v;
-                }
-            }
-        }
-    }
-
-    /// AVX2 [`Ctx::group`]. Scores: 8 positions at a time per head, as 8 independent FMA chains
-    /// reduced together (no horizontal sum per dot product). Values: per head, up to 64 output
-    /// dimensions stay in registers while every position's value row is added in. Head dims that
-    /// are not a multiple of 8 take the portable path.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn group_avx2(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
-        use crate::simd::avx2::{load, reduce8, store};
-        use std::arch::x86_64::*;
-        const POS: usize = 8;
-        const DIMS: usize = 64;
-        let (kv, hd, scale) = (self.kv, self.g.head_dim, self.g.scale);
-        if !hd.is_multiple_of(8) {
-            return self.group_portable(job, out, scratch);
-        }
-        let Scratch { scores, offsets } = scratch;
-        let n = offsets.len();
-        let vscale = _mm256_set1_ps(scale);
-        for (h, qh) in job.q.chunks_exact(hd).enumerate() {
-            let head_scores = &mut scores[h * n..(h + 1) * n];
-            let mut blocks = offsets.chunks_exact(POS);
-            for (b, offs) in blocks.by_ref().enumerate() {
-                let mut acc = [_mm256_setzero_ps(); POS];
-                for d in (0..hd).step_by(8) {
-                    // SAFETY: `d + 8 <= hd == qh.len()`; every offset was validated to start a
-                    // row of `hd` floats inside `kv.k`.
-                    let qv = unsafe { load(qh, d) };
-                    for (a, &off) in acc.iter_mut().zip(offs) {
-                        *a = _mm256_fmadd_ps(qv, unsafe { load(kv.k, off + d) }, *a);
-                    }
-                }
-                // SAFETY: the block's 8 scores lie inside `head_scores`.
-                unsafe { store(head_scores, b * POS, _mm256_mul_ps(reduce8(acc), vscale)) };
-            }
-            let done = n - blocks.remainder().len();
-            for (s, &off) in head_scores[done..].iter_mut().zip(blocks.remainder()) {
-                *s = crate::simd::avx2::dot(qh, &kv.k[off..off + hd]) * scale;
-            }
-        }
-        for head_scores in scores.chunks_exact_mut(n) {
-            softmax_isa(self.isa, head_scores);
-        }
-        for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
-            let head_scores = &scores[h * n..(h + 1) * n];
-            for d0 in (0..hd).step_by(DIMS) {
-                let vectors = (hd - d0).min(DIMS) / 8;
-                if vectors == DIMS / 8 {
-                    // A full 64-dim slice: fixed-size accumulators the compiler keeps in registers
-                    // (a run-time length would send them through memory on every position).
-                    let mut acc = [_mm256_setzero_ps(); DIMS / 8];
-                    for (&w, &off) in head_scores.iter().zip(offsets.iter()) {
-                        let wv = _mm256_set1_ps(w);
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            // SAFETY: `d0 + 8 * j + 8 <= d0 + DIMS <= hd`; the row at `off` has
-                            // `hd` floats.
-                            *a = _mm256_fmadd_ps(wv, unsafe { load(kv.v, off + d0 + 8 * j) }, *a);
-                        }
-                    }
-                    for (j, a) in acc.iter().enumerate() {
-                        // SAFETY: `d0 + 8 * j + 8 <= hd == oh.len()`.
-                        unsafe { store(oh, d0 + 8 * j, *a) };
-                    }
-                    continue;
-                }
-                let mut acc = [_mm256_setzero_ps(); DIMS / 8];
-                for (&w, &off) in head_scores.iter().zip(offsets.iter()) {
-                    let wv = _mm256_set1_ps(w);
-                    for (j, a) in acc[..vectors].iter_mut().enumerate() {
-                        // SAFETY: `d0 + 8 * j + 8 <= hd`; the row at `off` has `hd` floats.
-                        *a = _mm256_fmadd_ps(wv, unsafe { load(kv.v, off + d0 + 8 * j) }, *a);
-                    }
-                }
-                for (j, a) in acc[..vectors].iter().enumerate() {
-                    // SAFETY: `d0 + 8 * j + 8 <= hd == oh.len()`.
-                    unsafe { store(oh, d0 + 8 * j, *a) };
                 }
             }
         }

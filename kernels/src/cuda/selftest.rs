@@ -361,9 +361,23 @@ fn attention_case(dev: &GpuDevice, rng: &mut Rng, c: &AttnCase) -> Result<SelfTe
     };
     dev.attention(&dq, &dk, &dv, &mut dout, &mut AttentionScratch::default(), &args)?;
     let got = f32s(&s.clone_dtoh(&dout)?);
-    let (kf, vf) = (f32s(&k_cache), f32s(&v_cache));
-    let layer =
-        PagedKvLayer { k: &kf, v: &vf, block_size: c.block_size, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+    let layout =
+        PagedKvLayer { k: &[], v: &[], block_size: c.block_size, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+    // The device cache is `(blocks, block_size, n_kv_heads, head_dim)`; the CPU reference reads
+    // `(blocks, n_kv_heads, block_size, head_dim)`.
+    let host_layout = |cache: &[bf16]| {
+        let mut out = vec![0.0f32; cache.len()];
+        for (row, values) in cache.chunks_exact(c.head_dim).enumerate() {
+            let (slot, h) = (row / c.n_kv_heads, row % c.n_kv_heads);
+            let dst = layout.offset(slot / c.block_size, slot % c.block_size, h);
+            for (o, v) in out[dst..dst + c.head_dim].iter_mut().zip(values) {
+                *o = v.to_f32();
+            }
+        }
+        out
+    };
+    let (kf, vf) = (host_layout(&k_cache), host_layout(&v_cache));
+    let layer = PagedKvLayer { k: &kf, v: &vf, ..layout };
     let queries: Vec<AttentionQuery<'_>> = (0..nq)
         .map(|i| AttentionQuery {
             block_table: &tables[query_seq[i] as usize],

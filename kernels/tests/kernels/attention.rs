@@ -45,8 +45,7 @@ impl Fixture {
     /// Row of K or V for (sequence, position, kv head), read through the block table.
     fn row<'a>(&self, cache: &'a [f32], seq: usize, p: usize, kvh: usize) -> &'a [f32] {
         let block = self.tables[seq][p / self.block_size] as usize;
-        let slot = block * self.block_size + p % self.block_size;
-        let off = (slot * self.n_kv_heads + kvh) * self.head_dim;
+        let off = ((block * self.n_kv_heads + kvh) * self.block_size + p % self.block_size) * self.head_dim;
         &cache[off..off + self.head_dim]
     }
 }
@@ -114,7 +113,31 @@ fn gqa_shuffled_blocks_and_windows() {
             (2, query(&t[2], 17, 9)),  // sliding window starting mid-block
             (2, query(&t[2], 13, 12)), // window of one position
         ];
-        run_case(&f, 6, &qs, 31);
+        // Groups of 3, 4 and 7 query heads per KV head: whole and partial passes of the SIMD
+        // kernels' three-heads-at-a-time grouping.
+        for n_heads in [6, 8, 14] {
+            run_case(&f, n_heads, &qs, 31);
+        }
+    }
+}
+
+/// The x86 kernels take a group's heads one (AVX2) or three (AVX-512) at a time, but form each
+/// head's sums in the same order, so every SIMD path gives the same bits.
+#[test]
+fn simd_paths_agree_bit_for_bit() {
+    let f = Fixture::new(12, 2, 5, 16, 2, 64);
+    let t = &f.tables;
+    let queries = [query(&t[0], 80, 0), query(&t[1], 37, 0), query(&t[1], 70, 20)];
+    let n_heads = 14;
+    let q = uniform(&mut rng(13), queries.len() * n_heads * 64, 1.0);
+    let mut outs = Vec::new();
+    for pool in pools().into_iter().filter(|p| p.isa().has_avx2()) {
+        let mut out = vec![0.0f32; q.len()];
+        paged_attention(&pool, &q, &queries, &f.layer(), n_heads, &mut out).unwrap();
+        outs.push((pool.isa(), out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()));
+    }
+    for (isa, bits) in &outs[1..] {
+        assert!(*bits == outs[0].1, "{isa} differs from {}", outs[0].0);
     }
 }
 

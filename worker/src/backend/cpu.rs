@@ -1,15 +1,16 @@
 //! The CPU backend: f32 compute on a `CpuPool`, weights f32 or bf16, KV in host memory.
 //!
-//! KV storage per layer is `(num_blocks, block_size, n_kv_heads, head_dim)` f32 for K and the
-//! same for V: the layout `tessera_kernels::attention::PagedKvLayer` reads. A `CpuBackend` is
+//! KV storage per layer is `(num_blocks, n_kv_heads, block_size, head_dim)` f32 for K and the
+//! same for V: the layout `tessera_kernels::attention::PagedKvLayer` reads (and whose `offset`
+//! the writes use). A `CpuBackend` is
 //! also one rank of a tensor-parallel group (`backend::tp`): then it holds that rank's shard,
 //! K/V heads and communicator; alone it has a one-rank communicator whose collectives are no-ops.
 
 use std::time::Duration;
 
-use tessera_kernels::CpuPool;
 use tessera_kernels::attention::PagedKvLayer;
 use tessera_kernels::comm::host::{HostComm, host_group};
+use tessera_kernels::{CpuPool, HugePageBuf};
 
 use super::{BackendInfo, ModelBackend};
 use crate::config::ModelConfig;
@@ -17,9 +18,11 @@ use crate::error::EngineError;
 use crate::kv_cache::KvCacheConfig;
 use crate::model::{LlamaModel, SeqChunk};
 
+/// One layer's K and V, on huge pages: decode reads a block's rows for one head as one 4 KiB-ish
+/// run, and on 4 KiB pages nearly every such run would be a TLB miss.
 struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: HugePageBuf<f32>,
+    v: HugePageBuf<f32>,
 }
 
 /// Host-memory K/V for every block of every layer.
@@ -40,8 +43,8 @@ impl CpuKvStorage {
             .checked_mul(config.block_size)
             .and_then(|x| x.checked_mul(n_kv_heads * model.head_dim))
             .ok_or_else(|| EngineError::InvalidKvConfig(format!("{config:?} overflows")))?;
-        let layers =
-            (0..model.num_layers).map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] }).collect();
+        let zeros = || HugePageBuf::from_fn(per_layer, |_| 0.0);
+        let layers = (0..model.num_layers).map(|_| LayerKv { k: zeros(), v: zeros() }).collect();
         Ok(CpuKvStorage { layers, config, n_kv_heads, head_dim: model.head_dim })
     }
 
@@ -66,7 +69,8 @@ impl CpuKvStorage {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), EngineError> {
-        let kv_dim = self.n_kv_heads * self.head_dim;
+        let (n_kv_heads, head_dim) = (self.n_kv_heads, self.head_dim);
+        let kv_dim = n_kv_heads * head_dim;
         let config = self.config;
         let Some(l) = self.layers.get_mut(layer) else {
             return Err(EngineError::Internal(format!("KV storage has no layer {layer}")));
@@ -74,16 +78,22 @@ impl CpuKvStorage {
         if k.len() != positions.len() * kv_dim || v.len() != k.len() {
             return Err(EngineError::Internal("K/V rows do not match positions".into()));
         }
+        let layout = PagedKvLayer { k: &[], v: &[], block_size: config.block_size, n_kv_heads, head_dim };
         for (i, &pos) in positions.iter().enumerate() {
-            let dst = config.slot(table, pos as usize)? * kv_dim;
-            if dst + kv_dim > l.k.len() {
+            let slot = config.slot(table, pos as usize)?;
+            let (block, in_block) = (slot / config.block_size, slot % config.block_size);
+            if block >= config.num_blocks {
                 return Err(EngineError::InvalidKvConfig(format!(
                     "block table points past the {} blocks",
                     config.num_blocks
                 )));
             }
-            l.k[dst..dst + kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
-            l.v[dst..dst + kv_dim].copy_from_slice(&v[i * kv_dim..(i + 1) * kv_dim]);
+            for h in 0..n_kv_heads {
+                let dst = layout.offset(block, in_block, h);
+                let src = i * kv_dim + h * head_dim;
+                l.k[dst..dst + head_dim].copy_from_slice(&k[src..src + head_dim]);
+                l.v[dst..dst + head_dim].copy_from_slice(&v[src..src + head_dim]);
+            }
         }
         Ok(())
     }
