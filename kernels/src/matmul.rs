@@ -254,19 +254,120 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
         return Ok(());
     }
     let shape = Shape { m, n: w.rows, k: w.cols };
-    match w.data {
-        WeightData::F32(d) => run(pool, x, d, shape, y),
-        #[cfg(target_arch = "x86_64")]
-        WeightData::Bf16(d) if pool.isa() == Isa::Avx512Bf16 && m <= bf16_dot::MAX_TOKENS => {
-            bf16_dot::run(pool, x, d, shape, y)
-        }
-        WeightData::Bf16(d) => run(pool, x, d, shape, y),
-        WeightData::F16(d) => run(pool, x, d, shape, y),
-        WeightData::Q8_0(b) => quantized::run(pool, x, b, shape, y),
-        WeightData::Q4_0(b) => quantized::run(pool, x, b, shape, y),
-        WeightData::Q4_1(b) => quantized::run(pool, x, b, shape, y),
-    }
+    let plan = Plan::new(shape, pool.threads());
+    let isa = pool.isa();
+    let input = Input::new(isa, x, m, [w]);
+    let out = SharedOut::new(y);
+    pool.run(plan.tasks(), |t| {
+        // SAFETY: a pool only holds an ISA the CPU supports; tasks cover disjoint (token, weight
+        // row) rectangles, so their writes through `out` never overlap, and nothing reads `y`
+        // until `run` returns; `input` was made for this `x` and ISA.
+        unsafe { run_task(isa, &input, &w.data, shape, plan.task(t, shape), &out) };
+    });
     Ok(())
+}
+
+/// `ys[j] = x · w_jᵀ` for weights that share their input `x` (`m` rows), such as a layer's Q, K
+/// and V projections or its gate and up projections.
+///
+/// A decode-sized call (at most [`DECODE_MAX_TOKENS`] tokens) is one pool launch whose row blocks
+/// are cut across all the weights in order: each thread streams one stretch of them, and the
+/// launch and its closing wait are paid once instead of once per weight. Every output gets the
+/// same values as from [`matmul`] with the same weight. Larger calls are compute-bound and run one
+/// [`matmul`] per weight.
+pub fn matmul_many(
+    pool: &CpuPool,
+    x: &[f32],
+    m: usize,
+    targets: &mut [(&WeightMatrix, &mut [f32])],
+) -> Result<(), KernelError> {
+    for (w, y) in targets.iter() {
+        check("matmul_many", x, m, w, y)?;
+    }
+    if m == 0 || m > DECODE_MAX_TOKENS || x.is_empty() {
+        for (w, y) in targets.iter_mut() {
+            matmul(pool, x, m, w, y)?;
+        }
+        return Ok(());
+    }
+    let (bytes, flops) = targets
+        .iter()
+        .fold((4 * x.len(), 0), |(b, f), (w, y)| (b + w.bytes() + 4 * y.len(), f + 2 * m * w.rows * w.cols));
+    let _timed = profile::scope(KernelClass::MatmulDecode, bytes, flops);
+    let threads = pool.threads();
+    let total_rows: usize = targets.iter().map(|(w, _)| w.rows).sum();
+    let rows_per_task = Plan::rows_per_task(total_rows, threads, TASKS_PER_THREAD);
+    // Each weight's tasks, numbered on from the previous weight's.
+    let mut first_task = 0;
+    let segments: Vec<(usize, Shape, Plan)> = targets
+        .iter()
+        .map(|(w, _)| {
+            let shape = Shape { m, n: w.rows, k: w.cols };
+            let plan = Plan::with_rows(shape, rows_per_task);
+            let first = first_task;
+            first_task += plan.tasks();
+            (first, shape, plan)
+        })
+        .collect();
+    let isa = pool.isa();
+    let input = Input::new(isa, x, m, targets.iter().map(|(w, _)| *w));
+    let outs: Vec<(&WeightData, SharedOut)> = targets.iter_mut().map(|(w, y)| (&w.data, SharedOut::new(y))).collect();
+    pool.run(first_task, |g| {
+        let j = segments.partition_point(|(first, ..)| *first <= g) - 1;
+        let (first, shape, plan) = segments[j];
+        let (w, out) = &outs[j];
+        // SAFETY: as in `matmul`; tasks of different weights write different outputs.
+        unsafe { run_task(isa, &input, w, shape, plan.task(g - first, shape), out) };
+    });
+    Ok(())
+}
+
+/// A call's token rows, plus their bf16 rounding when the AVX-512 BF16 path reads them.
+struct Input<'a> {
+    x: &'a [f32],
+    #[cfg(target_arch = "x86_64")]
+    bf16: Vec<u16>,
+}
+
+impl<'a> Input<'a> {
+    fn new<'w>(isa: Isa, x: &'a [f32], m: usize, weights: impl IntoIterator<Item = &'w WeightMatrix<'w>>) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let needs_bf16 =
+                bf16_dot::applies(isa, m) && weights.into_iter().any(|w| matches!(w.data, WeightData::Bf16(_)));
+            // SAFETY: `applies` holds only on the AVX-512 BF16 ISA, which pools hold only where
+            // the CPU has it.
+            let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
+            Input { x, bf16 }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, m, weights.into_iter());
+            Input { x }
+        }
+    }
+}
+
+/// One task of a call against `w`, with the path its format and the ISA select.
+///
+/// # Safety
+/// `isa` must be supported; `input` was made by [`Input::new`] for this call; no other thread
+/// touches the task's `out` entries while it runs.
+unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, out: &SharedOut) {
+    let x = input.x;
+    // SAFETY (every arm): the caller's contract.
+    unsafe {
+        match *w {
+            WeightData::F32(d) => elem_task(isa, x, d, s, t, out),
+            #[cfg(target_arch = "x86_64")]
+            WeightData::Bf16(d) if bf16_dot::applies(isa, s.m) => bf16_dot::rows(&input.bf16, d, s, t, out),
+            WeightData::Bf16(d) => elem_task(isa, x, d, s, t, out),
+            WeightData::F16(d) => elem_task(isa, x, d, s, t, out),
+            WeightData::Q8_0(b) => quantized::task(isa, x, b, s, t, out),
+            WeightData::Q4_0(b) => quantized::task(isa, x, b, s, t, out),
+            WeightData::Q4_1(b) => quantized::task(isa, x, b, s, t, out),
+        }
+    }
 }
 
 /// Problem size: `m` tokens, `n` weight rows (outputs), `k` weight columns (inputs).
@@ -300,8 +401,16 @@ pub(crate) struct Plan {
 impl Plan {
     pub(crate) fn new(s: Shape, threads: usize) -> Self {
         let per_thread = if s.m == 1 { 1 } else { TASKS_PER_THREAD };
-        let per = s.n.div_ceil(threads.max(1) * per_thread).max(MIN_ROWS_PER_TASK);
-        let rows = per.next_multiple_of(ROW_ALIGN);
+        Self::with_rows(s, Self::rows_per_task(s.n, threads, per_thread))
+    }
+
+    /// Row block size for `rows` weight rows cut into about `per_thread` blocks per thread.
+    fn rows_per_task(rows: usize, threads: usize, per_thread: usize) -> usize {
+        rows.div_ceil(threads.max(1) * per_thread).max(MIN_ROWS_PER_TASK).next_multiple_of(ROW_ALIGN)
+    }
+
+    /// Row blocks of `rows` (> 0) weight rows.
+    fn with_rows(s: Shape, rows: usize) -> Self {
         Plan { rows, row_blocks: s.n.div_ceil(rows), token_blocks: s.m.div_ceil(TOKENS_PER_TASK) }
     }
 
@@ -320,25 +429,21 @@ impl Plan {
     }
 }
 
-fn run<E: Elem>(pool: &CpuPool, x: &[f32], w: &[E], s: Shape, y: &mut [f32]) {
-    let plan = Plan::new(s, pool.threads());
-    let isa = pool.isa();
-    let out = SharedOut::new(y);
-    pool.run(plan.tasks(), |t| {
-        let task = plan.task(t, s);
-        match isa {
-            // SAFETY (both SIMD arms): a pool only holds an ISA the CPU supports; tasks
-            // cover disjoint (token, weight row) rectangles, so their writes through
-            // `out` never overlap, and nothing reads `y` until `run` returns.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::task(x, w, s, task, &out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma | Isa::Avx512Bf16 => unsafe { avx2::task(x, w, s, task, &out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => scalar_rows(x, w, 0, s, task, &out),
-            Isa::Scalar => scalar_rows(x, w, 0, s, task, &out),
-        }
-    });
+/// One task against plain (f32, bf16, f16) weights: the pool ISA's tile kernels.
+///
+/// # Safety
+/// As for [`run_task`].
+unsafe fn elem_task<E: Elem>(isa: Isa, x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
+    match isa {
+        // SAFETY (both SIMD arms): the caller's contract.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::task(x, w, s, t, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma | Isa::Avx512Bf16 => unsafe { avx2::task(x, w, s, t, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => scalar_rows(x, w, 0, s, t, out),
+        Isa::Scalar => scalar_rows(x, w, 0, s, t, out),
+    }
 }
 
 /// The task's rectangle against f32 weight rows `w` that start at row `base` (`base <= t.r0`),

@@ -13,8 +13,8 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::{Plan, Shape, Task};
-use crate::pool::CpuPool;
+use super::{Shape, Task};
+use crate::isa::Isa;
 use crate::simd::SharedOut;
 
 /// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
@@ -29,20 +29,10 @@ const PREFETCH_AHEAD: usize = 1024;
 /// Token rows from which the software prefetch is issued.
 const PREFETCH_FROM_TOKENS: usize = 2;
 
-/// `y = x · wᵀ` for `s.m <= MAX_TOKENS` token rows.
-///
-/// The caller guarantees that the pool's ISA is `Avx512Bf16` (so the CPU has these features).
-pub(super) fn run(pool: &CpuPool, x: &[f32], w: &[bf16], s: Shape, y: &mut [f32]) {
-    assert!(s.m <= MAX_TOKENS, "bf16_dot takes at most {MAX_TOKENS} token rows");
-    // SAFETY: the pool's ISA (checked by the caller) includes every feature `round` needs.
-    let xb = unsafe { round(x) };
-    let plan = Plan::new(s, pool.threads());
-    let out = SharedOut::new(y);
-    pool.run(plan.tasks(), |t| {
-        // SAFETY: as above; tasks write disjoint rectangles of `out`, which nobody reads until
-        // `run` returns.
-        unsafe { rows(&xb, w, s, plan.task(t, s), &out) };
-    });
+/// Whether decode-sized matmuls against bf16 weights take this path: on the AVX-512 BF16 ISA,
+/// for at most [`MAX_TOKENS`] token rows.
+pub(super) fn applies(isa: Isa, m: usize) -> bool {
+    isa == Isa::Avx512Bf16 && m <= MAX_TOKENS
 }
 
 /// `x` rounded to bf16 (nearest even), as raw bits.
@@ -50,7 +40,7 @@ pub(super) fn run(pool: &CpuPool, x: &[f32], w: &[bf16], s: Shape, y: &mut [f32]
 /// # Safety
 /// The CPU must have the module's features.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn round(x: &[f32]) -> Vec<u16> {
+pub(super) unsafe fn round(x: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; x.len()];
     for (o, c) in out.chunks_mut(16).zip(x.chunks(16)) {
         let mask: u16 = if c.len() == 16 { u16::MAX } else { (1u16 << c.len()) - 1 };
@@ -70,7 +60,7 @@ unsafe fn round(x: &[f32]) -> Vec<u16> {
 /// # Safety
 /// The CPU must have the module's features; no other thread touches the task's `out` entries.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn rows(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &SharedOut) {
+pub(super) unsafe fn rows(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &SharedOut) {
     // SAFETY (every arm): the caller's contract.
     unsafe {
         match t.i1 - t.i0 {

@@ -14,9 +14,10 @@
 
 use std::cell::RefCell;
 
-use super::{DECODE_MAX_TOKENS, Plan, ROW_ALIGN, Shape, Task, f32_rows};
+#[cfg(target_arch = "x86_64")]
+use super::DECODE_MAX_TOKENS;
+use super::{ROW_ALIGN, Shape, Task, f32_rows};
 use crate::isa::Isa;
-use crate::pool::CpuPool;
 use crate::quant::{QK, QuantBlock, dequantize_into};
 use crate::simd::SharedOut;
 
@@ -38,22 +39,19 @@ pub(crate) trait Kernel: QuantBlock {
     unsafe fn dot_rows<const M: usize>(xs: [&[f32]; M], w: &[Self]) -> [f32; M];
 }
 
-pub(super) fn run<B: Kernel>(pool: &CpuPool, x: &[f32], w: &[B], s: Shape, y: &mut [f32]) {
-    let plan = Plan::new(s, pool.threads());
-    let isa = pool.isa();
-    let out = SharedOut::new(y);
-    pool.run(plan.tasks(), |t| {
-        let task = plan.task(t, s);
-        #[cfg(target_arch = "x86_64")]
-        if isa.has_avx2() && task.i1 - task.i0 <= DECODE_MAX_TOKENS {
-            // SAFETY: the pool's ISA is supported and includes AVX2, FMA and F16C; tasks write
-            // disjoint rectangles of `out`, which nobody reads until `run` returns.
-            unsafe { direct(x, w, s, task, &out) };
-            return;
-        }
-        // SAFETY: as above.
-        unsafe { widened(isa, x, w, s, task, &out) };
-    });
+/// One task against block-quantised weights.
+///
+/// # Safety
+/// `isa` must be supported; no other thread touches the task's `out` entries while it runs.
+pub(super) unsafe fn task<B: Kernel>(isa: Isa, x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() && t.i1 - t.i0 <= DECODE_MAX_TOKENS {
+        // SAFETY: the caller's contract; the ISA includes AVX2, FMA and F16C.
+        unsafe { direct(x, w, s, t, out) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { widened(isa, x, w, s, t, out) };
 }
 
 /// Rows in memory order; for each, the task's tokens four at a time.

@@ -1,6 +1,6 @@
 use half::{bf16, f16};
 use rand::Rng;
-use tessera_kernels::matmul::{matmul, matmul_ref};
+use tessera_kernels::matmul::{matmul, matmul_many, matmul_ref};
 use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use tessera_kernels::{Isa, KernelError, WeightData, WeightMatrix};
 
@@ -132,6 +132,44 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
             }
         }
     }
+}
+
+/// One launch over several weights gives each output exactly what `matmul` gives it alone,
+/// across formats and row counts that do not divide into the shared row blocks.
+#[test]
+fn matmul_many_matches_one_matmul_per_weight() {
+    let cols = 96;
+    let mut r = rng(11);
+    let wf = uniform(&mut r, 77 * cols, 1.0);
+    let wb: Vec<bf16> = uniform(&mut r, 130 * cols, 1.0).iter().map(|&v| bf16::from_f32(v)).collect();
+    let q8: Vec<BlockQ8_0> =
+        uniform(&mut r, 5 * cols, 1.0).chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let weights = [
+        WeightMatrix::new(WeightData::F32(&wf), 77, cols).unwrap(),
+        WeightMatrix::new(WeightData::Bf16(&wb), 130, cols).unwrap(),
+        WeightMatrix::new(WeightData::Q8_0(&q8), 5, cols).unwrap(),
+    ];
+    for m in [1, 3, 8, 9] {
+        let x = uniform(&mut r, m * cols, 1.0);
+        for pool in pools() {
+            let mut ys: Vec<Vec<f32>> = weights.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+            let mut targets: Vec<(&WeightMatrix, &mut [f32])> =
+                weights.iter().zip(ys.iter_mut()).map(|(w, y)| (w, y.as_mut_slice())).collect();
+            matmul_many(&pool, &x, m, &mut targets).unwrap();
+            for (w, got) in weights.iter().zip(&ys) {
+                let mut want = vec![0.0; m * w.rows];
+                matmul(&pool, &x, m, w, &mut want).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "m={m} {} {} x{}", w.data.format_name(), pool.isa(), pool.threads());
+            }
+        }
+    }
+    let pool = &pools()[0];
+    let mut short = vec![0.0; 76];
+    let mut fine = vec![0.0; 130];
+    let x = vec![0.0; cols];
+    let mut targets: Vec<(&WeightMatrix, &mut [f32])> = vec![(&weights[1], &mut fine), (&weights[0], &mut short)];
+    assert!(matches!(matmul_many(pool, &x, 1, &mut targets), Err(KernelError::Shape { .. })));
 }
 
 #[test]

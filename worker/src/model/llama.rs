@@ -13,7 +13,7 @@
 use tessera_kernels::activation::{add_assign, silu_mul};
 use tessera_kernels::attention::{AttentionQuery, paged_attention};
 use tessera_kernels::comm::Communicator;
-use tessera_kernels::matmul::matmul;
+use tessera_kernels::matmul::{matmul, matmul_many};
 use tessera_kernels::norm::rms_norm;
 use tessera_kernels::rope::{RopeTable, apply_rope};
 use tessera_kernels::{CpuPool, WeightMatrix};
@@ -263,9 +263,8 @@ impl LlamaModel {
 
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(pool, &x, &layer.input_layernorm, c.rms_norm_eps, &mut normed)?;
-            matmul(pool, &normed, n, &mat(&layer.q_proj)?, &mut q)?;
-            matmul(pool, &normed, n, &mat(&layer.k_proj)?, &mut k)?;
-            matmul(pool, &normed, n, &mat(&layer.v_proj)?, &mut v)?;
+            let (wq, wk, wv) = (mat(&layer.q_proj)?, mat(&layer.k_proj)?, mat(&layer.v_proj)?);
+            matmul_many(pool, &normed, n, &mut [(&wq, &mut q), (&wk, &mut k), (&wv, &mut v)])?;
             apply_rope(pool, &self.rope, &mut q, &positions, heads)?;
             apply_rope(pool, &self.rope, &mut k, &positions, kv_heads)?;
             let mut offset = 0;
@@ -285,8 +284,8 @@ impl LlamaModel {
             add_assign(&mut x, &proj)?;
 
             rms_norm(pool, &x, &layer.post_attention_layernorm, c.rms_norm_eps, &mut normed)?;
-            matmul(pool, &normed, n, &mat(&layer.gate_proj)?, &mut gate)?;
-            matmul(pool, &normed, n, &mat(&layer.up_proj)?, &mut up)?;
+            let (wg, wu) = (mat(&layer.gate_proj)?, mat(&layer.up_proj)?);
+            matmul_many(pool, &normed, n, &mut [(&wg, &mut gate), (&wu, &mut up)])?;
             silu_mul(pool, &gate, &up, &mut act)?;
             matmul(pool, &act, n, &mat(&layer.down_proj)?, &mut proj)?;
             if parallel {
