@@ -189,6 +189,8 @@ mod bf16_dot;
 mod quantized;
 #[cfg(target_arch = "x86_64")]
 mod quantized_avx2;
+#[cfg(target_arch = "x86_64")]
+mod quantized_bf16;
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
@@ -333,9 +335,12 @@ impl<'a> Input<'a> {
     fn new<'w>(isa: Isa, x: &'a [f32], m: usize, weights: impl IntoIterator<Item = &'w WeightMatrix<'w>>) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let needs_bf16 =
-                bf16_dot::applies(isa, m) && weights.into_iter().any(|w| matches!(w.data, WeightData::Bf16(_)));
-            // SAFETY: `applies` holds only on the AVX-512 BF16 ISA, which pools hold only where
+            let needs_bf16 = weights.into_iter().any(|w| match w.data {
+                WeightData::Bf16(_) => bf16_dot::applies(isa, m),
+                WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => bf16_dot::applies_to_blocks(isa, m),
+                WeightData::F32(_) | WeightData::F16(_) => false,
+            });
+            // SAFETY: `applies` and `applies_to_blocks` hold only on the AVX-512 BF16 ISA, which pools hold only where
             // the CPU has it.
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
             Input { x, bf16 }
@@ -360,7 +365,15 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         match *w {
             WeightData::F32(d) => elem_task(isa, x, d, s, t, out),
             #[cfg(target_arch = "x86_64")]
-            WeightData::Bf16(d) if bf16_dot::applies(isa, s.m) => bf16_dot::rows(&input.bf16, d, s, t, out),
+            WeightData::Bf16(d) if bf16_dot::applies(isa, s.m) => {
+                bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out)
+            }
+            #[cfg(target_arch = "x86_64")]
+            WeightData::Q8_0(b) if bf16_dot::applies_to_blocks(isa, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
+            #[cfg(target_arch = "x86_64")]
+            WeightData::Q4_0(b) if bf16_dot::applies_to_blocks(isa, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
+            #[cfg(target_arch = "x86_64")]
+            WeightData::Q4_1(b) if bf16_dot::applies_to_blocks(isa, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
             WeightData::Bf16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::F16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::Q8_0(b) => quantized::task(isa, x, b, s, t, out),
@@ -427,6 +440,18 @@ impl Plan {
             i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
         }
     }
+}
+
+/// One decode-sized task against block-quantised weights on the AVX-512 BF16 path.
+///
+/// # Safety
+/// As for [`run_task`], on [`Isa::Avx512Bf16`]; `xb` is the call's bf16-rounded input.
+#[cfg(target_arch = "x86_64")]
+unsafe fn quant_bf16_task<B: quantized_bf16::DequantBf16>(xb: &[u16], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    let per_row = s.k / crate::quant::QK;
+    let row = |r: usize| quantized_bf16::QuantRow(&w[r * per_row..(r + 1) * per_row]);
+    // SAFETY: the caller's contract.
+    unsafe { bf16_dot::rows(xb, row, s, t, out) }
 }
 
 /// One task against plain (f32, bf16, f16) weights: the pool ISA's tile kernels.

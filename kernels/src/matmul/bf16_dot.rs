@@ -1,4 +1,5 @@
-//! Decode-sized matmuls against bf16 weights with AVX-512 BF16 dot products
+//! Decode-sized matmuls against bf16 weights — and block-quantised ones, dequantised to bf16 in
+//! registers (`quantized_bf16`) — with AVX-512 BF16 dot products
 //! ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)).
 //!
 //! The (at most [`MAX_TOKENS`]) token rows are rounded to bf16 once per call, to nearest even.
@@ -23,7 +24,7 @@ pub(super) const MAX_TOKENS: usize = super::DECODE_MAX_TOKENS;
 const _: () = assert!(MAX_TOKENS == 8, "bf16_dot::rows has one arm per token count up to 8");
 
 /// How far ahead of the chunk being multiplied the weight stream is prefetched, in values
-/// (2 KiB). With several token rows a row takes long enough that the hardware prefetcher alone
+/// (2 KiB of bf16, about 1 KiB of Q8_0). With several token rows a row takes long enough that the hardware prefetcher alone
 /// leaves the weight loads waiting on memory; one token streams fast enough without it.
 const PREFETCH_AHEAD: usize = 1024;
 /// Token rows from which the software prefetch is issued.
@@ -35,11 +36,19 @@ pub(super) fn applies(isa: Isa, m: usize) -> bool {
     isa == Isa::Avx512Bf16 && m <= MAX_TOKENS
 }
 
+/// Whether decode-sized matmuls against block-quantised weights take this path: as
+/// [`applies`], from 2 token rows. A single token is bound by memory, and the f32 path
+/// (`quantized_avx2`) dequantises with fewer instructions per block and no rounding; with several
+/// tokens the four f32 FMAs per block and token are what bind, and one `vdpbf16ps` replaces them.
+pub(super) fn applies_to_blocks(isa: Isa, m: usize) -> bool {
+    applies(isa, m) && m >= 2
+}
+
 /// `x` rounded to bf16 (nearest even), as raw bits.
 ///
 /// # Safety
 /// The CPU must have the module's features.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 pub(super) unsafe fn round(x: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; x.len()];
     for (o, c) in out.chunks_mut(16).zip(x.chunks(16)) {
@@ -54,24 +63,55 @@ pub(super) unsafe fn round(x: &[f32]) -> Vec<u16> {
     out
 }
 
-/// The task's weight rows in memory order (one linear stream per thread), each against all of
-/// the task's token rows.
+/// A weight row as the dot products read it: 32 bf16 values at a time.
+pub(super) trait Bf16Row: Copy {
+    /// Values in the row.
+    fn len(&self) -> usize;
+    /// The 32 values from `c` (a multiple of 32) on; `mask` has a bit for each of them inside
+    /// the row, and the others must come out zero.
+    ///
+    /// # Safety
+    /// The CPU must have the module's features; `c < self.len()`.
+    unsafe fn chunk(self, c: usize, mask: u32) -> __m512bh;
+    /// Where value `c` is stored (for prefetching; may point past the row).
+    fn addr(self, c: usize) -> *const u8;
+}
+
+impl Bf16Row for &[bf16] {
+    fn len(&self) -> usize {
+        <[bf16]>::len(self)
+    }
+
+    #[inline]
+    unsafe fn chunk(self, c: usize, mask: u32) -> __m512bh {
+        // SAFETY: the masked-in values are `c..min(c + 32, len)`, inside the row; the caller
+        // guarantees the features.
+        unsafe { load32(self.as_ptr().cast::<u16>().add(c), mask) }
+    }
+
+    fn addr(self, c: usize) -> *const u8 {
+        self.as_ptr().wrapping_add(c).cast()
+    }
+}
+
+/// The task's weight rows (`row(r)`) in memory order (one linear stream per thread), each
+/// against all of the task's token rows.
 ///
 /// # Safety
 /// The CPU must have the module's features; no other thread touches the task's `out` entries.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(super) unsafe fn rows(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &SharedOut) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+pub(super) unsafe fn rows<R: Bf16Row>(xb: &[u16], row: impl Fn(usize) -> R, s: Shape, t: Task, out: &SharedOut) {
     // SAFETY (every arm): the caller's contract.
     unsafe {
         match t.i1 - t.i0 {
-            1 => rows_of::<1>(xb, w, s, t, out),
-            2 => rows_of::<2>(xb, w, s, t, out),
-            3 => rows_of::<3>(xb, w, s, t, out),
-            4 => rows_of::<4>(xb, w, s, t, out),
-            5 => rows_of::<5>(xb, w, s, t, out),
-            6 => rows_of::<6>(xb, w, s, t, out),
-            7 => rows_of::<7>(xb, w, s, t, out),
-            _ => rows_of::<8>(xb, w, s, t, out),
+            1 => rows_of::<R, 1>(xb, row, s, t, out),
+            2 => rows_of::<R, 2>(xb, row, s, t, out),
+            3 => rows_of::<R, 3>(xb, row, s, t, out),
+            4 => rows_of::<R, 4>(xb, row, s, t, out),
+            5 => rows_of::<R, 5>(xb, row, s, t, out),
+            6 => rows_of::<R, 6>(xb, row, s, t, out),
+            7 => rows_of::<R, 7>(xb, row, s, t, out),
+            _ => rows_of::<R, 8>(xb, row, s, t, out),
         }
     }
 }
@@ -80,12 +120,18 @@ pub(super) unsafe fn rows(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &Share
 ///
 /// # Safety
 /// As for [`rows`]; also `t.i1 - t.i0 == T`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn rows_of<const T: usize>(xb: &[u16], w: &[bf16], s: Shape, t: Task, out: &SharedOut) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+unsafe fn rows_of<R: Bf16Row, const T: usize>(
+    xb: &[u16],
+    row: impl Fn(usize) -> R,
+    s: Shape,
+    t: Task,
+    out: &SharedOut,
+) {
     let k = s.k;
     let xs: [&[u16]; T] = std::array::from_fn(|a| &xb[(t.i0 + a) * k..(t.i0 + a + 1) * k]);
     for r in t.r0..t.r1 {
-        let sums = dot(xs, &w[r * k..(r + 1) * k]);
+        let sums = dot(xs, row(r));
         for (a, v) in sums.iter().enumerate() {
             // SAFETY: (t.i0 + a, r) lies in this task's rectangle.
             unsafe { out.write((t.i0 + a) * s.n + r, *v) };
@@ -97,7 +143,7 @@ unsafe fn rows_of<const T: usize>(xb: &[u16], w: &[bf16], s: Shape, t: Task, out
 ///
 /// # Safety
 /// Every masked-in element must be readable.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 #[inline]
 unsafe fn load32(p: *const u16, mask: u32) -> __m512bh {
     // SAFETY: the caller guarantees the masked-in elements are readable; bf16 pairs and 16-bit
@@ -109,17 +155,17 @@ unsafe fn load32(p: *const u16, mask: u32) -> __m512bh {
 /// token (even and odd 32-value chunks, so even one token has two dependency chains), added, then
 /// [`reduce`]. None of it depends on `T`, so a token's sum is the same whatever else is in the
 /// batch.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 #[inline]
-fn dot<const T: usize>(xs: [&[u16]; T], w: &[bf16]) -> [f32; T] {
+fn dot<R: Bf16Row, const T: usize>(xs: [&[u16]; T], w: R) -> [f32; T] {
     let k = w.len();
     assert!(xs.iter().all(|x| x.len() == k), "row lengths");
-    let wp = w.as_ptr().cast::<u16>();
     let mut even = [_mm512_setzero_ps(); T];
     let mut odd = [_mm512_setzero_ps(); T];
     let step = |c: usize, mask: u32, acc: &mut [__m512; T]| {
-        // SAFETY (both loads): the masked-in elements are `c..min(c + 32, k)`, inside the rows.
-        let wv = unsafe { load32(wp.add(c), mask) };
+        // SAFETY (both reads): `c < k`, and the masked-in elements are `c..min(c + 32, k)`,
+        // inside the rows.
+        let wv = unsafe { w.chunk(c, mask) };
         for (a, x) in xs.iter().enumerate() {
             let xv = unsafe { load32(x.as_ptr().add(c), mask) };
             acc[a] = _mm512_dpbf16_ps(acc[a], xv, wv);
@@ -129,8 +175,8 @@ fn dot<const T: usize>(xs: [&[u16]; T], w: &[bf16]) -> [f32; T] {
     while c + 64 <= k {
         if T >= PREFETCH_FROM_TOKENS {
             // A hint: addresses past the matrix are harmless (prefetches never fault).
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c + PREFETCH_AHEAD).cast());
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c + PREFETCH_AHEAD + 32).cast());
+            _mm_prefetch::<_MM_HINT_T0>(w.addr(c + PREFETCH_AHEAD).cast());
+            _mm_prefetch::<_MM_HINT_T0>(w.addr(c + PREFETCH_AHEAD + 32).cast());
         }
         step(c, u32::MAX, &mut even);
         step(c + 32, u32::MAX, &mut odd);
@@ -151,7 +197,7 @@ fn dot<const T: usize>(xs: [&[u16]; T], w: &[bf16]) -> [f32; T] {
 /// into one register, so 8 vectors cost 8 shuffle pairs rather than 8 separate reductions. Every
 /// input is summed by the same tree whatever the count, and unpaired partners are zero, so a
 /// vector's sum does not depend on its neighbours.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 #[inline]
 fn reduce<const T: usize>(vs: [__m512; T]) -> [f32; T] {
     const { assert!(T >= 1 && T <= 16, "reduce takes 1 to 16 vectors") };

@@ -29,14 +29,14 @@ thread_local! {
     static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A block format with a register-widening kernel on x86.
+/// A block format with a register-dequantising kernel on x86.
 pub(crate) trait Kernel: QuantBlock {
-    /// `out[a] = Σ_c xs[a][c] · w[c]` for the token rows `xs` (each `w.len() * QK` long).
+    /// The block's 32 weights as four 8-lane f32 vectors.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_rows<const M: usize>(xs: [&[f32]; M], w: &[Self]) -> [f32; M];
+    unsafe fn dequantize8(&self) -> [std::arch::x86_64::__m256; 4];
 }
 
 /// One task against block-quantised weights.
@@ -46,32 +46,64 @@ pub(crate) trait Kernel: QuantBlock {
 pub(super) unsafe fn task<B: Kernel>(isa: Isa, x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() && t.i1 - t.i0 <= DECODE_MAX_TOKENS {
-        // SAFETY: the caller's contract; the ISA includes AVX2, FMA and F16C.
-        unsafe { direct(x, w, s, t, out) };
+        // SAFETY (both arms): the caller's contract; every x86 SIMD ISA includes AVX2, FMA and
+        // F16C, the AVX-512 ones also AVX-512F and VL.
+        match isa {
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { direct_avx512(x, w, s, t, out) },
+            _ => unsafe { direct_avx2(x, w, s, t, out) },
+        }
         return;
     }
     // SAFETY: the caller's contract.
     unsafe { widened(isa, x, w, s, t, out) };
 }
 
-/// Rows in memory order; for each, the task's tokens four at a time.
+/// [`direct`] with AVX2's 16 registers: token rows two at a time.
+///
+/// # Safety
+/// As for [`direct`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn direct_avx2<B: Kernel>(x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    // SAFETY: the caller's contract.
+    unsafe { direct::<B, 2>(x, w, s, t, out) }
+}
+
+/// [`direct`] with AVX-512VL's 32 registers: token rows four at a time.
+///
+/// # Safety
+/// As for [`direct`]; the CPU must also have AVX-512F and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn direct_avx512<B: Kernel>(x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    // SAFETY: the caller's contract.
+    unsafe { direct::<B, 4>(x, w, s, t, out) }
+}
+
+/// Rows in memory order; for each, the task's tokens `G` (2 or 4) at a time. A token's sums do
+/// not depend on `G` or on the other tokens.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; no other thread touches the task's `out` entries.
 #[cfg(target_arch = "x86_64")]
-unsafe fn direct<B: Kernel>(x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn direct<B: Kernel, const G: usize>(x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
+    use super::quantized_avx2::dot_rows;
     let per_row = s.k / QK;
     let tok = |i: usize| &x[i * s.k..(i + 1) * s.k];
     for r in t.r0..t.r1 {
         let row = &w[r * per_row..(r + 1) * per_row];
         let mut i = t.i0;
         while i < t.i1 {
+            // The first group of a multi-token task brings the row in; later ones find it cached.
+            let pf = i == t.i0 && t.i1 - t.i0 >= 2;
             // SAFETY (every arm): the caller guarantees the CPU features.
-            let (n, sums): (usize, [f32; 4]) = match t.i1 - i {
-                1 => (1, pad(unsafe { B::dot_rows([tok(i)], row) })),
-                2 => (2, pad(unsafe { B::dot_rows([tok(i), tok(i + 1)], row) })),
-                3 => (3, pad(unsafe { B::dot_rows([tok(i), tok(i + 1), tok(i + 2)], row) })),
-                _ => (4, unsafe { B::dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row) }),
+            let (n, sums): (usize, [f32; 4]) = match (t.i1 - i).min(G) {
+                1 => (1, pad(unsafe { dot_rows([tok(i)], row, pf) })),
+                2 => (2, pad(unsafe { dot_rows([tok(i), tok(i + 1)], row, pf) })),
+                3 => (3, pad(unsafe { dot_rows([tok(i), tok(i + 1), tok(i + 2)], row, pf) })),
+                _ => (4, unsafe { dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row, pf) }),
             };
             for (a, v) in sums.iter().take(n).enumerate() {
                 // SAFETY: (i + a, r) lies in this task's rectangle.

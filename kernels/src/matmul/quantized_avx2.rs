@@ -1,10 +1,14 @@
-//! AVX2 register-widening dot products for the block formats ([`Kernel`] implementations).
+//! AVX2 register-dequantising dot products for the block formats ([`Kernel`] implementations).
 //!
-//! Per block: the 32 quantised values become four 8-lane f32 vectors (sign- or zero-extended
-//! bytes, converted), the block's f16 scale (and minimum) is widened with F16C, and for each
-//! token row `t = Σ q·x` over the block is folded in as `acc += d · t` (plus `m · Σ x` for Q4_1,
-//! whose values are `q·d + m`). Q4_0's offset of 8 is subtracted from the bytes before widening.
-//! Sums are in a different order from the reference, so results agree to f32 rounding.
+//! Per block, the 32 quantised values become four 8-lane f32 vectors of the block's weights —
+//! sign- or zero-extended bytes, converted, times the block's f16 scale (plus the minimum for
+//! Q4_1, `q·d + m` in one FMA). For Q8_0 and Q4_0 this is exactly ggml's dequantised value (an
+//! 8-bit integer times an f16 fits f32's mantissa); for Q4_1 it is one rounding instead of two.
+//! Each token row then adds the block into four accumulators of its own (one per vector), so
+//! there is no per-block reduction and no per-block scale multiply per token; the four are
+//! summed pairwise at the end. A token's sum is formed the same way whatever other token rows
+//! share the call. Sums are in a different order from the reference, so results agree to f32
+//! rounding.
 
 use std::arch::x86_64::*;
 
@@ -16,8 +20,7 @@ use crate::simd::avx2::hsum;
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn splat_f16(h: half::f16) -> __m256 {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits())));
-    _mm256_broadcastss_ps(v)
+    _mm256_cvtph_ps(_mm_set1_epi16(h.to_bits() as i16))
 }
 
 /// Four vectors of signed bytes → f32: `lo` holds values 0..16, `hi` values 16..32.
@@ -41,94 +44,78 @@ unsafe fn nibbles(p: *const u8) -> (__m128i, __m128i) {
     (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16::<4>(raw), mask))
 }
 
-/// `Σ q·x` over one block for one token row, with `x` at `xp`.
+/// How far ahead of the block being multiplied the weight stream is prefetched when `dot_rows`
+/// is asked to: with several token rows a row takes long enough that the hardware prefetcher
+/// alone leaves the weight loads waiting on memory.
+const PREFETCH_AHEAD_BYTES: usize = 2048;
+
+/// `out[a] = Σ_c xs[a][c] · w[c]` for the token rows `xs` (each `w.len() * QK` long), with the
+/// blocks dequantised by `B::dequantize8`; `prefetch` prefetches the weight stream ahead.
+///
+/// Inlined into its callers, so it is compiled with their features: with AVX-512VL's 32
+/// registers, four token rows' 16 accumulators fit next to a block's four weight vectors.
 ///
 /// # Safety
-/// `xp` must be readable for 32 f32.
+/// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn block_dot(q: &[__m256; 4], xp: *const f32) -> (__m256, [__m256; 4]) {
-    // SAFETY: the caller guarantees 32 readable f32.
-    let x = unsafe {
-        [_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))]
-    };
-    let t0 = _mm256_fmadd_ps(q[2], x[2], _mm256_mul_ps(q[0], x[0]));
-    let t1 = _mm256_fmadd_ps(q[3], x[3], _mm256_mul_ps(q[1], x[1]));
-    (_mm256_add_ps(t0, t1), x)
-}
-
-/// The shared loop: `widen(block) -> (values, scale, minimum)`; the minimum term is skipped
-/// unless `WITH_MIN`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn dot_rows_with<B, const M: usize, const WITH_MIN: bool>(
-    xs: [&[f32]; M],
-    w: &[B],
-    widen: impl Fn(&B) -> ([__m256; 4], __m256, __m256),
-) -> [f32; M] {
+pub(super) unsafe fn dot_rows<B: Kernel, const M: usize>(xs: [&[f32]; M], w: &[B], prefetch: bool) -> [f32; M] {
     let k = w.len() * QK;
     assert!(xs.iter().all(|x| x.len() == k), "token rows must match the weight row");
-    let mut acc = [_mm256_setzero_ps(); M];
-    let mut acc_min = [_mm256_setzero_ps(); M];
+    let mut acc = [[_mm256_setzero_ps(); 4]; M];
     for (bi, b) in w.iter().enumerate() {
-        let (q, d, m) = widen(b);
-        for a in 0..M {
-            // SAFETY: `bi * QK + 32 <= k == xs[a].len()`.
-            let (t, x) = unsafe { block_dot(&q, xs[a].as_ptr().add(bi * QK)) };
-            acc[a] = _mm256_fmadd_ps(t, d, acc[a]);
-            if WITH_MIN {
-                let sx = _mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3]));
-                acc_min[a] = _mm256_fmadd_ps(sx, m, acc_min[a]);
+        if prefetch {
+            // A hint: addresses past the matrix are harmless (prefetches never fault).
+            let ahead = std::ptr::from_ref(b).cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        }
+        // SAFETY: the caller guarantees the features.
+        let wv = unsafe { b.dequantize8() };
+        for (acc_a, x) in acc.iter_mut().zip(&xs) {
+            let xp = x[bi * QK..(bi + 1) * QK].as_ptr();
+            for (j, (a, wj)) in acc_a.iter_mut().zip(&wv).enumerate() {
+                // SAFETY: `xp` points at this block's 32 values of the token row.
+                *a = _mm256_fmadd_ps(*wj, unsafe { _mm256_loadu_ps(xp.add(8 * j)) }, *a);
             }
         }
     }
-    std::array::from_fn(|a| hsum(if WITH_MIN { _mm256_add_ps(acc[a], acc_min[a]) } else { acc[a] }))
+    acc.map(|[a0, a1, a2, a3]| hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))))
 }
 
 impl Kernel for BlockQ8_0 {
-    unsafe fn dot_rows<const M: usize>(xs: [&[f32]; M], w: &[Self]) -> [f32; M] {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn go<const M: usize>(xs: [&[f32]; M], w: &[BlockQ8_0]) -> [f32; M] {
-            dot_rows_with::<_, M, false>(xs, w, |b| {
-                let p = b.qs.as_ptr().cast::<__m128i>();
-                // SAFETY: `qs` is 32 bytes: two 16-byte loads.
-                let (lo, hi) = unsafe { (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1))) };
-                (widen_i8(lo, hi), splat_f16(b.d), _mm256_setzero_ps())
-            })
-        }
-        // SAFETY: the caller guarantees the features `go` is compiled for.
-        unsafe { go(xs, w) }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dequantize8(&self) -> [__m256; 4] {
+        let d = splat_f16(self.d);
+        let p = self.qs.as_ptr();
+        // SAFETY: `qs` is 32 bytes: four 8-byte loads.
+        std::array::from_fn(|j| unsafe {
+            let q = _mm_loadl_epi64(p.add(8 * j).cast());
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
+        })
     }
 }
 
 impl Kernel for BlockQ4_0 {
-    unsafe fn dot_rows<const M: usize>(xs: [&[f32]; M], w: &[Self]) -> [f32; M] {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn go<const M: usize>(xs: [&[f32]; M], w: &[BlockQ4_0]) -> [f32; M] {
-            dot_rows_with::<_, M, false>(xs, w, |b| {
-                // SAFETY: `qs` is 16 bytes.
-                let (lo, hi) = unsafe { nibbles(b.qs.as_ptr()) };
-                let eight = _mm_set1_epi8(8);
-                (widen_i8(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight)), splat_f16(b.d), _mm256_setzero_ps())
-            })
-        }
-        // SAFETY: the caller guarantees the features `go` is compiled for.
-        unsafe { go(xs, w) }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dequantize8(&self) -> [__m256; 4] {
+        // SAFETY: `qs` is 16 bytes.
+        let (lo, hi) = unsafe { nibbles(self.qs.as_ptr()) };
+        let eight = _mm_set1_epi8(8);
+        let d = splat_f16(self.d);
+        widen_i8(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight)).map(|v| _mm256_mul_ps(v, d))
     }
 }
 
 impl Kernel for BlockQ4_1 {
-    unsafe fn dot_rows<const M: usize>(xs: [&[f32]; M], w: &[Self]) -> [f32; M] {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn go<const M: usize>(xs: [&[f32]; M], w: &[BlockQ4_1]) -> [f32; M] {
-            dot_rows_with::<_, M, true>(xs, w, |b| {
-                // SAFETY: `qs` is 16 bytes.
-                let (lo, hi) = unsafe { nibbles(b.qs.as_ptr()) };
-                // Nibbles are 0..16, so widening them as signed bytes is exact.
-                (widen_i8(lo, hi), splat_f16(b.d), splat_f16(b.m))
-            })
-        }
-        // SAFETY: the caller guarantees the features `go` is compiled for.
-        unsafe { go(xs, w) }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dequantize8(&self) -> [__m256; 4] {
+        // SAFETY: `qs` is 16 bytes.
+        let (lo, hi) = unsafe { nibbles(self.qs.as_ptr()) };
+        let (d, m) = (splat_f16(self.d), splat_f16(self.m));
+        // Nibbles are 0..16, so widening them as signed bytes is exact.
+        widen_i8(lo, hi).map(|v| _mm256_fmadd_ps(v, d, m))
     }
 }

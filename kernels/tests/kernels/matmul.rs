@@ -9,9 +9,10 @@ use crate::{pools, rng, uniform};
 /// Fast and reference sums differ only in summation order, so compare against the scale of the
 /// terms: `|fast - ref| <= 1e-5 * Σ_k |x_k w_k| + 1e-6`.
 const REL: f32 = 1e-5;
-/// The AVX-512 BF16 path for decode-sized matmuls against bf16 weights rounds the token rows
-/// to bf16 (relative error ≤ 2⁻⁹ per value), so its sums may move by up to 2⁻⁹ of the terms'
-/// scale; twice that is allowed.
+/// The AVX-512 BF16 path for decode-sized matmuls against bf16 and block-quantised weights
+/// rounds the token rows (and the dequantised block values) to bf16, relative error ≤ 2⁻⁹ per
+/// value, so its sums may move by up to 2⁻⁹ of the terms' scale per rounded factor; twice that is
+/// allowed.
 const REL_BF16_DOT: f32 = 1.0 / 256.0;
 
 fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
@@ -55,7 +56,8 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
         for pool in pools() {
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, w, &mut got).unwrap();
-            let bf16_dot = pool.isa() == Isa::Avx512Bf16 && matches!(w.data, WeightData::Bf16(_)) && m <= 8;
+            let bf16_dot =
+                pool.isa() == Isa::Avx512Bf16 && !matches!(w.data, WeightData::F32(_) | WeightData::F16(_)) && m <= 8;
             let rel = if bf16_dot { REL_BF16_DOT } else { REL };
             for (idx, ((g, e), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
                 let tol = rel * s + 1e-6;
@@ -93,10 +95,12 @@ fn fast_matches_reference_on_model_shapes() {
     check_one(128, 576, 576, 104);
 }
 
-/// On the paths that promise it — bf16 weights through AVX-512 BF16 dot products, and the
-/// block formats' register-widening kernels — a decode step's token gets the same bits whether
-/// it is alone or batched with up to seven others, so a sequence's greedy output does not depend
-/// on its neighbours. (The f32 tiles sum a lone token and a tile's tokens in different orders.)
+/// On the paths that promise it, a decode step's token gets the same bits whether it is alone
+/// or batched with up to seven others, so a sequence's greedy output does not depend on its
+/// neighbours: bf16 weights through AVX-512 BF16 dot products, and block-quantised weights on
+/// AVX2 (register-dequantised f32). On AVX-512 BF16, quantised weights take the bf16 dot products
+/// from two tokens on, so there batches of 2 to 8 agree with each other but not with a lone
+/// token. (The f32 tiles sum a lone token and a tile's tokens in different orders.)
 #[test]
 fn decode_sized_results_do_not_depend_on_the_batch() {
     let (rows, cols) = (37, 577);
@@ -105,29 +109,32 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
     let wf = uniform(&mut r, rows * cols, 1.0);
     let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
     let w = WeightMatrix::new(WeightData::Bf16(&wb), rows, cols).unwrap();
-    let (qcols, qf) = (576, uniform(&mut r, rows * 576, 1.0));
-    let q8: Vec<BlockQ8_0> = qf.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let (qcols, qf) = (576, uniform(&mut r, 8 * 576, 1.0));
+    let wq_f = uniform(&mut r, rows * qcols, 1.0);
+    let q8: Vec<BlockQ8_0> = wq_f.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
     let wq = WeightMatrix::new(WeightData::Q8_0(&q8), rows, qcols).unwrap();
     for pool in pools().into_iter().filter(|p| p.isa().has_avx2()) {
-        let mut cases = vec![(&wq, qcols)];
-        if pool.isa() == Isa::Avx512Bf16 {
-            cases.push((&w, cols));
+        let bf16_dot = pool.isa() == Isa::Avx512Bf16;
+        let mut cases = vec![(&wq, qcols, &qf, if bf16_dot { 2 } else { 1 })];
+        if bf16_dot {
+            cases.push((&w, cols, &x, 1));
         }
-        for (w, cols) in cases {
-            for m in 1..=8 {
-                let xs = &x[..m * cols];
+        for (w, cols, x, smallest) in cases {
+            // Each token's result in the smallest batch the promise covers (the token first).
+            let reference = |i: usize| {
+                let mut xs = x[i * cols..(i + 1) * cols].to_vec();
+                xs.extend_from_slice(&x[((i + 1) % 8) * cols..((i + 1) % 8 + 1) * cols]);
+                let mut y = vec![0.0; smallest * rows];
+                matmul(&pool, &xs[..smallest * cols], smallest, w, &mut y).unwrap();
+                y.truncate(rows);
+                y
+            };
+            for m in smallest..=8 {
                 let mut batched = vec![0.0; m * rows];
-                matmul(&pool, xs, m, w, &mut batched).unwrap();
-                for (i, want) in batched.chunks_exact(rows).enumerate() {
-                    let mut alone = vec![0.0; rows];
-                    matmul(&pool, &xs[i * cols..(i + 1) * cols], 1, w, &mut alone).unwrap();
-                    let same = alone.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(
-                        same,
-                        "{} {}: token {i} of {m} differs from the token alone",
-                        w.data.format_name(),
-                        pool.isa()
-                    );
+                matmul(&pool, &x[..m * cols], m, w, &mut batched).unwrap();
+                for (i, got) in batched.chunks_exact(rows).enumerate() {
+                    let same = reference(i).iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{} {}: token {i} of {m} differs", w.data.format_name(), pool.isa());
                 }
             }
         }
