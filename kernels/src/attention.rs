@@ -8,6 +8,9 @@
 //! `1 / sqrt(head_dim)`; query head `h` reads KV head `h / (n_heads / n_kv_heads)` (GQA).
 //! Causality is the caller's job: it sets `context_len` per query token. Everything the kernels
 //! index is validated first, so bad input is a [`KernelError`], never a panic.
+//!
+//! Cache entries are f32 or bf16 ([`Elem`]); they are widened to f32 as they are read, and all
+//! arithmetic is in f32.
 
 use std::cell::RefCell;
 
@@ -19,15 +22,16 @@ use crate::profile::{self, KernelClass};
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
+use crate::simd::Elem;
 use crate::softmax::{softmax_isa, softmax_ref};
 
-/// One layer's paged KV cache.
+/// One layer's paged KV cache, with entries of type `E` (f32 or bf16).
 #[derive(Clone, Copy, Debug)]
-pub struct PagedKvLayer<'a> {
+pub struct PagedKvLayer<'a, E = f32> {
     /// Keys, `(num_blocks, n_kv_heads, block_size, head_dim)`.
-    pub k: &'a [f32],
+    pub k: &'a [E],
     /// Values, same layout as `k`.
-    pub v: &'a [f32],
+    pub v: &'a [E],
     /// Positions per block.
     pub block_size: usize,
     /// KV heads.
@@ -36,7 +40,7 @@ pub struct PagedKvLayer<'a> {
     pub head_dim: usize,
 }
 
-impl PagedKvLayer<'_> {
+impl<E> PagedKvLayer<'_, E> {
     /// Index in `k` and `v` of the row of (physical `block`, `slot` in it, KV head `kv_head`).
     pub fn offset(&self, block: usize, slot: usize, kv_head: usize) -> usize {
         ((block * self.n_kv_heads + kv_head) * self.block_size + slot) * self.head_dim
@@ -89,11 +93,11 @@ impl Geometry {
     }
 }
 
-fn validate(
+fn validate<E>(
     kernel: &'static str,
     q: &[f32],
     queries: &[AttentionQuery],
-    kv: &PagedKvLayer,
+    kv: &PagedKvLayer<E>,
     n_heads: usize,
     out: &[f32],
 ) -> Result<Geometry, KernelError> {
@@ -111,7 +115,7 @@ fn validate(
     check_len(kernel, "v", kv.v.len(), kv.k.len())?;
     if !kv.k.len().is_multiple_of(block_stride) {
         return Err(err(format!(
-            "cache length {} is not a multiple of the block size {block_stride} floats",
+            "cache length {} is not a multiple of the block size {block_stride} entries",
             kv.k.len()
         )));
     }
@@ -148,10 +152,10 @@ fn validate(
 }
 
 /// Reference paged attention: `q` and `out` are `(queries.len(), n_heads * head_dim)`.
-pub fn paged_attention_ref(
+pub fn paged_attention_ref<E: Elem>(
     q: &[f32],
     queries: &[AttentionQuery],
-    kv: &PagedKvLayer,
+    kv: &PagedKvLayer<E>,
     n_heads: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
@@ -168,7 +172,7 @@ pub fn paged_attention_ref(
                 let off = g.offset(qr.block_table, p, kvh);
                 let mut s = 0.0f32;
                 for (a, b) in qh.iter().zip(&kv.k[off..off + hd]) {
-                    s += a * b;
+                    s += a * b.to_f32();
                 }
                 scores.push(s * g.scale);
             }
@@ -178,7 +182,7 @@ pub fn paged_attention_ref(
             for (p, &w) in (qr.window_start..qr.context_len).zip(&scores) {
                 let off = g.offset(qr.block_table, p, kvh);
                 for (o, v) in oh.iter_mut().zip(&kv.v[off..off + hd]) {
-                    *o += w * v;
+                    *o += w * v.to_f32();
                 }
             }
         }
@@ -190,11 +194,11 @@ pub fn paged_attention_ref(
 /// that share that KV head (GQA), so each K and V row is located and loaded once for the whole
 /// group; SIMD dot products and value accumulation; per-thread buffers reused across tasks. Each head's arithmetic is in the same order as when computed alone, so results do not
 /// depend on what else is in the batch.
-pub fn paged_attention(
+pub fn paged_attention<E: Elem>(
     pool: &CpuPool,
     q: &[f32],
     queries: &[AttentionQuery],
-    kv: &PagedKvLayer,
+    kv: &PagedKvLayer<E>,
     n_heads: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
@@ -203,7 +207,7 @@ pub fn paged_attention(
     let visible: usize = queries.iter().map(|qr| qr.context_len - qr.window_start).sum();
     let _timed = profile::scope(
         KernelClass::Attention,
-        visible * 2 * kv.n_kv_heads * kv.head_dim * 4 + 4 * (q.len() + out.len()),
+        visible * 2 * kv.n_kv_heads * kv.head_dim * std::mem::size_of::<E>() + 4 * (q.len() + out.len()),
         visible * n_heads * kv.head_dim * 4,
     );
     let ctx = Ctx { isa: pool.isa(), g, kv };
@@ -222,14 +226,15 @@ pub fn paged_attention(
 /// prefetcher to get ahead of the loads.
 const PREFETCH_BLOCKS: usize = 2;
 
-/// Prefetches (into L1) the `count` rows of `head_dim` floats at `offsets[from..]` of `cache`;
+/// Prefetches (into L1) the `count` rows of `head_dim` entries at `offsets[from..]` of `cache`;
 /// positions past the end are skipped.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn prefetch_rows(cache: &[f32], offsets: &[usize], from: usize, count: usize, head_dim: usize) {
+fn prefetch_rows<E>(cache: &[E], offsets: &[usize], from: usize, count: usize, head_dim: usize) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    let per_line = (64 / std::mem::size_of::<E>()).max(1);
     for &off in offsets.iter().skip(from).take(count) {
-        for line in (0..head_dim).step_by(16) {
+        for line in (0..head_dim).step_by(per_line) {
             // SAFETY: a prefetch is a hint; the address is inside `cache` (a validated row).
             unsafe { _mm_prefetch::<_MM_HINT_T0>(cache.as_ptr().add(off + line).cast()) };
         }
@@ -251,10 +256,10 @@ struct Scratch {
 }
 
 /// What every task of one fast call shares.
-struct Ctx<'c, 'a> {
+struct Ctx<'c, 'a, E> {
     isa: Isa,
     g: Geometry,
-    kv: &'c PagedKvLayer<'a>,
+    kv: &'c PagedKvLayer<'a, E>,
 }
 
 /// One (query token, KV head) of a fast call: the `group` query heads reading that KV head.
@@ -265,7 +270,7 @@ struct GroupJob<'j> {
     q: &'j [f32],
 }
 
-impl Ctx<'_, '_> {
+impl<E: Elem> Ctx<'_, '_, E> {
     /// One (query, KV head group): scores, softmax, weighted sum of values, on the pool's ISA.
     fn group(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
         let (g, qr) = (&self.g, job.query);
@@ -304,9 +309,11 @@ impl Ctx<'_, '_> {
         let (kv, hd) = (self.kv, self.g.head_dim);
         let Scratch { scores, offsets } = scratch;
         let n = offsets.len();
+        let mut scratch_row = Vec::new();
         for (i, &off) in offsets.iter().enumerate() {
             for (h, qh) in job.q.chunks_exact(hd).enumerate() {
-                scores[h * n + i] = crate::simd::dot(qh, &kv.k[off..off + hd]) * self.g.scale;
+                let k = E::widen(&kv.k[off..off + hd], &mut scratch_row);
+                scores[h * n + i] = crate::simd::dot(qh, k) * self.g.scale;
             }
         }
         for head_scores in scores.chunks_exact_mut(n) {
@@ -317,7 +324,7 @@ impl Ctx<'_, '_> {
             for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
                 let w = scores[h * n + i];
                 for (o, v) in oh.iter_mut().zip(&kv.v[off..off + hd]) {
-                    *o += w * v;
+                    *o += w * v.to_f32();
                 }
             }
         }

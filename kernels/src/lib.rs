@@ -30,6 +30,7 @@ pub use error::KernelError;
 pub use hugepage::HugePageBuf;
 pub use isa::Isa;
 pub use pool::CpuPool;
+pub use simd::Elem;
 pub use weights::{WeightData, WeightMatrix};
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -14,8 +14,9 @@ use half::{bf16, f16};
 /// Lane count of the portable accumulators (matches an AVX2 register of f32).
 pub(crate) const LANES: usize = 8;
 
-/// A weight element type the matmul kernels can widen to f32.
-pub(crate) trait Elem: Copy + Send + Sync + 'static {
+/// An element type the kernels widen to f32: weights (f32, bf16, f16) and KV-cache entries (f32,
+/// bf16). Sealed: the kernels' unsafe loads rely on the implementations here.
+pub trait Elem: sealed::Sealed + Copy + Send + Sync + 'static {
     /// Widens one element.
     fn to_f32(self) -> f32;
 
@@ -42,6 +43,13 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// support AVX-512 F, BW and VL.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16_masked(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
 impl Elem for f32 {

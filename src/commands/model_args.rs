@@ -25,7 +25,9 @@ pub enum Device {
     Cuda,
 }
 
-/// In-memory format of weight matrices.
+/// In-memory format of weight matrices. On the CPU it also sets the KV cache's entries: f32 with
+/// `f32` weights (the exact reference path), bf16 with every other choice (half the memory per
+/// token and half the bytes attention reads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightsDtypeArg {
     /// The file's own format where the CPU kernels read it (f32, bf16, f16, Q8_0, Q4_0, Q4_1;

@@ -113,7 +113,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let resolved = args.model.resolve()?;
     let bytes_per_elem = match args.model.device {
-        Device::Cpu => backend::CPU_KV_ELEM_BYTES,
+        Device::Cpu => backend::cpu_kv_elem_bytes(args.model.weights_dtype.into()),
         Device::Cuda => backend::CUDA_KV_ELEM_BYTES,
     };
     let kv = match args.kv_blocks {

@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 
 use super::{PREFETCH_BLOCKS, prefetch_rows};
 use crate::isa::Isa;
+use crate::simd::Elem;
 use crate::simd::avx2::{load, reduce8, store};
 use crate::softmax::softmax_isa;
 
@@ -21,9 +22,9 @@ const DIMS: usize = 64;
 
 /// What a group task reads: K and V of the layer, the rows' offsets in visible-position order,
 /// the head size and the score scale.
-pub(super) struct Rows<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub(super) struct Rows<'a, E> {
+    pub k: &'a [E],
+    pub v: &'a [E],
     pub offsets: &'a [usize],
     pub head_dim: usize,
     pub scale: f32,
@@ -36,26 +37,26 @@ pub(super) struct Rows<'a> {
 /// The CPU must have AVX2 and FMA; every offset starts a row of `head_dim` floats in `k` and `v`;
 /// `head_dim` is a multiple of 8; `q`, `out` are `heads × head_dim` and `scores` is
 /// `heads × offsets.len()`.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn group_avx2(isa: Isa, rows: &Rows, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn group_avx2<E: Elem>(isa: Isa, rows: &Rows<E>, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
     // SAFETY: the caller's contract.
-    unsafe { group::<1>(isa, rows, q, scores, out) }
+    unsafe { group::<E, 1>(isa, rows, q, scores, out) }
 }
 
 /// [`group_avx2`] with AVX-512's registers: three heads per pass.
 ///
 /// # Safety
 /// As for [`group_avx2`], and the CPU must have AVX-512F and AVX-512VL.
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-pub(super) unsafe fn group_avx512(isa: Isa, rows: &Rows, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+pub(super) unsafe fn group_avx512<E: Elem>(isa: Isa, rows: &Rows<E>, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
     // SAFETY: the caller's contract.
-    unsafe { group::<3>(isa, rows, q, scores, out) }
+    unsafe { group::<E, 3>(isa, rows, q, scores, out) }
 }
 
 /// Scores of every head, softmax per head, then values; heads go `H` at a time (the rest fewer).
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn group<const H: usize>(isa: Isa, rows: &Rows, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
+unsafe fn group<E: Elem, const H: usize>(isa: Isa, rows: &Rows<E>, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
     let (hd, n) = (rows.head_dim, rows.offsets.len());
     let heads = q.len() / hd;
     // SAFETY (every pass): the caller's contract; each pass gets its heads' contiguous slices.
@@ -65,9 +66,9 @@ unsafe fn group<const H: usize>(isa: Isa, rows: &Rows, q: &[f32], scores: &mut [
         let (qs, ss) = (&q[h * hd..(h + take) * hd], &mut scores[h * n..(h + take) * n]);
         unsafe {
             match take {
-                3 => scores_pass::<3>(rows, qs, ss, h == 0),
-                2 => scores_pass::<2>(rows, qs, ss, h == 0),
-                _ => scores_pass::<1>(rows, qs, ss, h == 0),
+                3 => scores_pass::<E, 3>(rows, qs, ss, h == 0),
+                2 => scores_pass::<E, 2>(rows, qs, ss, h == 0),
+                _ => scores_pass::<E, 1>(rows, qs, ss, h == 0),
             }
         }
         h += take;
@@ -82,9 +83,9 @@ unsafe fn group<const H: usize>(isa: Isa, rows: &Rows, q: &[f32], scores: &mut [
         let (ss, os) = (&scores[h * n..(h + take) * n], &mut out[h * hd..(h + take) * hd]);
         unsafe {
             match take {
-                3 => values_pass::<3>(rows, ss, os, h == 0),
-                2 => values_pass::<2>(rows, ss, os, h == 0),
-                _ => values_pass::<1>(rows, ss, os, h == 0),
+                3 => values_pass::<E, 3>(rows, ss, os, h == 0),
+                2 => values_pass::<E, 2>(rows, ss, os, h == 0),
+                _ => values_pass::<E, 1>(rows, ss, os, h == 0),
             }
         }
         h += take;
@@ -94,9 +95,9 @@ unsafe fn group<const H: usize>(isa: Isa, rows: &Rows, q: &[f32], scores: &mut [
 /// `scores[h·n + i] = scale · q_h · k_i` for the pass's `H` heads: 8 positions at a time, each
 /// (head, position) an FMA chain over the head dimension, the 8 chains of a head reduced
 /// together. `first` passes prefetch the K rows ahead (later passes find them in cache).
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scores_pass<const H: usize>(rows: &Rows, q: &[f32], scores: &mut [f32], first: bool) {
+unsafe fn scores_pass<E: Elem, const H: usize>(rows: &Rows<E>, q: &[f32], scores: &mut [f32], first: bool) {
     let (k, offsets, hd) = (rows.k, rows.offsets, rows.head_dim);
     let n = offsets.len();
     let vscale = _mm256_set1_ps(rows.scale);
@@ -112,7 +113,7 @@ unsafe fn scores_pass<const H: usize>(rows: &Rows, q: &[f32], scores: &mut [f32]
             // lies inside `scores`.
             let qv: [__m256; H] = std::array::from_fn(|h| unsafe { load(q, h * hd + d) });
             for (p, &off) in offs.iter().enumerate() {
-                let kv = unsafe { load(k, off + d) };
+                let kv = unsafe { E::load8(k.as_ptr().add(off + d)) };
                 for (acc_h, qv_h) in acc.iter_mut().zip(&qv) {
                     acc_h[p] = _mm256_fmadd_ps(*qv_h, kv, acc_h[p]);
                 }
@@ -126,17 +127,32 @@ unsafe fn scores_pass<const H: usize>(rows: &Rows, q: &[f32], scores: &mut [f32]
     for (i, &off) in blocks.remainder().iter().enumerate() {
         for h in 0..H {
             let qh = &q[h * hd..(h + 1) * hd];
-            scores[h * n + done + i] = crate::simd::avx2::dot(qh, &k[off..off + hd]) * rows.scale;
+            scores[h * n + done + i] = unsafe { dot_row(qh, &k[off..off + hd]) } * rows.scale;
         }
     }
+}
+
+/// `q · k` for one row: one FMA chain over 8-lane chunks, then a horizontal sum.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `q.len() == k.len()`, a multiple of 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_row<E: Elem>(q: &[f32], k: &[E]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for d in (0..q.len()).step_by(8) {
+        // SAFETY: `d + 8 <= len` for both rows.
+        acc = _mm256_fmadd_ps(unsafe { load(q, d) }, unsafe { E::load8(k.as_ptr().add(d)) }, acc);
+    }
+    crate::simd::avx2::hsum(acc)
 }
 
 /// `out_h = Σ_i scores[h·n + i] · v_i` for the pass's `H` heads, 64 dimensions at a time: each
 /// position's value chunk is loaded once and added into every head's accumulators, which stay in
 /// registers over all positions. `first` passes prefetch the V rows ahead.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn values_pass<const H: usize>(rows: &Rows, scores: &[f32], out: &mut [f32], first: bool) {
+unsafe fn values_pass<E: Elem, const H: usize>(rows: &Rows<E>, scores: &[f32], out: &mut [f32], first: bool) {
     let (v, offsets, hd) = (rows.v, rows.offsets, rows.head_dim);
     let n = offsets.len();
     for d0 in (0..hd).step_by(DIMS) {
@@ -151,7 +167,7 @@ unsafe fn values_pass<const H: usize>(rows: &Rows, scores: &[f32], out: &mut [f3
                 let w: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(scores[h * n + i]));
                 for j in 0..DIMS / 8 {
                     // SAFETY: `d0 + 8 j + 8 <= hd`; the row at `off` has `hd` floats.
-                    let vv = unsafe { load(v, off + d0 + 8 * j) };
+                    let vv = unsafe { E::load8(v.as_ptr().add(off + d0 + 8 * j)) };
                     for (acc_h, w_h) in acc.iter_mut().zip(&w) {
                         acc_h[j] = _mm256_fmadd_ps(*w_h, vv, acc_h[j]);
                     }
@@ -162,7 +178,7 @@ unsafe fn values_pass<const H: usize>(rows: &Rows, scores: &[f32], out: &mut [f3
                 let w: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(scores[h * n + i]));
                 for j in 0..vectors {
                     // SAFETY: `d0 + 8 j + 8 <= hd`; the row at `off` has `hd` floats.
-                    let vv = unsafe { load(v, off + d0 + 8 * j) };
+                    let vv = unsafe { E::load8(v.as_ptr().add(off + d0 + 8 * j)) };
                     for (acc_h, w_h) in acc.iter_mut().zip(&w) {
                         acc_h[j] = _mm256_fmadd_ps(*w_h, vv, acc_h[j]);
                     }

@@ -1,3 +1,4 @@
+use half::bf16;
 use rand::seq::SliceRandom;
 use tessera_kernels::attention::{AttentionQuery, PagedKvLayer, paged_attention, paged_attention_ref};
 
@@ -93,6 +94,31 @@ fn run_case(f: &Fixture, n_heads: usize, qs: &[(usize, AttentionQuery)], seed: u
         paged_attention(&pool, &q, &queries, &f.layer(), n_heads, &mut got).unwrap();
         // Reordered dot products and polynomial exp: 1e-5 relative, 1e-6 absolute.
         assert_close(&format!("fast {} x{}", pool.isa(), pool.threads()), &got, &want, 1e-5, 1e-6);
+    }
+    // A bf16 cache: the kernels widen its entries exactly, so they must match the f32 kernels on
+    // the same (rounded) values.
+    let (kb, vb): (Vec<bf16>, Vec<bf16>) =
+        (f.k.iter().map(|&x| bf16::from_f32(x)).collect(), f.v.iter().map(|&x| bf16::from_f32(x)).collect());
+    let rounded = Fixture {
+        k: kb.iter().map(|x| x.to_f32()).collect(),
+        v: vb.iter().map(|x| x.to_f32()).collect(),
+        tables: f.tables.clone(),
+        ..*f
+    };
+    let layer_b = PagedKvLayer {
+        k: &kb[..],
+        v: &vb[..],
+        block_size: f.block_size,
+        n_kv_heads: f.n_kv_heads,
+        head_dim: f.head_dim,
+    };
+    let mut want_b = vec![0.0; q.len()];
+    paged_attention_ref(&q, &queries, &layer_b, n_heads, &mut want_b).unwrap();
+    assert_close("bf16 ref vs dense", &want_b, &dense(&rounded, &q, qs, n_heads), 1e-4, 1e-5);
+    for pool in pools() {
+        let mut got = vec![f32::NAN; q.len()];
+        paged_attention(&pool, &q, &queries, &layer_b, n_heads, &mut got).unwrap();
+        assert_close(&format!("fast bf16 cache {} x{}", pool.isa(), pool.threads()), &got, &want_b, 1e-5, 1e-6);
     }
 }
 

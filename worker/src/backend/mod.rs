@@ -17,8 +17,7 @@ use crate::model::SeqChunk;
 use crate::parallel::GroupHealth;
 use crate::sampler::argmax;
 
-/// Bytes per K or V element in the CPU backend's cache (f32).
-pub const CPU_KV_ELEM_BYTES: usize = 4;
+pub use cpu::cpu_kv_elem_bytes;
 /// Bytes per K or V element in the CUDA backend's cache (bf16).
 pub const CUDA_KV_ELEM_BYTES: usize = 2;
 

@@ -11,7 +11,7 @@
 //! lives on one rank) and the logits all-gathered. With one rank the collectives are skipped.
 
 use tessera_kernels::activation::{add_assign, silu_mul};
-use tessera_kernels::attention::{AttentionQuery, paged_attention};
+use tessera_kernels::attention::AttentionQuery;
 use tessera_kernels::comm::Communicator;
 use tessera_kernels::matmul::{matmul, matmul_many};
 use tessera_kernels::norm::rms_norm;
@@ -274,9 +274,7 @@ impl LlamaModel {
                 kv.write(li, ch.block_table, &positions[offset..offset + len], &k[rows.clone()], &v[rows])?;
                 offset += len;
             }
-            let layer_kv =
-                kv.layer(li).ok_or_else(|| EngineError::Internal(format!("KV storage has no layer {li}")))?;
-            paged_attention(pool, &q, &queries, &layer_kv, heads, &mut attn)?;
+            kv.attention(pool, li, &q, &queries, heads, &mut attn)?;
             matmul(pool, &attn, n, &mat(&layer.o_proj)?, &mut proj)?;
             if parallel {
                 comm.all_reduce_sum(&mut proj)?;
