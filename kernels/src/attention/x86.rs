@@ -60,9 +60,7 @@ unsafe fn group<E: Elem, const H: usize>(isa: Isa, rows: &Rows<E>, q: &[f32], sc
     let (hd, n) = (rows.head_dim, rows.offsets.len());
     let heads = q.len() / hd;
     // SAFETY (every pass): the caller's contract; each pass gets its heads' contiguous slices.
-    let mut h = 0;
-    while h < heads {
-        let take = (heads - h).min(H);
+    for (h, take) in passes(heads, H) {
         let (qs, ss) = (&q[h * hd..(h + take) * hd], &mut scores[h * n..(h + take) * n]);
         unsafe {
             match take {
@@ -71,15 +69,12 @@ unsafe fn group<E: Elem, const H: usize>(isa: Isa, rows: &Rows<E>, q: &[f32], sc
                 _ => scores_pass::<E, 1>(rows, qs, ss, h == 0),
             }
         }
-        h += take;
     }
     prefetch_rows(rows.v, rows.offsets, 0, PREFETCH_BLOCKS * POS, hd);
     for head_scores in scores.chunks_exact_mut(n) {
         softmax_isa(isa, head_scores);
     }
-    let mut h = 0;
-    while h < heads {
-        let take = (heads - h).min(H);
+    for (h, take) in passes(heads, H) {
         let (ss, os) = (&scores[h * n..(h + take) * n], &mut out[h * hd..(h + take) * hd]);
         unsafe {
             match take {
@@ -88,8 +83,12 @@ unsafe fn group<E: Elem, const H: usize>(isa: Isa, rows: &Rows<E>, q: &[f32], sc
                 _ => values_pass::<E, 1>(rows, ss, os, h == 0),
             }
         }
-        h += take;
     }
+}
+
+/// `(first head, heads)` of each pass over `heads` heads, `per` (1 to 3) at a time.
+fn passes(heads: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..heads).step_by(per).map(move |h| (h, (heads - h).min(per)))
 }
 
 /// `scores[h·n + i] = scale · q_h · k_i` for the pass's `H` heads: 8 positions at a time, each
