@@ -10,12 +10,13 @@
 //! each weight vector is loaded (and widened from bf16 with a 16-bit shift) once per tile and
 //! reused across the tile's token rows; a single token (decode) instead walks the rows in memory
 //! order, one row at a time. Tasks walk their weight rows in L2-sized sub-blocks so that every
-//! token tile reuses them from cache. Block-quantised weights (`quantized.rs`) and, on
-//! [`Isa::Avx512Bf16`], decode-sized bf16 matmuls (`bf16_dot.rs`) have their own drivers over the
-//! same task plan. The AVX-512 path
+//! token tile reuses them from cache. Every task goes through one dispatch (`run_task`), which
+//! picks the path from the weight format and the ISA: block-quantised weights have their own
+//! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and quantised ones
+//! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`). The AVX-512 path
 //! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
 //! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
-//! AVX2.
+//! AVX2. [`matmul_many`] runs several weights that share an input as one launch.
 
 /// Defines `task` (and its helpers) in an ISA module from the module's `tile` micro-kernel and
 /// its `MR`, `NR` constants and its `dot_row` GEMV: the blocking logic is the same for every ISA, only the
@@ -340,8 +341,8 @@ impl<'a> Input<'a> {
                 WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => bf16_dot::applies_to_blocks(isa, m),
                 WeightData::F32(_) | WeightData::F16(_) => false,
             });
-            // SAFETY: `applies` and `applies_to_blocks` hold only on the AVX-512 BF16 ISA, which pools hold only where
-            // the CPU has it.
+            // SAFETY: `applies` and `applies_to_blocks` hold only on the AVX-512 BF16 ISA, which
+            // pools hold only where the CPU has it.
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
             Input { x, bf16 }
         }

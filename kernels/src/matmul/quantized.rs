@@ -1,9 +1,11 @@
 //! Matmul against block-quantised weights (Q8_0, Q4_0, Q4_1), read in their own format.
 //!
 //! Tasks are cut as for plain weights ([`super::Plan`]). Within a task:
-//! - up to [`DECODE_MAX_TOKENS`] tokens (decode, small batches) on an x86 SIMD path: each weight
-//!   row is read once, its blocks widened in registers and multiplied with up to four token rows
-//!   at a time (`quantized_avx2`), walking the rows in memory order;
+//! - up to [`DECODE_MAX_TOKENS`] tokens (decode, small batches) on an x86 SIMD path: the rows are
+//!   walked in memory order, each row's blocks dequantised in registers and multiplied with the
+//!   token rows four at a time with AVX-512VL's registers, two with AVX2's (`quantized_avx2`).
+//!   (On [`Isa::Avx512Bf16`], 2 to 8 tokens take the bf16 dot-product path instead; see
+//!   `run_task`);
 //! - more tokens (prefill): an L2-sized group of rows is widened into this thread's buffer, then
 //!   the f32 tile kernels run over it, so widening costs one pass per [`TOKENS_PER_TASK`] tokens.
 //!
