@@ -273,7 +273,7 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
 /// `ys[j] = x · w_jᵀ` for weights that share their input `x` (`m` rows), such as a layer's Q, K
 /// and V projections or its gate and up projections.
 ///
-/// A decode-sized call (at most [`DECODE_MAX_TOKENS`] tokens) is one pool launch whose row blocks
+/// A decode-sized call (at most 8 tokens, `DECODE_MAX_TOKENS`) is one pool launch whose row blocks
 /// are cut across all the weights in order: each thread streams one stretch of them, and the
 /// launch and its closing wait are paid once instead of once per weight. Every output gets the
 /// same values as from [`matmul`] with the same weight. Larger calls are compute-bound and run one
