@@ -299,7 +299,7 @@ pub fn matmul_many(
     let _timed = profile::scope(KernelClass::MatmulDecode, bytes, flops);
     let threads = pool.threads();
     let total_rows: usize = targets.iter().map(|(w, _)| w.rows).sum();
-    let rows_per_task = Plan::rows_per_task(total_rows, threads, TASKS_PER_THREAD);
+    let rows_per_task = Plan::rows_per_task(total_rows, threads);
     // Each weight's tasks, numbered on from the previous weight's.
     let mut first_task = 0;
     let segments: Vec<(usize, Shape, Plan)> = targets
@@ -402,9 +402,9 @@ pub(crate) struct Task {
 }
 
 /// How a call is cut into tasks: blocks of weight rows × blocks of up to [`TOKENS_PER_TASK`]
-/// tokens. A single token (decode GEMV) gets one contiguous row block per thread, so each
-/// thread streams one linear stretch of the matrix; larger calls get about
-/// [`TASKS_PER_THREAD`] row blocks per thread, for load balance.
+/// tokens, about [`TASKS_PER_THREAD`] row blocks per thread. The pool hands each thread a
+/// contiguous share of the blocks first, so a thread still streams one linear stretch of the
+/// matrix, and a thread that finishes early takes blocks from a delayed one instead of waiting.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
     rows: usize,
@@ -414,13 +414,13 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub(crate) fn new(s: Shape, threads: usize) -> Self {
-        let per_thread = if s.m == 1 { 1 } else { TASKS_PER_THREAD };
-        Self::with_rows(s, Self::rows_per_task(s.n, threads, per_thread))
+        Self::with_rows(s, Self::rows_per_task(s.n, threads))
     }
 
-    /// Row block size for `rows` weight rows cut into about `per_thread` blocks per thread.
-    fn rows_per_task(rows: usize, threads: usize, per_thread: usize) -> usize {
-        rows.div_ceil(threads.max(1) * per_thread).max(MIN_ROWS_PER_TASK).next_multiple_of(ROW_ALIGN)
+    /// Row block size for `rows` weight rows cut into about [`TASKS_PER_THREAD`] blocks per
+    /// thread.
+    fn rows_per_task(rows: usize, threads: usize) -> usize {
+        rows.div_ceil(threads.max(1) * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK).next_multiple_of(ROW_ALIGN)
     }
 
     /// Row blocks of `rows` (> 0) weight rows.
