@@ -3,12 +3,12 @@
 //! ([`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16)).
 //!
 //! The (at most [`MAX_TOKENS`]) token rows are rounded to bf16 once per call, to nearest even.
-//! Tasks walk their weight rows in tiles of a few rows × all the task's tokens; each row, loaded
-//! one cache line (32 values) at a time, meets every token row through `vdpbf16ps`, which adds 32
-//! products into 16 f32 lanes: twice the multiply rate of f32 FMAs, and no widening of the
-//! weights. Each (row, token) pair has one accumulator over the chunks in order and the lanes are
-//! summed by one fixed tree, so a token's sum is formed in the same order whatever else is in the
-//! batch; a masked load covers the row's tail.
+//! Tasks walk their weight rows in memory order, one row at a time against all the task's
+//! tokens; each row, read one cache line (32 values) at a time, meets every token row through
+//! `vdpbf16ps`, which adds 32 products into 16 f32 lanes: twice the multiply rate of f32 FMAs,
+//! and no widening of the weights. Each (row, token) pair has two accumulators (even and odd
+//! chunks) and the lanes are summed by one fixed tree, so a token's sum is formed in the same
+//! order whatever else is in the batch; a masked load covers the row's tail.
 
 use std::arch::x86_64::*;
 
@@ -23,9 +23,10 @@ use crate::simd::SharedOut;
 pub(super) const MAX_TOKENS: usize = super::DECODE_MAX_TOKENS;
 const _: () = assert!(MAX_TOKENS == 8, "bf16_dot::rows has one arm per token count up to 8");
 
-/// How far ahead of the chunk being multiplied the weight stream is prefetched, in values
-/// (2 KiB of bf16, about 1 KiB of Q8_0). With several token rows a row takes long enough that the hardware prefetcher alone
-/// leaves the weight loads waiting on memory; one token streams fast enough without it.
+/// How far ahead of the chunk being multiplied the weight stream is prefetched, in values (2 KiB
+/// of bf16, about 1 KiB of Q8_0). With several token rows a row takes long enough that the
+/// hardware prefetcher alone leaves the weight loads waiting on memory; one token streams fast
+/// enough without it.
 const PREFETCH_AHEAD: usize = 1024;
 /// Token rows from which the software prefetch is issued.
 const PREFETCH_FROM_TOKENS: usize = 2;
