@@ -43,8 +43,22 @@ pub struct PagedKvLayer<'a, E = f32> {
 impl<E> PagedKvLayer<'_, E> {
     /// Index in `k` and `v` of the row of (physical `block`, `slot` in it, KV head `kv_head`).
     pub fn offset(&self, block: usize, slot: usize, kv_head: usize) -> usize {
-        ((block * self.n_kv_heads + kv_head) * self.block_size + slot) * self.head_dim
+        row_offset(self.n_kv_heads, self.block_size, self.head_dim, block, slot, kv_head)
     }
+}
+
+/// The cache layout's one definition: index of the row of (`block`, `slot`, `kv_head`) in a
+/// `(num_blocks, n_kv_heads, block_size, head_dim)` array.
+#[inline]
+fn row_offset(
+    n_kv_heads: usize,
+    block_size: usize,
+    head_dim: usize,
+    block: usize,
+    slot: usize,
+    kv_head: usize,
+) -> usize {
+    ((block * n_kv_heads + kv_head) * block_size + slot) * head_dim
 }
 
 /// What one query token may see.
@@ -75,7 +89,7 @@ impl Geometry {
     #[inline]
     fn offset(&self, table: &[u32], p: usize, kvh: usize) -> usize {
         let block = table[p / self.block_size] as usize;
-        ((block * self.n_kv_heads + kvh) * self.block_size + p % self.block_size) * self.head_dim
+        row_offset(self.n_kv_heads, self.block_size, self.head_dim, block, p % self.block_size, kvh)
     }
 
     /// Appends the offsets of KV head `kvh` at every visible position of `qr`, in order: the
@@ -253,6 +267,8 @@ struct Scratch {
     scores: Vec<f32>,
     /// Offset of each visible position's K/V row for the task's KV head.
     offsets: Vec<usize>,
+    /// One K or V row widened to f32 (portable path, non-f32 caches).
+    row: Vec<f32>,
 }
 
 /// What every task of one fast call shares.
@@ -303,16 +319,15 @@ impl<E: Elem> Ctx<'_, '_, E> {
         self.group_portable(job, out, scratch);
     }
 
-    /// Portable [`Ctx::group`]: one dot product per (position, head), then one `axpy` per
-    /// (position, head) into the output.
+    /// Portable [`Ctx::group`]: each position's K row widened once, one dot product per head;
+    /// then its V row widened once, one `axpy` per head into the output.
     fn group_portable(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
         let (kv, hd) = (self.kv, self.g.head_dim);
-        let Scratch { scores, offsets } = scratch;
+        let Scratch { scores, offsets, row } = scratch;
         let n = offsets.len();
-        let mut scratch_row = Vec::new();
         for (i, &off) in offsets.iter().enumerate() {
+            let k = E::widen(&kv.k[off..off + hd], row);
             for (h, qh) in job.q.chunks_exact(hd).enumerate() {
-                let k = E::widen(&kv.k[off..off + hd], &mut scratch_row);
                 scores[h * n + i] = crate::simd::dot(qh, k) * self.g.scale;
             }
         }
@@ -321,10 +336,11 @@ impl<E: Elem> Ctx<'_, '_, E> {
         }
         out.fill(0.0);
         for (i, &off) in offsets.iter().enumerate() {
+            let v = E::widen(&kv.v[off..off + hd], row);
             for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
                 let w = scores[h * n + i];
-                for (o, v) in oh.iter_mut().zip(&kv.v[off..off + hd]) {
-                    *o += w * v.to_f32();
+                for (o, v) in oh.iter_mut().zip(v) {
+                    *o += w * v;
                 }
             }
         }

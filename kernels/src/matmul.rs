@@ -336,13 +336,9 @@ impl<'a> Input<'a> {
     fn new<'w>(isa: Isa, x: &'a [f32], m: usize, weights: impl IntoIterator<Item = &'w WeightMatrix<'w>>) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let needs_bf16 = weights.into_iter().any(|w| match w.data {
-                WeightData::Bf16(_) => bf16_dot::applies(isa, m),
-                WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => bf16_dot::applies_to_blocks(isa, m),
-                WeightData::F32(_) | WeightData::F16(_) => false,
-            });
-            // SAFETY: `applies` and `applies_to_blocks` hold only on the AVX-512 BF16 ISA, which
-            // pools hold only where the CPU has it.
+            let needs_bf16 = weights.into_iter().any(|w| bf16_dot::takes(isa, &w.data, m));
+            // SAFETY: `takes` holds only on the AVX-512 BF16 ISA, which pools hold only where the
+            // CPU has it.
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
             Input { x, bf16 }
         }
@@ -366,15 +362,15 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         match *w {
             WeightData::F32(d) => elem_task(isa, x, d, s, t, out),
             #[cfg(target_arch = "x86_64")]
-            WeightData::Bf16(d) if bf16_dot::applies(isa, s.m) => {
+            WeightData::Bf16(d) if bf16_dot::takes(isa, w, s.m) => {
                 bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out)
             }
             #[cfg(target_arch = "x86_64")]
-            WeightData::Q8_0(b) if bf16_dot::applies_to_blocks(isa, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
+            WeightData::Q8_0(b) if bf16_dot::takes(isa, w, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
             #[cfg(target_arch = "x86_64")]
-            WeightData::Q4_0(b) if bf16_dot::applies_to_blocks(isa, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
+            WeightData::Q4_0(b) if bf16_dot::takes(isa, w, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
             #[cfg(target_arch = "x86_64")]
-            WeightData::Q4_1(b) if bf16_dot::applies_to_blocks(isa, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
+            WeightData::Q4_1(b) if bf16_dot::takes(isa, w, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
             WeightData::Bf16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::F16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::Q8_0(b) => quantized::task(isa, x, b, s, t, out),

@@ -17,6 +17,7 @@ use half::bf16;
 use super::{Shape, Task};
 use crate::isa::Isa;
 use crate::simd::SharedOut;
+use crate::weights::WeightData;
 
 /// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
 /// `rows` dispatches on each count up to 8.
@@ -31,18 +32,19 @@ const PREFETCH_AHEAD: usize = 1024;
 /// Token rows from which the software prefetch is issued.
 const PREFETCH_FROM_TOKENS: usize = 2;
 
-/// Whether decode-sized matmuls against bf16 weights take this path: on the AVX-512 BF16 ISA,
-/// for at most [`MAX_TOKENS`] token rows.
-pub(super) fn applies(isa: Isa, m: usize) -> bool {
-    isa == Isa::Avx512Bf16 && m <= MAX_TOKENS
-}
-
-/// Whether decode-sized matmuls against block-quantised weights take this path: as
-/// [`applies`], from 2 token rows. A single token is bound by memory, and the f32 path
-/// (`quantized_avx2`) dequantises with fewer instructions per block and no rounding; with several
-/// tokens the four f32 FMAs per block and token are what bind, and one `vdpbf16ps` replaces them.
-pub(super) fn applies_to_blocks(isa: Isa, m: usize) -> bool {
-    applies(isa, m) && m >= 2
+/// Whether a matmul of `m` token rows against `w` takes this path — the one decision both the
+/// input's rounding and the per-task dispatch read. Only on the AVX-512 BF16 ISA and for at most
+/// [`MAX_TOKENS`] rows: bf16 weights always; block-quantised weights from 2 token rows on (a single
+/// token is bound by memory, and the f32 path, `quantized_avx2`, dequantises with fewer
+/// instructions per block and no rounding; with several tokens the four f32 FMAs per block and
+/// token are what bind, and one `vdpbf16ps` replaces them); f32 and f16 weights never.
+pub(super) fn takes(isa: Isa, w: &WeightData, m: usize) -> bool {
+    let decode = isa == Isa::Avx512Bf16 && m <= MAX_TOKENS;
+    match w {
+        WeightData::Bf16(_) => decode,
+        WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => decode && m >= 2,
+        WeightData::F32(_) | WeightData::F16(_) => false,
+    }
 }
 
 /// `x` rounded to bf16 (nearest even), as raw bits.

@@ -37,7 +37,7 @@ fn widen_i8(lo: __m128i, hi: __m128i) -> [__m256; 4] {
 /// `p` must be readable for 16 bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn nibbles(p: *const u8) -> (__m128i, __m128i) {
+pub(super) unsafe fn nibbles(p: *const u8) -> (__m128i, __m128i) {
     // SAFETY: the caller guarantees 16 readable bytes; `loadu` has no alignment requirement.
     let raw = unsafe { _mm_loadu_si128(p.cast()) };
     let mask = _mm_set1_epi8(0x0F);

@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::bf16_dot::Bf16Row;
+use super::quantized_avx2::nibbles;
 use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 
 /// A block format that dequantises to bf16 in registers.
@@ -65,19 +66,6 @@ fn pack(lo: __m512, hi: __m512) -> __m512bh {
 #[inline]
 fn widen(v: __m128i) -> __m512 {
     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
-}
-
-/// Low and high nibbles of the 16 bytes at `p`: values 0..16 and 16..32 of a Q4 block.
-///
-/// # Safety
-/// `p` must be readable for 16 bytes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
-#[inline]
-unsafe fn nibbles(p: *const u8) -> (__m128i, __m128i) {
-    // SAFETY: the caller guarantees 16 readable bytes; `loadu` has no alignment requirement.
-    let raw = unsafe { _mm_loadu_si128(p.cast()) };
-    let mask = _mm_set1_epi8(0x0F);
-    (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16::<4>(raw), mask))
 }
 
 impl DequantBf16 for BlockQ8_0 {
