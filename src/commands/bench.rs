@@ -1,6 +1,6 @@
 //! `tessera bench …`: speed measured against this machine's own limits, in the same run.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
@@ -125,59 +125,75 @@ impl Spread {
     }
 }
 
+/// One phase of the accounting run: its wall time and its kernels' totals per class.
+struct PhaseProfile {
+    phase: &'static str,
+    wall: Duration,
+    classes: Vec<(KernelClass, ClassTotals)>,
+}
+
 /// One more run with kernel accounting on: totals per class for the steps with prompt tokens
-/// (until every sequence has its first token) and for the decode steps after them.
-fn profile_phases(
-    engine: &mut Engine,
-    requests: &[GenerationRequest],
-) -> anyhow::Result<Vec<(&'static str, KernelClass, ClassTotals)>> {
+/// (until every sequence has its first token) and for the decode steps after them, with each
+/// phase's wall time, so that what runs outside the kernels (sampling, scheduling, the engine's
+/// bookkeeping) shows too.
+fn profile_phases(engine: &mut Engine, requests: &[GenerationRequest]) -> anyhow::Result<Vec<PhaseProfile>> {
     let mut started = vec![false; requests.len()];
     let mut waiting = requests.len();
     let mut prefill = Vec::new();
     profile::set_enabled(true);
     let _ = profile::take();
+    let start = Instant::now();
+    let mut decode_start = start;
     let result = engine.generate(requests, |seq, _| {
         if let Some(s) = started.get_mut(seq).filter(|s| !**s) {
             *s = true;
             waiting -= 1;
             if waiting == 0 {
                 prefill = profile::take();
+                decode_start = Instant::now();
             }
         }
     });
+    let end = Instant::now();
     profile::set_enabled(false);
     let decode = profile::take();
     result?;
-    let tag = |phase: &'static str, v: Vec<(KernelClass, ClassTotals)>| {
-        v.into_iter().filter(|(_, t)| t.calls > 0).map(move |(c, t)| (phase, c, t))
-    };
-    Ok(tag("prefill", prefill).chain(tag("decode", decode)).collect())
+    let used = |v: Vec<(KernelClass, ClassTotals)>| v.into_iter().filter(|(_, t)| t.calls > 0).collect();
+    Ok(vec![
+        PhaseProfile { phase: "prefill", wall: decode_start - start, classes: used(prefill) },
+        PhaseProfile { phase: "decode", wall: end - decode_start, classes: used(decode) },
+    ])
 }
 
-/// The per-class table, with each class's rates next to the machine's peaks.
-fn print_classes(classes: &[(&'static str, KernelClass, ClassTotals)], bandwidth: f64, fma_peak: f64) {
+/// The per-class table, with each class's rates next to the machine's peaks and its share of
+/// the phase's wall time; the phase's time outside the kernels closes it.
+fn print_classes(phases: &[PhaseProfile], bandwidth: f64, fma_peak: f64) {
     println!(
         "per kernel class (one more run with accounting on; peaks: {bandwidth:.1} GB/s read, {fma_peak:.1} GFLOP/s f32 FMA)"
     );
     println!("  phase    class          calls   time ms  share    GB/s  of bw   GFLOP/s  of peak");
-    for phase in ["prefill", "decode"] {
-        let rows: Vec<_> = classes.iter().filter(|(p, _, _)| *p == phase).collect();
-        let total: f64 = rows.iter().map(|(_, _, t)| t.time.as_secs_f64()).sum();
-        for (_, class, t) in rows {
+    for p in phases {
+        let wall = p.wall.as_secs_f64().max(1e-12);
+        let mut in_kernels = 0.0;
+        for (class, t) in &p.classes {
             let secs = t.time.as_secs_f64().max(1e-12);
+            in_kernels += secs;
             let (gbs, gflops) = (t.bytes as f64 / secs / 1e9, t.flops as f64 / secs / 1e9);
             println!(
-                "  {phase:<8} {:<13} {:>6} {:>9.2} {:>5.1}% {:>7.1} {:>5.2} {:>9.1} {:>7.2}",
+                "  {:<8} {:<13} {:>6} {:>9.2} {:>5.1}% {:>7.1} {:>5.2} {:>9.1} {:>7.2}",
+                p.phase,
                 class.name(),
                 t.calls,
                 secs * 1e3,
-                100.0 * secs / total.max(1e-12),
+                100.0 * secs / wall,
                 gbs,
                 gbs / bandwidth.max(1e-9),
                 gflops,
                 gflops / fma_peak.max(1e-9)
             );
         }
+        let outside = (wall - in_kernels).max(0.0);
+        println!("  {:<8} {:<13} {:>6} {:>9.2} {:>5.1}%", p.phase, "other", "", outside * 1e3, 100.0 * outside / wall);
     }
 }
 
@@ -283,11 +299,15 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         if args.json {
             let class_json: Vec<serde_json::Value> = classes
                 .iter()
-                .map(|(phase, class, t)| {
-                    serde_json::json!({ "phase": phase, "class": class.name(), "calls": t.calls,
-                        "seconds": t.time.as_secs_f64(), "bytes": t.bytes, "flops": t.flops })
+                .flat_map(|p| {
+                    p.classes.iter().map(|(class, t)| {
+                        serde_json::json!({ "phase": p.phase, "class": class.name(), "calls": t.calls,
+                            "seconds": t.time.as_secs_f64(), "bytes": t.bytes, "flops": t.flops })
+                    })
                 })
                 .collect();
+            let phase_json: serde_json::Map<String, serde_json::Value> =
+                classes.iter().map(|p| (p.phase.to_string(), p.wall.as_secs_f64().into())).collect();
             let line = serde_json::json!({
                 "model": resolved.id, "device": info.device, "weights_dtype": info.weights_dtype,
                 "batch": batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs,
@@ -295,7 +315,7 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 "weight_bytes_per_step": weights_per_step, "kv_bytes_per_step_mean": kv_per_step,
                 "read_bandwidth_gb_s": bandwidth.json(), "decode_over_roofline": ratio.json(),
                 "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak,
-                "kernel_classes": class_json,
+                "kernel_classes": class_json, "phase_seconds": phase_json,
             });
             println!("{line}");
             continue;
