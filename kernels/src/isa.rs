@@ -17,11 +17,15 @@ pub enum Isa {
     Avx512,
     /// x86-64 AVX2 with fused multiply-add (and F16C, which every AVX2 CPU has), 8 f32 lanes.
     Avx2Fma,
-    /// [`Isa::Avx2Fma`], plus AVX-512 BF16 dot products (`vdpbf16ps`) for decode-sized matmuls
-    /// (at most 8 token rows) against bf16 weights: the token rows are rounded to bf16 (nearest
-    /// even) and each instruction multiplies 32 pairs, twice the f32 FMA rate. Everything else
-    /// runs the AVX2 code, so results differ from [`Isa::Avx2Fma`] only in those matmuls, by the
-    /// rounding of their inputs (relative error at most 2⁻⁸ of `Σ|x·w|`).
+    /// [`Isa::Avx2Fma`], plus AVX-512 BF16 and VNNI dot products for decode-sized matmuls (at most
+    /// 8 token rows): against bf16 weights (and Q4_0/Q4_1 from two token rows on) the token rows
+    /// are rounded to bf16 (nearest even) and each `vdpbf16ps` multiplies 32 pairs, twice the f32
+    /// FMA rate; against Q8_0 weights, from two token rows on and where the call allows it
+    /// (`matmul::InputRounding`), they are quantised to 8 bits per 32-value block, as ggml does,
+    /// and each `vpdpbusd` multiplies 32 byte pairs. Everything else runs the AVX2 code, so
+    /// results differ from [`Isa::Avx2Fma`] only in those matmuls, by the rounding of their inputs
+    /// (relative error at most 2⁻⁸ of `Σ|x·w|` for bf16; at most half a quantisation step per
+    /// token value for Q8_0). Every CPU with AVX-512 BF16 so far also has VNNI; both are required.
     Avx512Bf16,
     /// Portable scalar code (written so the compiler can auto-vectorise the inner loops).
     Scalar,
@@ -29,7 +33,7 @@ pub enum Isa {
 
 impl Isa {
     /// The best path the running CPU supports, by measurement: [`Isa::Avx512Bf16`] where the CPU
-    /// has AVX-512 BF16, else AVX2+FMA when present, else scalar. [`Isa::Avx512`] is opt-in (see
+    /// has AVX-512 BF16 and VNNI, else AVX2+FMA when present, else scalar. [`Isa::Avx512`] is opt-in (see
     /// its docs) and never chosen here.
     pub fn detect() -> Isa {
         [Isa::Avx512Bf16, Isa::Avx2Fma].into_iter().find(|isa| isa.is_supported()).unwrap_or(Isa::Scalar)
@@ -81,7 +85,7 @@ fn avx512_detected() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_bf16_detected() -> bool {
-    is_x86_feature_detected!("avx512bf16")
+    is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vnni")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -94,7 +98,7 @@ impl fmt::Display for Isa {
         f.write_str(match self {
             Isa::Avx512 => "avx512",
             Isa::Avx2Fma => "avx2+fma",
-            Isa::Avx512Bf16 => "avx2+fma, avx512-bf16 decode",
+            Isa::Avx512Bf16 => "avx2+fma, avx512-bf16/vnni decode",
             Isa::Scalar => "scalar",
         })
     }

@@ -12,8 +12,9 @@
 //! order, one row at a time. Tasks walk their weight rows in L2-sized sub-blocks so that every
 //! token tile reuses them from cache. Every task goes through one dispatch (`run_task`), which
 //! picks the path from the weight format and the ISA: block-quantised weights have their own
-//! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and quantised ones
-//! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`). The AVX-512 path
+//! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and Q4_0/Q4_1 ones
+//! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`), and decode-sized
+//! Q8_0 ones integer dot products against 8-bit-quantised token rows (`quantized_vnni.rs`). The AVX-512 path
 //! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
 //! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
 //! AVX2. [`matmul_many`] runs several weights that share an input as one launch.
@@ -192,6 +193,8 @@ mod quantized;
 mod quantized_avx2;
 #[cfg(target_arch = "x86_64")]
 mod quantized_bf16;
+#[cfg(target_arch = "x86_64")]
+mod quantized_vnni;
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
@@ -244,8 +247,76 @@ pub fn matmul_ref(x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Resul
     Ok(())
 }
 
-/// Fast `y (m, w.rows) = x (m, w.cols) · wᵀ`, multi-threaded on `pool` with its SIMD path.
+/// The coarsest rounding a decode-sized call may give its token rows (only the AVX-512 BF16 ISA
+/// rounds them at all; see [`Isa::Avx512Bf16`]). A pool carries one
+/// ([`CpuPool::with_input_rounding`]), and a call may ask for finer ([`matmul_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputRounding {
+    /// 8 bits per 32-value block where that is fastest (Q8_0 weights, 2 to 8 token rows), as
+    /// llama.cpp does: each value may move by half a quantisation step of its block
+    /// (`max|x| / 254`). Opt-in: on SmolLM2-135M it moves short prompts' logits by up to 0.5.
+    Int8,
+    /// bf16 at most (relative error 2⁻⁹ per value). The default, and what logits always get.
+    Bf16,
+}
+
+impl InputRounding {
+    /// The finer of the two.
+    fn finest(self, other: InputRounding) -> InputRounding {
+        if self == InputRounding::Int8 && other == InputRounding::Int8 {
+            InputRounding::Int8
+        } else {
+            InputRounding::Bf16
+        }
+    }
+}
+
+/// Which path a call of `m` token rows against `w` takes on `isa` — the one decision both the
+/// input's preparation (`Input::new`) and the per-task dispatch (`run_task`) read.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// bf16 dot products against bf16-rounded token rows (`bf16_dot`, `quantized_bf16`).
+    Bf16Dot,
+    /// Integer dot products against 8-bit-quantised token rows (`quantized_vnni`).
+    Int8Dot,
+    /// f32 token rows: the tile kernels, or the quantised formats' own (`quantized`).
+    F32,
+}
+
+/// Only on the AVX-512 BF16 ISA and for at most [`DECODE_MAX_TOKENS`] rows does a call leave the
+/// f32 path: bf16 weights always; block-quantised weights from 2 token rows on (a single token is
+/// bound by memory, and the f32 path, `quantized_avx2`, dequantises exactly; with several tokens
+/// the four f32 FMAs per block and token are what bind), Q8_0 through integer dot products where
+/// `rounding` allows 8-bit rows, else through bf16 ones; f32 and f16 weights never.
+#[cfg(target_arch = "x86_64")]
+fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> Path {
+    if isa != Isa::Avx512Bf16 || m > DECODE_MAX_TOKENS {
+        return Path::F32;
+    }
+    match w {
+        WeightData::Bf16(_) => Path::Bf16Dot,
+        WeightData::Q8_0(_) if m >= 2 && rounding == InputRounding::Int8 => Path::Int8Dot,
+        WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) if m >= 2 => Path::Bf16Dot,
+        _ => Path::F32,
+    }
+}
+
+/// Fast `y (m, w.rows) = x (m, w.cols) · wᵀ`, multi-threaded on `pool` with its SIMD path, the
+/// token rows rounded at most as the pool allows ([`CpuPool::input_rounding`]).
 pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Result<(), KernelError> {
+    matmul_with(pool, x, m, w, y, InputRounding::Int8)
+}
+
+/// [`matmul`] with the token rows rounded at most as `rounding` and the pool allow.
+pub fn matmul_with(
+    pool: &CpuPool,
+    x: &[f32],
+    m: usize,
+    w: &WeightMatrix,
+    y: &mut [f32],
+    rounding: InputRounding,
+) -> Result<(), KernelError> {
     check("matmul", x, m, w, y)?;
     let class = if m <= DECODE_MAX_TOKENS { KernelClass::MatmulDecode } else { KernelClass::MatmulPrefill };
     let _timed = profile::scope(class, w.bytes() + 4 * (x.len() + y.len()), 2 * m * w.rows * w.cols);
@@ -259,7 +330,7 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
     let shape = Shape { m, n: w.rows, k: w.cols };
     let plan = Plan::new(shape, pool.threads());
     let isa = pool.isa();
-    let input = Input::new(isa, x, m, [w]);
+    let input = Input::new(isa, x, m, [w], rounding.finest(pool.input_rounding()));
     let out = SharedOut::new(y);
     pool.run(plan.tasks(), |t| {
         // SAFETY: a pool only holds an ISA the CPU supports; tasks cover disjoint (token, weight
@@ -271,7 +342,7 @@ pub fn matmul(pool: &CpuPool, x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f3
 }
 
 /// `ys[j] = x · w_jᵀ` for weights that share their input `x` (`m` rows), such as a layer's Q, K
-/// and V projections or its gate and up projections.
+/// and V projections or its gate and up projections (token rows rounded as [`matmul`] does).
 ///
 /// A decode-sized call (at most 8 tokens, `DECODE_MAX_TOKENS`) is one pool launch whose row blocks
 /// are cut across all the weights in order: each thread streams one stretch of them, and the
@@ -313,7 +384,7 @@ pub fn matmul_many(
         })
         .collect();
     let isa = pool.isa();
-    let input = Input::new(isa, x, m, targets.iter().map(|(w, _)| *w));
+    let input = Input::new(isa, x, m, targets.iter().map(|(w, _)| *w), pool.input_rounding());
     let outs: Vec<(&WeightData, SharedOut)> = targets.iter_mut().map(|(w, y)| (&w.data, SharedOut::new(y))).collect();
     pool.run(first_task, |g| {
         let j = segments.partition_point(|(first, ..)| *first <= g) - 1;
@@ -325,26 +396,47 @@ pub fn matmul_many(
     Ok(())
 }
 
-/// A call's token rows, plus their bf16 rounding when the AVX-512 BF16 path reads them.
+/// A call's token rows, plus their bf16 rounding when the bf16 dot products read them and their
+/// 8-bit quantisation when the integer ones do.
 struct Input<'a> {
     x: &'a [f32],
     #[cfg(target_arch = "x86_64")]
+    rounding: InputRounding,
+    #[cfg(target_arch = "x86_64")]
     bf16: Vec<u16>,
+    #[cfg(target_arch = "x86_64")]
+    int8: quantized_vnni::QuantInput,
 }
 
 impl<'a> Input<'a> {
-    fn new<'w>(isa: Isa, x: &'a [f32], m: usize, weights: impl IntoIterator<Item = &'w WeightMatrix<'w>>) -> Self {
+    fn new<'w>(
+        isa: Isa,
+        x: &'a [f32],
+        m: usize,
+        weights: impl IntoIterator<Item = &'w WeightMatrix<'w>>,
+        rounding: InputRounding,
+    ) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let needs_bf16 = weights.into_iter().any(|w| bf16_dot::takes(isa, &w.data, m));
-            // SAFETY: `takes` holds only on the AVX-512 BF16 ISA, which pools hold only where the
-            // CPU has it.
+            let (mut needs_bf16, mut needs_int8) = (false, false);
+            for w in weights {
+                match path(isa, &w.data, m, rounding) {
+                    Path::Bf16Dot => needs_bf16 = true,
+                    Path::Int8Dot => needs_int8 = true,
+                    Path::F32 => {}
+                }
+            }
+            // SAFETY (both): these paths are taken only on the AVX-512 BF16 ISA (VNNI included),
+            // which pools hold only where the CPU has it; the 8-bit one only for Q8_0 weights,
+            // whose rows are whole blocks, and at most 8 rows.
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
-            Input { x, bf16 }
+            let int8 =
+                if needs_int8 { unsafe { quantized_vnni::quantize(x, m, x.len() / m) } } else { Default::default() };
+            Input { x, rounding, bf16, int8 }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (isa, m, weights.into_iter());
+            let _ = (isa, m, weights.into_iter(), rounding);
             Input { x }
         }
     }
@@ -357,20 +449,24 @@ impl<'a> Input<'a> {
 /// touches the task's `out` entries while it runs.
 unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, out: &SharedOut) {
     let x = input.x;
+    #[cfg(target_arch = "x86_64")]
+    match (path(isa, w, s.m, input.rounding), *w) {
+        // SAFETY (every call in these arms): the caller's contract; `path` chooses them on the
+        // AVX-512 BF16 ISA only, and `Input::new` prepared the rows each reads.
+        (Path::Bf16Dot, WeightData::Bf16(d)) => {
+            return unsafe { bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out) };
+        }
+        (Path::Bf16Dot, WeightData::Q8_0(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
+        (Path::Bf16Dot, WeightData::Q4_0(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
+        (Path::Bf16Dot, WeightData::Q4_1(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
+        (Path::Int8Dot, WeightData::Q8_0(b)) => return unsafe { quantized_vnni::rows(&input.int8, b, s, t, out) },
+        // `path` gives f32 and f16 weights neither dot path, and the 8-bit one only Q8_0.
+        _ => {}
+    }
     // SAFETY (every arm): the caller's contract.
     unsafe {
         match *w {
             WeightData::F32(d) => elem_task(isa, x, d, s, t, out),
-            #[cfg(target_arch = "x86_64")]
-            WeightData::Bf16(d) if bf16_dot::takes(isa, w, s.m) => {
-                bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out)
-            }
-            #[cfg(target_arch = "x86_64")]
-            WeightData::Q8_0(b) if bf16_dot::takes(isa, w, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
-            #[cfg(target_arch = "x86_64")]
-            WeightData::Q4_0(b) if bf16_dot::takes(isa, w, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
-            #[cfg(target_arch = "x86_64")]
-            WeightData::Q4_1(b) if bf16_dot::takes(isa, w, s.m) => quant_bf16_task(&input.bf16, b, s, t, out),
             WeightData::Bf16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::F16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::Q8_0(b) => quantized::task(isa, x, b, s, t, out),

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::KernelError;
 use crate::isa::Isa;
+use crate::matmul::InputRounding;
 
 /// How long an idle worker busy-waits for the next launch.
 const SPIN: Duration = Duration::from_micros(100);
@@ -164,11 +165,16 @@ pub struct CpuPool {
     submit: Mutex<()>,
     threads: usize,
     isa: Isa,
+    input_rounding: InputRounding,
 }
 
 impl std::fmt::Debug for CpuPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuPool").field("threads", &self.threads).field("isa", &self.isa).finish()
+        f.debug_struct("CpuPool")
+            .field("threads", &self.threads)
+            .field("isa", &self.isa)
+            .field("input_rounding", &self.input_rounding)
+            .finish()
     }
 }
 
@@ -201,7 +207,14 @@ impl CpuPool {
             sleep_lock: Mutex::new(()),
             wake: Condvar::new(),
         });
-        let mut pool = CpuPool { shared, workers: Vec::new(), submit: Mutex::new(()), threads, isa };
+        let mut pool = CpuPool {
+            shared,
+            workers: Vec::new(),
+            submit: Mutex::new(()),
+            threads,
+            isa,
+            input_rounding: InputRounding::Bf16,
+        };
         for i in 1..threads {
             let shared = Arc::clone(&pool.shared);
             let handle = std::thread::Builder::new()
@@ -222,6 +235,18 @@ impl CpuPool {
     /// The SIMD path kernels use on this pool.
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// This pool with matmuls allowed to round their token rows as coarsely as `rounding` (the
+    /// default is [`InputRounding::Bf16`]).
+    pub fn with_input_rounding(mut self, rounding: InputRounding) -> Self {
+        self.input_rounding = rounding;
+        self
+    }
+
+    /// The coarsest rounding matmuls on this pool may give their token rows.
+    pub fn input_rounding(&self) -> InputRounding {
+        self.input_rounding
     }
 
     /// Calls `f(i)` for every `i < tasks`, spread over the pool; returns when all have run.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tessera_kernels::CpuPool;
+use tessera_kernels::matmul::InputRounding;
 use tessera_worker::backend::ModelBackend;
 use tessera_worker::backend::cpu::CpuBackend;
 use tessera_worker::backend::tp::{TpCpuBackend, TpOptions};
@@ -46,7 +47,13 @@ fn prompts(model: &str) -> Vec<Vec<u32>> {
 }
 
 fn options(size: usize) -> TpOptions {
-    TpOptions { size, threads: 2, collective_timeout: Duration::from_secs(60), fault: None }
+    TpOptions {
+        size,
+        threads: 2,
+        collective_timeout: Duration::from_secs(60),
+        fault: None,
+        input_rounding: InputRounding::Bf16,
+    }
 }
 
 fn single(model: &ResolvedModel) -> Engine {

@@ -15,9 +15,7 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::{Shape, Task};
-use crate::isa::Isa;
 use crate::simd::SharedOut;
-use crate::weights::WeightData;
 
 /// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
 /// `rows` dispatches on each count up to 8.
@@ -31,21 +29,6 @@ const _: () = assert!(MAX_TOKENS == 8, "bf16_dot::rows has one arm per token cou
 const PREFETCH_AHEAD: usize = 1024;
 /// Token rows from which the software prefetch is issued.
 const PREFETCH_FROM_TOKENS: usize = 2;
-
-/// Whether a matmul of `m` token rows against `w` takes this path — the one decision both the
-/// input's rounding and the per-task dispatch read. Only on the AVX-512 BF16 ISA and for at most
-/// [`MAX_TOKENS`] rows: bf16 weights always; block-quantised weights from 2 token rows on (a single
-/// token is bound by memory, and the f32 path, `quantized_avx2`, dequantises with fewer
-/// instructions per block and no rounding; with several tokens the four f32 FMAs per block and
-/// token are what bind, and one `vdpbf16ps` replaces them); f32 and f16 weights never.
-pub(super) fn takes(isa: Isa, w: &WeightData, m: usize) -> bool {
-    let decode = isa == Isa::Avx512Bf16 && m <= MAX_TOKENS;
-    match w {
-        WeightData::Bf16(_) => decode,
-        WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => decode && m >= 2,
-        WeightData::F32(_) | WeightData::F16(_) => false,
-    }
-}
 
 /// `x` rounded to bf16 (nearest even), as raw bits.
 ///

@@ -11,6 +11,7 @@ mod softmax;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tessera_kernels::matmul::InputRounding;
 use tessera_kernels::{CpuPool, Isa};
 
 /// A deterministic RNG per test.
@@ -23,12 +24,13 @@ pub fn uniform(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
-/// One pool per (supported ISA, thread count in {1, 2}).
+/// One pool per (supported ISA, thread count in {1, 2}), each allowing 8-bit matmul inputs so
+/// that every kernel path runs (tests ask for bf16 inputs per call where they need them).
 pub fn pools() -> Vec<CpuPool> {
     let mut out = Vec::new();
     for isa in Isa::available() {
         for threads in [1, 2] {
-            out.push(CpuPool::with_isa(threads, isa).unwrap());
+            out.push(CpuPool::with_isa(threads, isa).unwrap().with_input_rounding(InputRounding::Int8));
         }
     }
     assert!(out.iter().any(|p| p.isa() == Isa::detect()));

@@ -1,8 +1,8 @@
 use half::{bf16, f16};
 use rand::Rng;
-use tessera_kernels::matmul::{matmul, matmul_many, matmul_ref};
+use tessera_kernels::matmul::{InputRounding, matmul, matmul_many, matmul_ref, matmul_with};
 use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
-use tessera_kernels::{Isa, KernelError, WeightData, WeightMatrix};
+use tessera_kernels::{CpuPool, Isa, KernelError, WeightData, WeightMatrix};
 
 use crate::{pools, rng, uniform};
 
@@ -14,6 +14,35 @@ const REL: f32 = 1e-5;
 /// value, so its sums may move by up to 2⁻⁹ of the terms' scale per rounded factor; twice that is
 /// allowed.
 const REL_BF16_DOT: f32 = 1.0 / 256.0;
+
+/// Whether `matmul` takes the AVX-512 BF16 ISA's VNNI path: 2 to 8 token rows against Q8_0
+/// weights.
+fn vnni_path(isa: Isa, w: &WeightData, m: usize) -> bool {
+    isa == Isa::Avx512Bf16 && matches!(w, WeightData::Q8_0(_)) && (2..=8).contains(&m)
+}
+
+/// The token rows as the VNNI path quantises them: per 32-value block, `d = max|x| / 127` and
+/// `q = round(x · (1/d))`, ties to even.
+fn quantize_rows(x: &[f32]) -> Vec<(f32, [i32; QK])> {
+    x.chunks_exact(QK)
+        .map(|c| {
+            let d = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            (d, std::array::from_fn(|j| (c[j] * id).round_ties_even() as i32))
+        })
+        .collect()
+}
+
+/// Bound on how far the VNNI path's quantised token rows move each sum:
+/// `Σ_b (d_b / 2) · Σ_{c in b} |w_c|` (with a hair more than half a step for the rounding of
+/// `x · (1/d)`).
+fn quantization_bound(x: &[f32], w: &[f32]) -> f32 {
+    quantize_rows(x)
+        .iter()
+        .zip(w.chunks_exact(QK))
+        .map(|((d, _), wb)| 0.501 * d * wb.iter().map(|v| v.abs()).sum::<f32>())
+        .sum()
+}
 
 fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     let mut r = rng(seed);
@@ -43,30 +72,50 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     for w in &mats {
         let mut want = vec![0.0; m * rows];
         matmul_ref(&x, m, w, &mut want).unwrap();
-        // Scale of the terms, from the f32 view of the weight.
+        // Scale of the terms, from the f32 view of the weight, and the VNNI path's bound.
         let mut scale = vec![0.0f32; m * rows];
+        let mut quantized = vec![0.0f32; m * rows];
         let mut row = vec![0.0f32; cols];
         for j in 0..rows {
             w.row_to_f32(j, &mut row);
             for i in 0..m {
                 let xi = &x[i * cols..(i + 1) * cols];
                 scale[i * rows + j] = xi.iter().zip(&row).map(|(a, b)| (a * b).abs()).sum();
+                if cols.is_multiple_of(QK) {
+                    quantized[i * rows + j] = quantization_bound(xi, &row);
+                }
             }
         }
         for pool in pools() {
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, w, &mut got).unwrap();
-            let bf16_dot =
-                pool.isa() == Isa::Avx512Bf16 && !matches!(w.data, WeightData::F32(_) | WeightData::F16(_)) && m <= 8;
+            let vnni = vnni_path(pool.isa(), &w.data, m);
+            let bf16_dot = pool.isa() == Isa::Avx512Bf16
+                && !matches!(w.data, WeightData::F32(_) | WeightData::F16(_))
+                && m <= 8
+                && !vnni;
             let rel = if bf16_dot { REL_BF16_DOT } else { REL };
-            for (idx, ((g, e), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
-                let tol = rel * s + 1e-6;
+            for (idx, (((g, e), s), q)) in got.iter().zip(&want).zip(&scale).zip(&quantized).enumerate() {
+                let tol = rel * s + 1e-6 + if vnni { *q } else { 0.0 };
                 assert!(
                     (g - e).abs() <= tol,
                     "m={m} rows={rows} cols={cols} {} {} x{}: y[{idx}] = {g}, ref {e}",
                     w.data.format_name(),
                     pool.isa(),
                     pool.threads()
+                );
+            }
+            // Held to bf16 rounding, the same call skips the 8-bit path.
+            let mut bf16_only = vec![f32::NAN; m * rows];
+            matmul_with(&pool, &x, m, w, &mut bf16_only, InputRounding::Bf16).unwrap();
+            let rel = if bf16_dot || vnni { REL_BF16_DOT } else { REL };
+            for (idx, ((g, e), s)) in bf16_only.iter().zip(&want).zip(&scale).enumerate() {
+                let tol = rel * s + 1e-6;
+                assert!(
+                    (g - e).abs() <= tol,
+                    "bf16-rounded m={m} {} {}: y[{idx}] = {g}, ref {e}",
+                    w.data.format_name(),
+                    pool.isa()
                 );
             }
         }
@@ -98,9 +147,9 @@ fn fast_matches_reference_on_model_shapes() {
 /// On the paths that promise it, a decode step's token gets the same bits whether it is alone
 /// or batched with up to seven others, so a sequence's greedy output does not depend on its
 /// neighbours: bf16 weights through AVX-512 BF16 dot products, and block-quantised weights on
-/// AVX2 (register-dequantised f32). On AVX-512 BF16, quantised weights take the bf16 dot products
-/// from two tokens on, so there batches of 2 to 8 agree with each other but not with a lone
-/// token. (The f32 tiles sum a lone token and a tile's tokens in different orders.)
+/// AVX2 (register-dequantised f32). On AVX-512 BF16, Q8_0 weights take integer dot products from
+/// two tokens on, so there batches of 2 to 8 agree with each other but not with a lone token.
+/// (The f32 tiles sum a lone token and a tile's tokens in different orders.)
 #[test]
 fn decode_sized_results_do_not_depend_on_the_batch() {
     let (rows, cols) = (37, 577);
@@ -136,6 +185,50 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
                     let same = reference(i).iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{} {}: token {i} of {m} differs", w.data.format_name(), pool.isa());
                 }
+            }
+        }
+    }
+}
+
+/// The VNNI path computes what its module promises: per block, the exact integer dot product of
+/// the weight's bytes and the token's quantised bytes, times `d_w · d_x`, summed in f32 — checked
+/// against that arithmetic in f64, tightly enough that one quantised value off by one fails.
+#[test]
+fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
+    let Some(pool) = pools().into_iter().find(|p| p.isa() == Isa::Avx512Bf16) else {
+        eprintln!("skipped: this CPU has no AVX-512 BF16 and VNNI");
+        return;
+    };
+    let (rows, cols) = (29, 1536);
+    let mut r = rng(13);
+    let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
+        .chunks_exact(QK)
+        .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
+        .collect();
+    let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+    for m in [2, 3, 8] {
+        // Random values, an all-zero block, and a block of exact ties: its maximum is 127, so
+        // `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
+        let mut x = uniform(&mut r, m * cols, 4.0);
+        x[..QK].fill(0.0);
+        x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
+        x[2 * QK - 1] = 127.0;
+        let mut got = vec![f32::NAN; m * rows];
+        matmul(&pool, &x, m, &w, &mut got).unwrap();
+        for i in 0..m {
+            let xq = quantize_rows(&x[i * cols..(i + 1) * cols]);
+            for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
+                let (mut want, mut step) = (0.0f64, 0.0f64);
+                for (b, (dx, q)) in row.iter().zip(&xq) {
+                    let dot: i32 = b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum();
+                    let scale = f64::from(b.d.to_f32() * dx);
+                    want += scale * f64::from(dot);
+                    step = step.max(scale);
+                }
+                let g = f64::from(got[i * rows + j]);
+                // One quantised token value off by one moves the sum by `scale · |q_w|`, at
+                // least `scale` for the weights here; f32 summation stays far below that.
+                assert!((g - want).abs() < 0.25 * step, "m={m} token {i} row {j}: {g} vs {want}");
             }
         }
     }
@@ -232,4 +325,26 @@ fn bad_shapes_are_errors() {
     let (x, mut y) = (vec![0.0f32; 48], vec![0.0f32; 2]);
     assert!(matmul(pool, &x, 1, &bad, &mut y).is_err());
     assert!(matmul_ref(&x, 1, &bad, &mut y).is_err());
+}
+
+/// A pool rounds matmul inputs to bf16 at most unless it is told otherwise: a default pool gives
+/// exactly what an 8-bit-allowing pool gives when the call asks for bf16.
+#[test]
+fn pools_default_to_bf16_inputs() {
+    let (rows, cols, m) = (40, 576, 8);
+    let mut r = rng(17);
+    let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
+        .chunks_exact(QK)
+        .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
+        .collect();
+    let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+    let x = uniform(&mut r, m * cols, 1.0);
+    for int8_pool in pools() {
+        let plain = CpuPool::with_isa(int8_pool.threads(), int8_pool.isa()).unwrap();
+        assert_eq!(plain.input_rounding(), InputRounding::Bf16);
+        let (mut a, mut b) = (vec![0.0; m * rows], vec![0.0; m * rows]);
+        matmul(&plain, &x, m, &w, &mut a).unwrap();
+        matmul_with(&int8_pool, &x, m, &w, &mut b, InputRounding::Bf16).unwrap();
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "{}", plain.isa());
+    }
 }

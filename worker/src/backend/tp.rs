@@ -21,6 +21,7 @@ use std::time::Duration;
 use tessera_kernels::CpuPool;
 use tessera_kernels::comm::Communicator;
 use tessera_kernels::comm::host::{AbortHook, host_group};
+use tessera_kernels::matmul::InputRounding;
 
 use super::cpu::CpuBackend;
 use super::{BackendInfo, ModelBackend};
@@ -44,6 +45,8 @@ pub struct TpOptions {
     pub collective_timeout: Duration,
     /// A fault to inject (tests only).
     pub fault: Option<FaultInjection>,
+    /// The coarsest rounding the ranks' matmuls may give their inputs.
+    pub input_rounding: InputRounding,
 }
 
 /// One step's batch, owned, as sent to the other ranks.
@@ -184,7 +187,9 @@ impl TpCpuBackend {
         let mut footprints = Vec::with_capacity(options.size);
         for (model, comm) in models.into_iter().zip(comms) {
             let model = model?;
-            let pool = CpuPool::new(per_rank).map_err(|e| LoadError::Device(e.to_string()))?;
+            let pool = CpuPool::new(per_rank)
+                .map_err(|e| LoadError::Device(e.to_string()))?
+                .with_input_rounding(options.input_rounding);
             let (weight_bytes, weight_bytes_per_token) = (model.weight_bytes(), model.weight_bytes_per_token());
             let backend = CpuBackend::rank(model, pool, kv, comm).map_err(|e| LoadError::Device(e.to_string()))?;
             footprints.push(RankFootprint {

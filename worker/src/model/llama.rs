@@ -13,7 +13,7 @@
 use tessera_kernels::activation::{add_assign, silu_mul};
 use tessera_kernels::attention::AttentionQuery;
 use tessera_kernels::comm::Communicator;
-use tessera_kernels::matmul::{matmul, matmul_many};
+use tessera_kernels::matmul::{InputRounding, matmul, matmul_many, matmul_with};
 use tessera_kernels::norm::rms_norm;
 use tessera_kernels::rope::{RopeTable, apply_rope};
 use tessera_kernels::{CpuPool, WeightMatrix};
@@ -301,18 +301,19 @@ impl LlamaModel {
         }
         let mut last_normed = vec![0.0f32; last.len()]; // (chunks, hidden)
         rms_norm(pool, &last, &self.norm, c.rms_norm_eps, &mut last_normed)?;
+        // Logits are read as they are: the LM head's input is never rounded below bf16.
         let head = mat(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?;
         let rows = chunks.len();
         if !parallel {
             let mut logits = vec![0.0f32; rows * vocab]; // (chunks, vocab)
-            matmul(pool, &last_normed, rows, &head, &mut logits)?;
+            matmul_with(pool, &last_normed, rows, &head, &mut logits, InputRounding::Bf16)?;
             return Ok(logits);
         }
         // Each rank's (chunks, shard) logits, padded to the common shard length, gathered
         // rank-major and then interleaved back into (chunks, vocab).
         let (local, padded) = (s.vocab.len(), s.vocab_shard_len);
         let mut part = vec![0.0f32; rows * local];
-        matmul(pool, &last_normed, rows, &head, &mut part)?;
+        matmul_with(pool, &last_normed, rows, &head, &mut part, InputRounding::Bf16)?;
         let mut send = vec![0.0f32; rows * padded];
         for (dst, src) in send.chunks_exact_mut(padded).zip(part.chunks_exact(local)) {
             dst[..local].copy_from_slice(src);
