@@ -12,9 +12,9 @@
 //! order, one row at a time. Tasks walk their weight rows in L2-sized sub-blocks so that every
 //! token tile reuses them from cache. Every task goes through one dispatch (`run_task`), which
 //! picks the path from the weight format and the ISA: block-quantised weights have their own
-//! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and Q4_0/Q4_1 ones
-//! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`), and decode-sized
-//! Q8_0 ones integer dot products against 8-bit-quantised token rows (`quantized_vnni.rs`). The AVX-512 path
+//! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and quantised ones
+//! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`), or for Q8_0, where
+//! the pool allows 8-bit inputs ([`InputRounding`]), integer ones (`quantized_vnni.rs`). The AVX-512 path
 //! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
 //! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
 //! AVX2. [`matmul_many`] runs several weights that share an input as one launch.
