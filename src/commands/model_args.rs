@@ -141,6 +141,10 @@ impl ModelArgs {
         kv: KvCacheConfig,
         parallel: &ParallelArgs,
     ) -> anyhow::Result<Box<dyn ModelBackend>> {
+        anyhow::ensure!(
+            !(self.int8_activations && self.device == Device::Cuda),
+            "--int8-activations applies to the CPU kernels only (drop it with --device cuda)"
+        );
         let bar = indicatif::ProgressBar::new(resolved.config.num_layers as u64).with_message("loading layers");
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len}")

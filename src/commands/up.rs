@@ -55,6 +55,9 @@ fn worker_args(args: &UpArgs, index: usize, threads: usize) -> Vec<String> {
             v.extend([flag.to_string(), value.get_name().to_string()]);
         }
     }
+    if m.int8_activations {
+        v.push("--int8-activations".into());
+    }
     v.extend(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"].map(String::from));
     v.extend(["--threads".into(), threads.to_string(), "--kv-memory".into(), args.kv_memory.clone()]);
     v.extend([
