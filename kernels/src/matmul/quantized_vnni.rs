@@ -15,8 +15,10 @@
 //! token's precomputed `-128 · Σ q_x` per block starts its integer sum, so the integer results are
 //! exact. One conversion, one multiply by the token's block scales and one FMA by the weight's
 //! finish the group into the token's float lanes, summed by one fixed tree at the end of the row.
-//! A token's sum is therefore formed the same way whatever else is in the batch. A row's last
-//! group is padded with zero blocks.
+//! A row's blocks past its last whole group (its tail) share one group with the tails of the next
+//! rows, as many as fit ([`Layout`]), so no lane computes padding unless the tail is longer than
+//! four blocks; the token rows hold their tail once per row of such a set. A token's sum is
+//! formed the same way whatever else is in the batch and whichever rows share its tail group.
 //!
 //! Per block and token this is one `vpdpbusd` plus an eighth of the group's conversion, where the
 //! bf16 path (`quantized_bf16`) pays a `vdpbf16ps` and the dequantisation of every block to bf16.
@@ -42,19 +44,41 @@ const GROUP_BYTES: usize = GROUP * QK;
 /// token rows share a row (about 7 groups).
 const PREFETCH_AHEAD_BYTES: usize = 2048;
 
-/// A call's token rows quantised to 8 bits per 32-value block, in groups of [`GROUP`] blocks (the
-/// last group of a row padded with zero blocks). Empty where the call has no weight on this path.
+/// How a row's blocks fall into groups: `full` whole groups, then `tail` blocks (fewer than 8).
+/// The tails of `rows_per_tail` consecutive rows share one group (lanes `i · tail ..` for the
+/// set's row `i`), so a row of 18 blocks costs 2¼ groups rather than 3.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Layout {
+    full: usize,
+    tail: usize,
+    rows_per_tail: usize,
+}
+
+impl Layout {
+    fn new(blocks: usize) -> Self {
+        let tail = blocks % GROUP;
+        Layout { full: blocks / GROUP, tail, rows_per_tail: GROUP.checked_div(tail).unwrap_or(1) }
+    }
+
+    /// Groups stored per token row: the full ones, then one holding its tail once for each row
+    /// of a set.
+    fn token_groups(self) -> usize {
+        self.full + usize::from(self.tail > 0)
+    }
+}
+
+/// A call's token rows quantised to 8 bits per 32-value block, in groups of [`GROUP`] blocks laid
+/// out as [`Layout`] says (unused lanes zero). Empty where the call has no weight on this path.
 #[derive(Default)]
 pub(super) struct QuantInput {
     /// Per row and group, [`GROUP_BYTES`] bytes: the group's blocks interleaved in 4-byte steps,
-    /// byte `32 s + 4 j + e` being value `4 s + e` of block `j`.
+    /// byte `32 s + 4 j + e` being value `4 s + e` of lane `j`'s block.
     q: Vec<i8>,
-    /// Per row and group, lane `j`: `-128 · Σ q` over block `j`.
+    /// Per row and group, lane `j`: `-128 · Σ q` over lane `j`'s block.
     unbias: Vec<i32>,
-    /// Per row and group, lane `j`: block `j`'s scale `d`.
+    /// Per row and group, lane `j`: the scale `d` of lane `j`'s block.
     scales: Vec<f32>,
-    /// Groups per row.
-    groups: usize,
+    layout: Layout,
 }
 
 /// Quantises the `m` (at most [`MAX_TOKENS`]) rows of `x`, `k` values each (a multiple of 32).
@@ -64,36 +88,57 @@ pub(super) struct QuantInput {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn quantize(x: &[f32], m: usize, k: usize) -> QuantInput {
     assert!(m <= MAX_TOKENS && k.is_multiple_of(QK) && x.len() == m * k, "decode-sized rows of whole blocks");
-    let groups = (k / QK).div_ceil(GROUP);
+    let layout = Layout::new(k / QK);
+    let groups = layout.token_groups();
     let mut q = vec![0i8; m * groups * GROUP_BYTES];
     let mut unbias = vec![0i32; m * groups * GROUP];
     let mut scales = vec![0.0f32; m * groups * GROUP];
     for (i, row) in x.chunks_exact(k).enumerate() {
         for (b, src) in row.chunks_exact(QK).enumerate() {
-            let (g, j) = (i * groups + b / GROUP, b % GROUP);
-            // SAFETY: `src` is 32 values (two 16-lane loads); the block's bytes are stored in the
-            // eight 4-byte slots `32 s + 4 j` of its row and group's 256.
-            unsafe {
-                let lo = _mm512_loadu_ps(src.as_ptr());
-                let hi = _mm512_loadu_ps(src.as_ptr().add(16));
-                let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-                let d = amax / 127.0;
-                let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-                // Default rounding (nearest even); |x · id| ≤ 127, so the narrowing never
-                // saturates on finite input.
-                let (qlo, qhi) = (_mm512_cvtps_epi32(_mm512_mul_ps(lo, id)), _mm512_cvtps_epi32(_mm512_mul_ps(hi, id)));
-                let bytes = _mm256_set_m128i(_mm512_cvtsepi32_epi8(qhi), _mm512_cvtsepi32_epi8(qlo));
-                let steps: [i32; 8] = std::mem::transmute(bytes);
-                let dst = q.as_mut_ptr().add(g * GROUP_BYTES + 4 * j).cast::<i32>();
+            // SAFETY: `src` is 32 values (two 16-lane loads).
+            let (steps, sum, d) = unsafe { quantize_block(src) };
+            // A full group's block has one lane; a tail block one in each row's share of the
+            // tail group.
+            let (g, lanes) = if b < layout.full * GROUP {
+                (b / GROUP, b % GROUP..b % GROUP + 1)
+            } else {
+                let t = b - layout.full * GROUP;
+                (layout.full, t..t + layout.tail * layout.rows_per_tail)
+            };
+            let g = i * groups + g;
+            for j in lanes.step_by(layout.tail.max(1)) {
+                let slot = &mut q[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
                 for (s, v) in steps.iter().enumerate() {
-                    dst.add(8 * s).write_unaligned(*v);
+                    slot[32 * s + 4 * j..32 * s + 4 * j + 4].copy_from_slice(&v.to_ne_bytes().map(|b| b as i8));
                 }
-                unbias[g * GROUP + j] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+                unbias[g * GROUP + j] = -128 * sum;
                 scales[g * GROUP + j] = d;
             }
         }
     }
-    QuantInput { q, unbias, scales, groups }
+    QuantInput { q, unbias, scales, layout }
+}
+
+/// One block of 32 values: its quantised bytes as eight 4-byte steps, their sum and the scale.
+///
+/// # Safety
+/// The CPU must have the module's features; `src` holds at least 32 values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn quantize_block(src: &[f32]) -> ([i32; 8], i32, f32) {
+    assert!(src.len() >= QK, "a whole block");
+    // SAFETY: 32 values (two 16-lane loads), asserted above.
+    let (lo, hi) = unsafe { (_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16))) };
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    // Default rounding (nearest even); |x · id| ≤ 127, so the narrowing never saturates on
+    // finite input.
+    let (qlo, qhi) = (_mm512_cvtps_epi32(_mm512_mul_ps(lo, id)), _mm512_cvtps_epi32(_mm512_mul_ps(hi, id)));
+    let bytes = _mm256_set_m128i(_mm512_cvtsepi32_epi8(qhi), _mm512_cvtsepi32_epi8(qlo));
+    // SAFETY: a 256-bit vector and `[i32; 8]` have the same size; every bit pattern is valid.
+    let steps: [i32; 8] = unsafe { std::mem::transmute(bytes) };
+    (steps, _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)), d)
 }
 
 /// The task's weight rows in memory order (one linear stream per thread), each against all of
@@ -104,8 +149,9 @@ pub(super) unsafe fn quantize(x: &[f32], m: usize, k: usize) -> QuantInput {
 /// thread touches the task's `out` entries.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn rows(xq: &QuantInput, w: &[BlockQ8_0], s: Shape, t: Task, out: &SharedOut) {
-    let groups = (s.k / QK).div_ceil(GROUP);
-    assert!(xq.groups == groups && xq.scales.len() >= t.i1 * groups * GROUP, "input quantised for this call");
+    let layout = Layout::new(s.k / QK);
+    let groups = layout.token_groups();
+    assert!(xq.layout == layout && xq.scales.len() >= t.i1 * groups * GROUP, "input quantised for this call");
     // SAFETY (every arm): the caller's contract.
     unsafe {
         match t.i1 - t.i0 {
@@ -121,40 +167,75 @@ pub(super) unsafe fn rows(xq: &QuantInput, w: &[BlockQ8_0], s: Shape, t: Task, o
     }
 }
 
-/// [`rows`] for exactly `T` token rows.
+/// [`rows`] for exactly `T` token rows, in sets of `rows_per_tail` rows: each row's full groups,
+/// then the set's shared tail group. A row's sum is its full groups' lanes (one fixed tree) plus
+/// its tail lanes in order, whatever the set or the batch.
 ///
 /// # Safety
 /// As for [`rows`]; also `t.i1 - t.i0 == T`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows_of<const T: usize>(xq: &QuantInput, w: &[BlockQ8_0], s: Shape, t: Task, out: &SharedOut) {
+    let Layout { full, tail, rows_per_tail } = xq.layout;
     let per_row = s.k / QK;
-    for r in t.r0..t.r1 {
-        let sums = dot::<T>(xq, t.i0, &w[r * per_row..(r + 1) * per_row]);
-        for (a, v) in sums.iter().enumerate() {
-            // SAFETY: (t.i0 + a, r) lies in this task's rectangle.
-            unsafe { out.write((t.i0 + a) * s.n + r, *v) };
+    let tail_group = full;
+    let mut r = t.r0;
+    while r < t.r1 {
+        let set = rows_per_tail.min(t.r1 - r);
+        let mut sums = [[0.0f32; GROUP]; T];
+        for i in 0..set {
+            let row = &w[(r + i) * per_row..(r + i + 1) * per_row];
+            let acc = full_groups::<T>(xq, t.i0, &row[..full * GROUP]);
+            for (sum, acc) in sums.iter_mut().zip(&acc) {
+                sum[i] = hsum(*acc);
+            }
         }
+        if tail > 0 {
+            let mut blocks = [None; GROUP];
+            for i in 0..set {
+                let row = &w[(r + i) * per_row..(r + i + 1) * per_row];
+                for (j, b) in row[full * GROUP..].iter().enumerate() {
+                    blocks[i * tail + j] = Some(b);
+                }
+            }
+            let (steps, dw) = load_group(blocks);
+            for (a, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: row `t.i0 + a` has its tail group (asserted in `rows`).
+                let lanes: [f32; GROUP] = unsafe {
+                    let (ints, xs) = group_ints(xq, (t.i0 + a) * (full + 1) + tail_group, &steps);
+                    std::mem::transmute(_mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ints), xs), dw))
+                };
+                for (i, sum) in sum.iter_mut().enumerate().take(set) {
+                    for v in &lanes[i * tail..(i + 1) * tail] {
+                        *sum += v;
+                    }
+                }
+            }
+        }
+        for (a, sum) in sums.iter().enumerate() {
+            for (i, v) in sum.iter().enumerate().take(set) {
+                // SAFETY: (t.i0 + a, r + i) lies in this task's rectangle.
+                unsafe { out.write((t.i0 + a) * s.n + r + i, *v) };
+            }
+        }
+        r += set;
     }
 }
 
-/// `out[a] = Σ_b d_w · d_x · Σ_j q_w · q_x` over the blocks of the weight row `w`, for the token
-/// rows `i0..i0 + T` of `xq`.
+/// Per token row `i0 + a`, the lanes of `Σ_g d_w · d_x · Σ q_w · q_x` over the full groups of the
+/// weight row `w` (whole groups of blocks).
 ///
-/// Per group of 8 blocks the weight blocks are transposed in 4-byte steps, so that lane `j` of
-/// every vector belongs to block `j`, like the token rows' interleaved bytes: eight `vpdpbusd`
-/// then leave each block's whole integer dot product in its own lane, with no horizontal sums,
-/// and one conversion, one multiply by the token's scales and one FMA by the weight's scales
-/// finish the group. The weight bytes are made unsigned (`+ 128`, shared by every token row) and
-/// the token's precomputed `-128 · Σ q_x` starts its integer sum, so the integer result is exact.
-/// Integer sums do not depend on their order, and the float steps are the same for any `T`.
+/// Per group the weight blocks are transposed in 4-byte steps (once for every token row), so
+/// that lane `j` of every vector belongs to block `j`, like the token rows' interleaved bytes:
+/// eight `vpdpbusd` then leave each block's whole integer dot product in its own lane, with no
+/// horizontal sums, and one conversion, one multiply by the token's scales and one FMA by the
+/// weight's scales finish the group.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-fn dot<const T: usize>(xq: &QuantInput, i0: usize, w: &[BlockQ8_0]) -> [f32; T] {
-    let groups = xq.groups;
-    assert!(w.len().div_ceil(GROUP) == groups && xq.scales.len() >= (i0 + T) * groups * GROUP, "row lengths");
-    let bias = _mm256_set1_epi8(i8::MIN);
+fn full_groups<const T: usize>(xq: &QuantInput, i0: usize, w: &[BlockQ8_0]) -> [__m256; T] {
+    let groups = xq.layout.token_groups();
+    assert!(w.len() == xq.layout.full * GROUP && xq.scales.len() >= (i0 + T) * groups * GROUP, "row lengths");
     let mut acc = [_mm256_setzero_ps(); T];
-    for (g, blocks) in w.chunks(GROUP).enumerate() {
+    for (g, blocks) in w.chunks_exact(GROUP).enumerate() {
         if T >= 2 {
             // A hint: addresses past the matrix are harmless (prefetches never fault).
             let ahead = blocks.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES);
@@ -162,33 +243,59 @@ fn dot<const T: usize>(xq: &QuantInput, i0: usize, w: &[BlockQ8_0]) -> [f32; T] 
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
             }
         }
-        let v: [__m256i; GROUP] = std::array::from_fn(|j| match blocks.get(j) {
-            // SAFETY: `qs` is 32 bytes.
-            Some(b) => unsafe { _mm256_loadu_si256(b.qs.as_ptr().cast()) },
-            None => _mm256_setzero_si256(),
-        });
-        let steps = transpose(v).map(|u| _mm256_xor_si256(u, bias));
-        let d = |j: usize| blocks.get(j).map_or(0, |b| b.d.to_bits() as i16);
-        let dw = _mm256_cvtph_ps(_mm_set_epi16(d(7), d(6), d(5), d(4), d(3), d(2), d(1), d(0)));
+        let (steps, dw) = load_group(std::array::from_fn(|j| blocks.get(j)));
         for (a, acc) in acc.iter_mut().enumerate() {
-            let at = (i0 + a) * groups + g;
-            // SAFETY: row `i0 + a` has group `g` (asserted above): 256 bytes at `at * 256`, 8
-            // lanes at `at * 8`.
-            unsafe {
-                let xp = xq.q.as_ptr().add(at * GROUP_BYTES).cast::<__m256i>();
-                let mut even = _mm256_loadu_si256(xq.unbias.as_ptr().add(at * GROUP).cast());
-                let mut odd = _mm256_setzero_si256();
-                for s in (0..GROUP).step_by(2) {
-                    even = _mm256_dpbusd_epi32(even, steps[s], _mm256_loadu_si256(xp.add(s)));
-                    odd = _mm256_dpbusd_epi32(odd, steps[s + 1], _mm256_loadu_si256(xp.add(s + 1)));
-                }
-                let dots = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
-                let scaled = _mm256_mul_ps(dots, _mm256_loadu_ps(xq.scales.as_ptr().add(at * GROUP)));
-                *acc = _mm256_fmadd_ps(scaled, dw, *acc);
-            }
+            // SAFETY: row `i0 + a` has group `g` (asserted above).
+            let (ints, xs) = unsafe { group_ints(xq, (i0 + a) * groups + g, &steps) };
+            *acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ints), xs), dw, *acc);
         }
     }
-    acc.map(|v| hsum(v))
+    acc
+}
+
+/// Token group `at`'s exact integer dot products with the weight `steps`, lane by lane, and its
+/// scales. The weight bytes are unsigned (`+ 128`) and the token's precomputed `-128 · Σ q_x`
+/// starts the sums, so the integers are exact (and do not depend on their order).
+///
+/// # Safety
+/// The CPU must have the module's features; `xq` holds group `at`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn group_ints(xq: &QuantInput, at: usize, steps: &[__m256i; GROUP]) -> (__m256i, __m256) {
+    // SAFETY: the caller guarantees group `at`: 256 bytes at `at * 256`, 8 lanes at `at * 8`.
+    unsafe {
+        let xp = xq.q.as_ptr().add(at * GROUP_BYTES).cast::<__m256i>();
+        // Two chains (even and odd steps) for the latency of `vpdpbusd`.
+        let mut even = _mm256_loadu_si256(xq.unbias.as_ptr().add(at * GROUP).cast());
+        let mut odd = _mm256_setzero_si256();
+        for s in (0..GROUP).step_by(2) {
+            even = _mm256_dpbusd_epi32(even, steps[s], _mm256_loadu_si256(xp.add(s)));
+            odd = _mm256_dpbusd_epi32(odd, steps[s + 1], _mm256_loadu_si256(xp.add(s + 1)));
+        }
+        (_mm256_add_epi32(even, odd), _mm256_loadu_ps(xq.scales.as_ptr().add(at * GROUP)))
+    }
+}
+
+/// Eight lanes' blocks (`None` counts as a zero block): their bytes transposed into steps and
+/// made unsigned (`+ 128`), and their scales.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn load_group(blocks: [Option<&BlockQ8_0>; GROUP]) -> ([__m256i; GROUP], __m256) {
+    let mut v = [_mm256_setzero_si256(); GROUP];
+    let mut d = [0u16; GROUP];
+    for (j, b) in blocks.iter().enumerate() {
+        if let Some(b) = b {
+            // SAFETY: `qs` is 32 bytes.
+            v[j] = unsafe { _mm256_loadu_si256(b.qs.as_ptr().cast()) };
+            d[j] = b.d.to_bits();
+        }
+    }
+    let mut steps = transpose(v);
+    for u in &mut steps {
+        *u = _mm256_xor_si256(*u, _mm256_set1_epi8(i8::MIN));
+    }
+    // SAFETY: `d` is 16 bytes.
+    (steps, _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.as_ptr().cast()) }))
 }
 
 /// 8 × 8 transpose of 32-bit lanes: lane `j` of output `s` is lane `s` of input `j`.

@@ -199,36 +199,39 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
         eprintln!("skipped: this CPU has no AVX-512 BF16 and VNNI");
         return;
     };
-    let (rows, cols) = (29, 1536);
     let mut r = rng(13);
-    let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
-        .chunks_exact(QK)
-        .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
-        .collect();
-    let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
-    for m in [2, 3, 8] {
-        // Random values, an all-zero block, and a block of exact ties: its maximum is 127, so
-        // `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
-        let mut x = uniform(&mut r, m * cols, 4.0);
-        x[..QK].fill(0.0);
-        x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
-        x[2 * QK - 1] = 127.0;
-        let mut got = vec![f32::NAN; m * rows];
-        matmul(&pool, &x, m, &w, &mut got).unwrap();
-        for i in 0..m {
-            let xq = quantize_rows(&x[i * cols..(i + 1) * cols]);
-            for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
-                let (mut want, mut step) = (0.0f64, 0.0f64);
-                for (b, (dx, q)) in row.iter().zip(&xq) {
-                    let dot: i32 = b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum();
-                    let scale = f64::from(b.d.to_f32() * dx);
-                    want += scale * f64::from(dot);
-                    step = step.max(scale);
+    // Rows of whole groups of 8 blocks, and rows of 18 whose tails share groups four rows at a
+    // time (29 rows: the last set is short).
+    for (rows, cols) in [(29, 1536), (29, 576)] {
+        let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
+            .chunks_exact(QK)
+            .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
+            .collect();
+        let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+        for m in [2, 3, 8] {
+            // Random values, an all-zero block, and a block of exact ties: its maximum is 127, so
+            // `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
+            let mut x = uniform(&mut r, m * cols, 4.0);
+            x[..QK].fill(0.0);
+            x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
+            x[2 * QK - 1] = 127.0;
+            let mut got = vec![f32::NAN; m * rows];
+            matmul(&pool, &x, m, &w, &mut got).unwrap();
+            for i in 0..m {
+                let xq = quantize_rows(&x[i * cols..(i + 1) * cols]);
+                for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
+                    let (mut want, mut step) = (0.0f64, 0.0f64);
+                    for (b, (dx, q)) in row.iter().zip(&xq) {
+                        let dot: i32 = b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum();
+                        let scale = f64::from(b.d.to_f32() * dx);
+                        want += scale * f64::from(dot);
+                        step = step.max(scale);
+                    }
+                    let g = f64::from(got[i * rows + j]);
+                    // One quantised token value off by one moves the sum by `scale · |q_w|`, at
+                    // least `scale` for the weights here; f32 summation stays far below that.
+                    assert!((g - want).abs() < 0.25 * step, "m={m} token {i} row {j}: {g} vs {want}");
                 }
-                let g = f64::from(got[i * rows + j]);
-                // One quantised token value off by one moves the sum by `scale · |q_w|`, at
-                // least `scale` for the weights here; f32 summation stays far below that.
-                assert!((g - want).abs() < 0.25 * step, "m={m} token {i} row {j}: {g} vs {want}");
             }
         }
     }
