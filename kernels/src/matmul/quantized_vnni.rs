@@ -16,8 +16,9 @@
 //! exact. One conversion, one multiply by the token's block scales and one FMA by the weight's
 //! finish the group into the token's float lanes, summed by one fixed tree at the end of the row.
 //! A row's blocks past its last whole group (its tail) share one group with the tails of the next
-//! rows, as many as fit ([`Layout`]), so no lane computes padding unless the tail is longer than
-//! four blocks; the token rows hold their tail once per row of such a set. A token's sum is
+//! rows, as many as fit ([`Layout`]), so lanes compute padding only where whole tails cannot fill
+//! a group (none for tails of 1, 2 or 4 blocks); the token rows hold their tail once per row of
+//! such a set. A token's sum is
 //! formed the same way whatever else is in the batch and whichever rows share its tail group.
 //!
 //! Per block and token this is one `vpdpbusd` plus an eighth of the group's conversion, where the
