@@ -182,6 +182,13 @@ impl Prefetcher {
 #[cfg(target_arch = "x86_64")]
 pub(crate) const W_BLOCK_BYTES: usize = 256 * 1024;
 
+/// How far ahead of the block being multiplied the decode kernels for block-quantised weights
+/// (`quantized_avx2`, `quantized_vnni`) prefetch the weight stream when several token rows share
+/// a row: a row then takes long enough that the hardware prefetcher alone leaves the weight
+/// loads waiting on memory.
+#[cfg(target_arch = "x86_64")]
+const QUANT_PREFETCH_AHEAD_BYTES: usize = 2048;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

@@ -12,6 +12,7 @@
 
 use std::arch::x86_64::*;
 
+use super::QUANT_PREFETCH_AHEAD_BYTES;
 use super::quantized::Kernel;
 use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
 use crate::simd::avx2::hsum;
@@ -44,11 +45,6 @@ pub(super) unsafe fn nibbles(p: *const u8) -> (__m128i, __m128i) {
     (_mm_and_si128(raw, mask), _mm_and_si128(_mm_srli_epi16::<4>(raw), mask))
 }
 
-/// How far ahead of the block being multiplied the weight stream is prefetched when `dot_rows`
-/// is asked to: with several token rows a row takes long enough that the hardware prefetcher
-/// alone leaves the weight loads waiting on memory.
-const PREFETCH_AHEAD_BYTES: usize = 2048;
-
 /// `out[a] = Σ_c xs[a][c] · w[c]` for the token rows `xs` (each `w.len() * QK` long), with the
 /// blocks dequantised by `B::dequantize8`; `prefetch` prefetches the weight stream ahead.
 ///
@@ -66,7 +62,7 @@ pub(super) unsafe fn dot_rows<B: Kernel, const M: usize>(xs: [&[f32]; M], w: &[B
     for (bi, b) in w.iter().enumerate() {
         if prefetch {
             // A hint: addresses past the matrix are harmless (prefetches never fault).
-            let ahead = std::ptr::from_ref(b).cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES);
+            let ahead = std::ptr::from_ref(b).cast::<u8>().wrapping_add(QUANT_PREFETCH_AHEAD_BYTES);
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
         }
         // SAFETY: the caller guarantees the features.

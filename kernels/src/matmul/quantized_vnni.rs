@@ -26,7 +26,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Shape, Task};
+use super::{QUANT_PREFETCH_AHEAD_BYTES, Shape, Task};
 use crate::quant::{BlockQ8_0, QK};
 use crate::simd::SharedOut;
 use crate::simd::avx2::hsum;
@@ -40,10 +40,6 @@ const _: () = assert!(MAX_TOKENS == 8, "quantized_vnni::rows has one arm per tok
 const GROUP: usize = 8;
 /// Bytes of one group's interleaved values.
 const GROUP_BYTES: usize = GROUP * QK;
-
-/// How far ahead of the group being multiplied the weight stream is prefetched when several
-/// token rows share a row (about 7 groups).
-const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// How a row's blocks fall into groups: `full` whole groups, then `tail` blocks (fewer than 8).
 /// The tails of `rows_per_tail` consecutive rows share one group (lanes `i · tail ..` for the
@@ -179,13 +175,13 @@ unsafe fn rows_of<const T: usize>(xq: &QuantInput, w: &[BlockQ8_0], s: Shape, t:
     let Layout { full, tail, rows_per_tail } = xq.layout;
     let per_row = s.k / QK;
     let tail_group = full;
+    let row = |r: usize| &w[r * per_row..(r + 1) * per_row];
     let mut r = t.r0;
     while r < t.r1 {
         let set = rows_per_tail.min(t.r1 - r);
         let mut sums = [[0.0f32; GROUP]; T];
         for i in 0..set {
-            let row = &w[(r + i) * per_row..(r + i + 1) * per_row];
-            let acc = full_groups::<T>(xq, t.i0, &row[..full * GROUP]);
+            let acc = full_groups::<T>(xq, t.i0, &row(r + i)[..full * GROUP]);
             for (sum, acc) in sums.iter_mut().zip(&acc) {
                 sum[i] = hsum(*acc);
             }
@@ -193,8 +189,7 @@ unsafe fn rows_of<const T: usize>(xq: &QuantInput, w: &[BlockQ8_0], s: Shape, t:
         if tail > 0 {
             let mut blocks = [None; GROUP];
             for i in 0..set {
-                let row = &w[(r + i) * per_row..(r + i + 1) * per_row];
-                for (j, b) in row[full * GROUP..].iter().enumerate() {
+                for (j, b) in row(r + i)[full * GROUP..].iter().enumerate() {
                     blocks[i * tail + j] = Some(b);
                 }
             }
@@ -239,7 +234,7 @@ fn full_groups<const T: usize>(xq: &QuantInput, i0: usize, w: &[BlockQ8_0]) -> [
     for (g, blocks) in w.chunks_exact(GROUP).enumerate() {
         if T >= 2 {
             // A hint: addresses past the matrix are harmless (prefetches never fault).
-            let ahead = blocks.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD_BYTES);
+            let ahead = blocks.as_ptr().cast::<u8>().wrapping_add(QUANT_PREFETCH_AHEAD_BYTES);
             for line in 0..std::mem::size_of_val(blocks).div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
             }
