@@ -1,9 +1,10 @@
 //! `tessera batch`: offline generation over token ids from a JSON file (for scripts and
 //! correctness checks against other implementations).
 //!
-//! Input: `{"prompts": [[ids…], …], "max_new_tokens": N}`. Output: `{"outputs": [{"tokens":
-//! [ids…], "first_logits": [vocab floats]}, …]}`, greedy, each prompt run on its own (batch 1)
-//! so results do not depend on what else is in the batch.
+//! Input: `{"prompts": [[ids…], …], "max_new_tokens": N}`, optionally with `"sampling":
+//! {"temperature", "top_p", "top_k", "min_p", "seed"}` (each optional; greedy without it).
+//! Output: `{"outputs": [{"tokens": [ids…], "first_logits": [vocab floats]}, …]}`, each prompt
+//! run on its own (batch 1) so results do not depend on what else is in the batch.
 
 use std::path::PathBuf;
 
@@ -32,15 +33,53 @@ pub struct BatchArgs {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Input {
     prompts: Vec<Vec<u32>>,
     max_new_tokens: usize,
+    #[serde(default)]
+    sampling: Option<Sampling>,
+}
+
+/// Sampling without penalties: what a backend may do on its device.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sampling {
+    #[serde(default)]
+    temperature: f32,
+    #[serde(default = "one")]
+    top_p: f32,
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    min_p: f32,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl Sampling {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            seed: self.seed,
+            ..SamplingParams::greedy()
+        }
+    }
 }
 
 /// Runs the subcommand.
 pub fn run(args: BatchArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let input: Input = serde_json::from_str(&text).with_context(|| format!("parsing {}", args.input.display()))?;
+    let sampling = input.sampling.as_ref().map_or_else(SamplingParams::greedy, Sampling::params);
+    sampling.validate().context("sampling")?;
     let resolved = args.model.resolve()?;
     let longest = input.prompts.iter().map(Vec::len).max().unwrap_or(0);
     let total = longest
@@ -59,7 +98,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<()> {
         let request = GenerationRequest {
             prompt: prompt.clone(),
             max_new_tokens: input.max_new_tokens,
-            sampling: SamplingParams::greedy(),
+            sampling: sampling.clone(),
             stop_token_ids: Vec::new(),
             min_tokens: 0,
             logprobs: None,

@@ -315,12 +315,15 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 "weight_bytes_per_step": weights_per_step, "kv_bytes_per_step_mean": kv_per_step,
                 "read_bandwidth_gb_s": bandwidth.json(), "decode_over_roofline": ratio.json(),
                 "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak,
-                "kernel_classes": class_json, "phase_seconds": phase_json,
+                "kernel_classes": class_json, "phase_seconds": phase_json, "tuning": info.tuning,
             });
             println!("{line}");
             continue;
         }
         println!("model                 {} ({} weights, {})", resolved.id, info.weights_dtype, info.device);
+        for line in &info.tuning {
+            println!("tuned at load         {line}");
+        }
         println!(
             "shape                 batch {batch} × prompt {} + gen {}; {} runs: median [min – max]",
             args.prompt_len, args.gen_len, args.runs

@@ -129,7 +129,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         EngineKind::Model => args.model.backend(&resolved, kv, &args.parallel)?,
         EngineKind::Mock => Box::new(MockBackend::new(resolved.config.clone())) as Box<dyn ModelBackend>,
     };
-    let device = backend.info().device;
+    let info = backend.info();
+    for line in &info.tuning {
+        tracing::info!("tuned at load: {line}");
+    }
+    let device = info.device;
     let options = EngineOptions {
         prefix_caching: !args.no_prefix_cache,
         max_batch_tokens: args.max_batch_tokens,

@@ -19,7 +19,7 @@ use crate::error::EngineError;
 use crate::kv_cache::{BlockAllocator, KvCacheConfig};
 use crate::kv_events::KvEventKind;
 use crate::model::SeqChunk;
-use crate::sampler::{SamplingParams, TokenLogprob};
+use crate::sampler::{DevicePick, SamplingParams, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sequence::{OutputConstraint, PickedToken, SeqId, Sequence};
 
@@ -367,7 +367,26 @@ impl Engine {
             let &i = index.get(&c.seq).ok_or_else(|| EngineError::Internal("planned sequence not running".into()))?;
             rows.push((i, c.len));
         }
-        let (greedy, logits) = {
+        // The backend picks the tokens itself only when no row needs its logits on the host. A
+        // row still mid-prompt picks nothing (its pick is ignored), so it asks for the arg-max.
+        let on_device = rows.iter().all(|&(i, len)| {
+            let s = &self.scheduler.running()[i];
+            s.computed + len < s.tokens.len() || s.can_pick_on_device()
+        });
+        let picks = if on_device {
+            let running = self.scheduler.running_mut();
+            let picks: Option<Vec<DevicePick>> = rows
+                .iter()
+                .map(|&(i, len)| {
+                    let s = &mut running[i];
+                    if s.computed + len < s.tokens.len() { Some(DevicePick::Greedy) } else { s.device_pick() }
+                })
+                .collect();
+            Some(picks.ok_or_else(|| EngineError::Internal("a device pick was refused after being allowed".into()))?)
+        } else {
+            None
+        };
+        let (picked_on_device, logits) = {
             let running = self.scheduler.running();
             let chunks: Vec<SeqChunk<'_>> = rows
                 .iter()
@@ -388,15 +407,9 @@ impl Engine {
                     report.prefill_tokens += c.tokens.len();
                 }
             }
-            // The backend may pick tokens itself only when nothing needs the logits on the host.
-            let argmax_only = rows.iter().all(|&(i, len)| {
-                let s = &running[i];
-                s.computed + len < s.tokens.len() || s.argmax_is_enough()
-            });
-            if argmax_only {
-                (Some(self.backend.forward_greedy(&chunks)?), None)
-            } else {
-                (None, Some(self.backend.forward(&chunks)?))
+            match &picks {
+                Some(picks) => (Some(self.backend.forward_pick(&chunks, picks)?), None),
+                None => (None, Some(self.backend.forward(&chunks)?)),
             }
         };
         let vocab = self.backend.config().vocab_size;
@@ -419,7 +432,7 @@ impl Engine {
                 done.push((s.id, Ok(FinishReason::Length))); // nothing to generate (max_new_tokens = 0)
                 continue;
             }
-            let picked = match (&greedy, &logits) {
+            let picked = match (&picked_on_device, &logits) {
                 (Some(tokens), _) => Ok(PickedToken { token: tokens[row], logprob: None }),
                 (None, Some(l)) => s.pick(&l[row * vocab..(row + 1) * vocab]),
                 (None, None) => Err(EngineError::Internal("no forward output".into())),

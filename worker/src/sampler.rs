@@ -52,12 +52,6 @@ impl SamplingParams {
         }
     }
 
-    /// Greedy with nothing that depends on the token history: the arg-max of the raw logits,
-    /// which a backend may compute on its own device.
-    pub fn is_plain_greedy(&self) -> bool {
-        self.temperature == 0.0 && !self.has_penalties()
-    }
-
     fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
@@ -86,6 +80,41 @@ impl SamplingParams {
             }
         }
         Ok(())
+    }
+}
+
+/// A token choice a backend can make on its own device from a row's raw logits (a GPU then
+/// returns token ids instead of logits). It exists only for samplers without penalties, whose
+/// choice depends on nothing but the logits and, for a draw, one uniform number the sampler drew
+/// from its own stream on the host, so the stream advances exactly as it does on the host path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DevicePick {
+    /// The arg-max (ties to the lower id; NaN never wins).
+    Greedy,
+    /// A draw over the filtered distribution (see [`pick_with`]).
+    Draw {
+        /// `1 / temperature`, finite and positive.
+        inv_temperature: f32,
+        /// Keep the `k` most likely tokens, if set.
+        top_k: Option<u32>,
+        /// Nucleus mass in (0, 1].
+        top_p: f32,
+        /// Relative probability floor in [0, 1).
+        min_p: f32,
+        /// The uniform number in [0, 1) that picks the token.
+        uniform: f32,
+    },
+}
+
+impl DevicePick {
+    /// The host's answer for one row of raw logits: what a device must reproduce.
+    pub fn apply(&self, logits: &[f32]) -> u32 {
+        match *self {
+            DevicePick::Greedy => argmax(logits),
+            DevicePick::Draw { inv_temperature, top_k, top_p, min_p, uniform } => {
+                pick_with(logits, inv_temperature, top_k, top_p, min_p, uniform)
+            }
+        }
     }
 }
 
@@ -160,9 +189,24 @@ impl Sampler {
         Ok(Sampler { params, rng, seen, generated: HashMap::new() })
     }
 
-    /// Whether the raw arg-max is this sampler's choice (see [`SamplingParams::is_plain_greedy`]).
-    pub fn is_plain_greedy(&self) -> bool {
-        self.params.is_plain_greedy()
+    /// Whether the choice depends on the raw logits alone (no penalties), so that a backend may
+    /// make it on its device (see [`device_pick`](Self::device_pick)).
+    pub fn picks_from_raw_logits(&self) -> bool {
+        !self.params.has_penalties()
+    }
+
+    /// The choice to hand to the backend for the next token, drawing its uniform number now;
+    /// `None` when it needs the penalised logits on the host (nothing is drawn then).
+    pub fn device_pick(&mut self) -> Option<DevicePick> {
+        if !self.picks_from_raw_logits() {
+            return None;
+        }
+        if !self.draws_random() {
+            return Some(DevicePick::Greedy);
+        }
+        let p = &self.params;
+        let (inv_temperature, top_k, top_p, min_p) = (1.0 / p.temperature, p.top_k, p.top_p, p.min_p);
+        Some(DevicePick::Draw { inv_temperature, top_k, top_p, min_p, uniform: self.rng.random() })
     }
 
     /// Records a token the sequence produced (for the penalties).
@@ -207,6 +251,7 @@ impl Sampler {
     }
 
     /// Picks the next token (it is not recorded: call [`observe`](Self::observe) once accepted).
+    /// A non-greedy pick draws exactly one number, whatever the logits hold.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let penalised;
         let logits = if self.params.has_penalties() {
@@ -215,58 +260,73 @@ impl Sampler {
         } else {
             logits
         };
-        let inv_t = 1.0 / self.params.temperature;
         // A temperature so small that 1/T overflows is greedy in the limit.
-        if !self.draws_random() || logits.len() <= 1 {
+        if !self.draws_random() {
             return argmax(logits);
         }
-        // Scale relative to the best logit so large temperatures and logits stay finite.
-        let best = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
-        let mut cands: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| x.is_finite())
-            .map(|(i, &x)| (i as u32, (x - best) * inv_t))
-            .collect();
-        if cands.is_empty() {
-            return argmax(logits);
-        }
-        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if let Some(k) = self.params.top_k {
-            cands.truncate(k as usize);
-        }
-        let max = cands[0].1;
-        let mut probs: Vec<f32> = cands.iter().map(|&(_, x)| (x - max).exp()).collect();
-        if self.params.min_p > 0.0 {
-            // probs[0] is the best (unnormalised 1.0): keep p ≥ min_p × p_best.
-            let keep = probs.iter().take_while(|&&p| p >= self.params.min_p).count().max(1);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut mass = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&p| {
-                    mass += p;
-                    mass >= self.params.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            let kept: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= kept);
-        }
-        let r: f32 = self.rng.random();
-        let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if r < acc {
-                return cands[i].0;
-            }
-        }
-        cands[probs.len() - 1].0
+        let p = &self.params;
+        let (inv_t, top_k, top_p, min_p) = (1.0 / p.temperature, p.top_k, p.top_p, p.min_p);
+        pick_with(logits, inv_t, top_k, top_p, min_p, self.rng.random())
     }
+}
+
+/// A draw from `logits` (finite ones only; the arg-max when there are none) scaled by
+/// `inv_temperature`, keeping the `top_k` best, then those with probability ≥ `min_p × p(best)`,
+/// then the smallest set reaching `top_p`; `uniform` in [0, 1) picks the token whose cumulative
+/// probability, best first, first exceeds it.
+pub fn pick_with(
+    logits: &[f32],
+    inv_temperature: f32,
+    top_k: Option<u32>,
+    top_p: f32,
+    min_p: f32,
+    uniform: f32,
+) -> u32 {
+    // Scale relative to the best logit so large temperatures and logits stay finite.
+    let best = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let mut cands: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.is_finite())
+        .map(|(i, &x)| (i as u32, (x - best) * inv_temperature))
+        .collect();
+    if cands.len() <= 1 {
+        return cands.first().map_or_else(|| argmax(logits), |c| c.0);
+    }
+    cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = top_k {
+        cands.truncate(k as usize);
+    }
+    let max = cands[0].1;
+    let mut probs: Vec<f32> = cands.iter().map(|&(_, x)| (x - max).exp()).collect();
+    if min_p > 0.0 {
+        // probs[0] is the best (unnormalised 1.0): keep p ≥ min_p × p_best.
+        let keep = probs.iter().take_while(|&&p| p >= min_p).count().max(1);
+        probs.truncate(keep);
+    }
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if top_p < 1.0 {
+        let mut mass = 0.0;
+        let keep = probs
+            .iter()
+            .position(|&p| {
+                mass += p;
+                mass >= top_p
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        let kept: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= kept);
+    }
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if uniform < acc {
+            return cands[i].0;
+        }
+    }
+    cands[probs.len() - 1].0
 }
 
 #[cfg(test)]
@@ -300,6 +360,36 @@ mod tests {
     }
 
     #[test]
+    fn device_picks_follow_the_host_stream() {
+        let logits: Vec<f32> = (0..200).map(|i| (i as f32 * 0.71).sin() * 3.0).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: Some(40),
+            top_p: 0.9,
+            min_p: 0.05,
+            seed: 9,
+            ..SamplingParams::greedy()
+        };
+        let (mut host, mut device) = (sampler(params.clone()), sampler(params));
+        let on_host: Vec<u32> = (0..64).map(|_| host.sample(&logits)).collect();
+        let on_device: Vec<u32> = (0..64)
+            .map(|_| device.device_pick().map(|p| p.apply(&logits)).unwrap_or_else(|| panic!("no penalties: pickable")))
+            .collect();
+        assert_eq!(on_host, on_device);
+        assert!(on_host.iter().any(|&t| t != on_host[0]), "it really samples");
+        // Greedy needs no draw; penalties need the host.
+        assert_eq!(sampler(SamplingParams::greedy()).device_pick(), Some(DevicePick::Greedy));
+        let mut penalised = sampler(SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() });
+        assert_eq!(penalised.device_pick(), None);
+        // Degenerate rows still draw one number, so the stream never depends on the logits.
+        let mut a = sampler(SamplingParams { temperature: 1.0, seed: 4, ..SamplingParams::greedy() });
+        let mut b = sampler(SamplingParams { temperature: 1.0, seed: 4, ..SamplingParams::greedy() });
+        assert_eq!(a.sample(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        b.replay(0);
+        assert_eq!(a.sample(&logits), b.sample(&logits));
+    }
+
+    #[test]
     fn tiny_top_p_and_large_min_p_are_greedy() {
         let logits = [0.1, 2.0, 0.3, 1.9];
         let mut s = sampler(SamplingParams { temperature: 0.7, top_p: 1e-6, seed: 1, ..SamplingParams::greedy() });
@@ -317,7 +407,7 @@ mod tests {
         let logits = [1.0, 2.0, 1.9, -1.0];
         // Repetition: token 1 is in the prompt, 2.0 / 1.2 < 1.9.
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() }, &[1]).unwrap();
-        assert!(!s.is_plain_greedy());
+        assert!(!s.picks_from_raw_logits());
         assert_eq!(s.sample(&logits), 2);
         // Presence: after generating token 1 once, 2.0 - 0.5 < 1.9.
         let mut s = sampler(SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() });

@@ -11,7 +11,7 @@ use tessera_proto::{BlockHash, hash_block};
 
 use crate::engine::{FinishReason, GenerationRequest};
 use crate::error::EngineError;
-use crate::sampler::{Sampler, TokenLogprob, logprobs};
+use crate::sampler::{DevicePick, Sampler, TokenLogprob, logprobs};
 
 /// Identifies a sequence inside one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -128,12 +128,19 @@ impl Sequence {
         &self.request
     }
 
-    /// Whether the step's pick can be the backend's raw arg-max (nothing needs the logits).
-    pub fn argmax_is_enough(&self) -> bool {
-        self.sampler.is_plain_greedy()
+    /// Whether the backend may pick the step's token itself (see [`DevicePick`]): nothing needs
+    /// the logits on the host (no penalties, log-probabilities, constraint or held-back stops).
+    pub fn can_pick_on_device(&self) -> bool {
+        self.sampler.picks_from_raw_logits()
             && self.request.logprobs.is_none()
             && self.constraint.is_none()
             && (self.output().len() >= self.request.min_tokens || self.request.stop_token_ids.is_empty())
+    }
+
+    /// The pick to hand to the backend, drawing its random number; `None` (and nothing drawn)
+    /// unless [`can_pick_on_device`](Self::can_pick_on_device).
+    pub fn device_pick(&mut self) -> Option<DevicePick> {
+        if self.can_pick_on_device() { self.sampler.device_pick() } else { None }
     }
 
     /// Chained hashes of newly completed blocks: `(block index, hash, parent, tokens)` for every

@@ -164,3 +164,21 @@ fn a_resumed_request_continues_exactly_where_it_stopped() {
     assert!(e.add_resumed(request(&prompt, 4, SamplingParams::greedy()), None, None, &[5, 6, 7, 8]).is_err());
     assert!(e.add_resumed(request(&prompt, 4, SamplingParams::greedy()), None, None, &[100_000]).is_err());
 }
+
+/// Without penalties or log-probabilities the backend picks each token from its own logits
+/// (`forward_pick`, on the device for a GPU); asking for log-probabilities moves the logits to the
+/// host and the sequence's sampler picks. The same seed must give the same tokens either way.
+#[test]
+fn backend_picks_match_host_picks() {
+    let (mut e, prompt) = engine();
+    for sampling in [
+        SamplingParams { temperature: 0.9, top_k: Some(12), top_p: 0.9, seed: 21, ..SamplingParams::greedy() },
+        SamplingParams { temperature: 1.3, min_p: 0.05, seed: 22, ..SamplingParams::greedy() },
+        SamplingParams::greedy(),
+    ] {
+        let on_backend = run(&mut e, &[request(&prompt, 24, sampling.clone())]).remove(0);
+        let on_host = GenerationRequest { logprobs: Some(1), ..request(&prompt, 24, sampling.clone()) };
+        let on_host = run(&mut e, &[on_host]).remove(0);
+        assert_eq!(on_backend.tokens, on_host.tokens, "{sampling:?}");
+    }
+}

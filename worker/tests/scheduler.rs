@@ -52,6 +52,7 @@ impl ModelBackend for SlotEcho {
             weights_dtype: "none".into(),
             weight_bytes_per_step: 0,
             kv_bytes_per_token: 0,
+            tuning: Vec::new(),
         }
     }
 

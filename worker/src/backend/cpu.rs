@@ -278,6 +278,7 @@ impl ModelBackend for CpuBackend {
             weights_dtype: self.model.weights_format(),
             weight_bytes_per_step: self.model.weight_bytes_per_token(),
             kv_bytes_per_token: self.kv_bytes_per_token(),
+            tuning: Vec::new(),
         }
     }
 

@@ -10,6 +10,7 @@ use crate::backend::{BackendInfo, ModelBackend};
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::model::SeqChunk;
+use crate::sampler::DevicePick;
 
 /// The no-compute backend.
 pub struct MockBackend {
@@ -45,6 +46,7 @@ impl ModelBackend for MockBackend {
             weights_dtype: "none".into(),
             weight_bytes_per_step: 0,
             kv_bytes_per_token: 0,
+            tuning: Vec::new(),
         }
     }
 
@@ -57,8 +59,21 @@ impl ModelBackend for MockBackend {
         Ok(logits)
     }
 
-    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
-        Ok(chunks.iter().map(|c| self.next_token(c)).collect())
+    fn forward_pick(&mut self, chunks: &[SeqChunk<'_>], picks: &[DevicePick]) -> Result<Vec<u32>, EngineError> {
+        super::check_picks(chunks, picks)?;
+        let vocab = self.config.vocab_size;
+        Ok(chunks
+            .iter()
+            .zip(picks)
+            .map(|(c, pick)| match pick {
+                DevicePick::Greedy => self.next_token(c),
+                DevicePick::Draw { .. } => {
+                    let mut row = vec![0.0f32; vocab];
+                    row[self.next_token(c) as usize] = 20.0;
+                    pick.apply(&row)
+                }
+            })
+            .collect())
     }
 }
 
@@ -73,9 +88,10 @@ mod tests {
         let mut b = MockBackend::new(config.clone());
         let table = [0u32];
         let chunk = SeqChunk { tokens: &[5, 6], start_pos: 3, block_table: &table };
-        let a = b.forward_greedy(&[chunk]).unwrap_or_default();
-        let again =
-            b.forward_greedy(&[SeqChunk { tokens: &[5, 6], start_pos: 3, block_table: &table }]).unwrap_or_default();
+        let a = b.forward_pick(&[chunk], &[DevicePick::Greedy]).unwrap_or_default();
+        let again = b
+            .forward_pick(&[SeqChunk { tokens: &[5, 6], start_pos: 3, block_table: &table }], &[DevicePick::Greedy])
+            .unwrap_or_default();
         assert_eq!(a, again);
         assert!(a.iter().all(|t| t % 2 == 1), "{a:?}");
         let logits = b.forward(&[SeqChunk { tokens: &[5, 6], start_pos: 3, block_table: &table }]).unwrap_or_default();

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::model::SeqChunk;
 use crate::parallel::GroupHealth;
-use crate::sampler::argmax;
+use crate::sampler::DevicePick;
 
 pub use cpu::cpu_kv_elem_bytes;
 /// Bytes per K or V element in the CUDA backend's cache (bf16).
@@ -32,6 +32,9 @@ pub struct BackendInfo {
     pub weight_bytes_per_step: usize,
     /// Bytes of K+V stored per token (all layers).
     pub kv_bytes_per_token: usize,
+    /// What the backend chose by measuring at load, one line each (e.g. which kernel runs each
+    /// decode product and the timings behind it); empty when it measured nothing.
+    pub tuning: Vec<String>,
 }
 
 /// A model ready to run on some device.
@@ -46,11 +49,13 @@ pub trait ModelBackend: Send {
     /// of each chunk's last token, `(chunks.len(), vocab)`.
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, EngineError>;
 
-    /// Like [`forward`](Self::forward) but returns only each chunk's arg-max token. Backends
-    /// override it to avoid moving logits (a GPU picks the token on the device).
-    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
+    /// Like [`forward`](Self::forward) but returns only each chunk's token, chosen from its
+    /// last position's logits by `picks[i]` exactly as [`DevicePick::apply`] does. Backends
+    /// override it to avoid moving logits (a GPU picks the tokens on the device).
+    fn forward_pick(&mut self, chunks: &[SeqChunk<'_>], picks: &[DevicePick]) -> Result<Vec<u32>, EngineError> {
+        check_picks(chunks, picks)?;
         let vocab = self.config().vocab_size;
-        Ok(self.forward(chunks)?.chunks_exact(vocab).map(argmax).collect())
+        Ok(self.forward(chunks)?.chunks_exact(vocab).zip(picks).map(|(row, pick)| pick.apply(row)).collect())
     }
 
     /// The health of the tensor-parallel group behind this backend; `None` for a single device,
@@ -58,4 +63,12 @@ pub trait ModelBackend: Send {
     fn group_health(&self) -> Option<GroupHealth> {
         None
     }
+}
+
+/// One pick per chunk, or an internal error.
+pub(crate) fn check_picks(chunks: &[SeqChunk<'_>], picks: &[DevicePick]) -> Result<(), EngineError> {
+    if chunks.len() != picks.len() {
+        return Err(EngineError::Internal(format!("{} picks for {} chunks", picks.len(), chunks.len())));
+    }
+    Ok(())
 }

@@ -239,6 +239,7 @@ impl ModelBackend for TpCpuBackend {
             weights_dtype: rank0.weights_dtype,
             weight_bytes_per_step: self.footprints.iter().map(|f| f.weight_bytes_per_token).sum(),
             kv_bytes_per_token: self.footprints.iter().map(|f| f.kv_bytes_per_token).sum(),
+            tuning: rank0.tuning,
         }
     }
 
