@@ -44,6 +44,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The CUDA backend builds everywhere (libraries are loaded at run time); its device checks run
 # on a GPU machine with kernels/gpu/check.sh.
 cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
+# Its launch policy (attention split, GEMV choice, tuning records) is plain logic: tested here.
+cargo test -p tessera-kernels --locked --features cuda --lib cuda::
 # The Helm chart: lint, render, validate against the Kubernetes schemas, reject bad values.
 bash scripts/check-chart.sh
 # Fetch the default model once (tests that need it find it in the cache).

@@ -23,8 +23,10 @@
 // running max (natural-log units) and sum of exp(score - max) to part_acc
 // ((n_rows, n_heads, n_parts, head_dim) f32, indexed by the position in `rows`), part_max and
 // part_sum ((n_rows, n_heads, n_parts) f32) -- an empty partition writes max = -inf, sum = 0,
-// acc = 0 -- and paged_attention_reduce combines them: grid (n_rows, n_heads), any blockDim (32
-// or head_dim).
+// acc = 0 -- then counts itself in part_done[(j, h)] ((n_rows, n_heads) u32, all zero before the
+// launch), and the warp that finishes last combines all the partitions into `out` and puts the
+// counter back to zero, so the next launch (or graph replay) finds it zero again. That saves a
+// separate reduce launch per layer: at batch 1 the split runs on every decode step.
 //
 // Inside a warp, lane l owns elements [l * D, l * D + D) of the head (D = head_dim / 32): its
 // slice of q lives in registers and each K/V row is read by the whole warp, coalesced. Keys go
@@ -108,6 +110,40 @@ __device__ __forceinline__ void fetch_group(int p0, int start, int end, const in
     }
 }
 
+// One warp combines a (row, head)'s partitions: out = sum_k w_k acc_k / sum_k w_k sum_k with
+// w_k = exp(max_k - max) (0 for an empty partition; all empty gives zeros). Lane l owns elements
+// [l * D, l * D + D) of the head. The partials were written by other blocks of this launch, so
+// they are read through L2 (__ldcg), never a stale L1 line.
+template <int D>
+__device__ __forceinline__ void reduce_partitions(const float* __restrict__ acc, const float* __restrict__ pmax,
+                                                  const float* __restrict__ psum, int n_parts, int lane,
+                                                  bf16_t* __restrict__ o) {
+    float mx = TS_NEG_INF;
+    for (int k = lane; k < n_parts; k += 32) mx = fmaxf(mx, __ldcg(pmax + k));
+    mx = warp_max(mx);
+    float den = 0.0f;
+    for (int k = lane; k < n_parts; k += 32) {
+        const float mk = __ldcg(pmax + k);
+        if (mk != TS_NEG_INF) den += expf(mk - mx) * __ldcg(psum + k);
+    }
+    den = warp_sum(den);
+    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+    float num[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) num[d] = 0.0f;
+    const int head_dim = 32 * D;
+    for (int k = 0; k < n_parts; ++k) {
+        const float mk = __ldcg(pmax + k);
+        if (mk == TS_NEG_INF) continue;  // uniform over the warp
+        const float w = expf(mk - mx);
+        const float* a = acc + (long long)k * head_dim + lane * D;
+#pragma unroll
+        for (int d = 0; d < D; ++d) num[d] = fmaf(w, __ldcg(a + d), num[d]);
+    }
+#pragma unroll
+    for (int d = 0; d < D; ++d) o[d] = f32_to_bf16(num[d] * inv);
+}
+
 template <int D>
 __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int q_stride,
                                                const bf16_t* __restrict__ k_cache, const bf16_t* __restrict__ v_cache,
@@ -116,8 +152,9 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
                                                const int* __restrict__ window_starts, const int* __restrict__ rows,
                                                bf16_t* __restrict__ out,
                                                float* __restrict__ part_acc, float* __restrict__ part_max,
-                                               float* __restrict__ part_sum, int n_heads, int n_kv_heads,
-                                               int block_size, int partition_size, int n_parts, float scale) {
+                                               float* __restrict__ part_sum, unsigned* __restrict__ part_done,
+                                               int n_heads, int n_kv_heads, int block_size, int partition_size,
+                                               int n_parts, float scale) {
     const int j = blockIdx.x, h = blockIdx.y, part = blockIdx.z, lane = threadIdx.x;
     const int i = rows ? rows[j] : j;
     const int head_dim = 32 * D;
@@ -207,14 +244,24 @@ __device__ __forceinline__ void attention_warp(const bf16_t* __restrict__ q, int
 #pragma unroll
         for (int j = 0; j < D; ++j) o[j] = f32_to_bf16(acc[j] * inv);
     } else {
-        const long long slot = ((long long)j * n_heads + h) * n_parts + part;
-        float* a = part_acc + slot * head_dim + lane * D;
+        const long long pair = (long long)j * n_heads + h, base = pair * n_parts;
+        float* a = part_acc + (base + part) * head_dim + lane * D;
 #pragma unroll
         for (int j = 0; j < D; ++j) a[j] = acc[j];
         if (lane == 0) {
-            part_max[slot] = l > 0.0f ? m * TS_LN2 : TS_NEG_INF;
-            part_sum[slot] = l;
+            part_max[base + part] = l > 0.0f ? m * TS_LN2 : TS_NEG_INF;
+            part_sum[base + part] = l;
         }
+        // Publish the partials device-wide, then count this partition; the last one reduces.
+        __threadfence();
+        unsigned done = 0u;
+        if (lane == 0) done = atomicAdd(part_done + pair, 1u);
+        done = __shfl_sync(TS_FULL_MASK, done, 0);
+        if (done != (unsigned)n_parts - 1u) return;
+        if (lane == 0) part_done[pair] = 0u;  // every partition has counted: reset for the next launch
+        __threadfence();
+        reduce_partitions<D>(part_acc + base * head_dim, part_max + base, part_sum + base, n_parts, lane,
+                             out + ((long long)i * n_heads + h) * head_dim + lane * D);
     }
 }
 
@@ -223,17 +270,16 @@ extern "C" __global__ void __launch_bounds__(32, 24)
                     const bf16_t* __restrict__ v_cache, const int* __restrict__ block_tables, int max_blocks_per_seq,
                     const int* __restrict__ query_seq, const int* __restrict__ context_lens,
                     const int* __restrict__ window_starts, const int* __restrict__ rows, bf16_t* __restrict__ out,
-                    float* __restrict__ part_acc, float* __restrict__ part_max, float* __restrict__ part_sum, int n_rows,
-                    int n_heads,
-                    int n_kv_heads, int head_dim, int block_size, int partition_size, int n_parts, float scale) {
+                    float* __restrict__ part_acc, float* __restrict__ part_max, float* __restrict__ part_sum,
+                    unsigned* __restrict__ part_done, int n_rows, int n_heads, int n_kv_heads, int head_dim,
+                    int block_size, int partition_size, int n_parts, float scale) {
     // Unsupported shapes are rejected on the host; here they only must not fault.
     if ((int)blockIdx.x >= n_rows || blockDim.x != 32 || (head_dim & 31) != 0) return;
 #define TS_ATTN_CASE(D)                                                                                        \
     case D:                                                                                                    \
         attention_warp<D>(q, q_stride, k_cache, v_cache, block_tables, max_blocks_per_seq, query_seq,          \
-                          context_lens, window_starts, rows, out, part_acc, part_max, part_sum, n_heads,       \
-                          n_kv_heads,                                                                          \
-                          block_size, partition_size, n_parts, scale);                                         \
+                          context_lens, window_starts, rows, out, part_acc, part_max, part_sum, part_done,     \
+                          n_heads, n_kv_heads, block_size, partition_size, n_parts, scale);                    \
         break;
     switch (head_dim >> 5) {
         TS_ATTN_CASE(1)
@@ -247,41 +293,4 @@ extern "C" __global__ void __launch_bounds__(32, 24)
         default: break;
     }
 #undef TS_ATTN_CASE
-}
-
-// out[rows[j], h, :] = sum_k w_k * acc_k / sum_k w_k * sum_k, w_k = exp(max_k - max_j max_j) (0
-// for an empty partition); all partitions empty gives zeros. Partials are indexed by j, the
-// position in `rows` (null: row j). Grid (n_rows, n_heads), blockDim a multiple of 32 (32 or
-// head_dim). The maximum and the denominator are block-wide reductions; the weighted sum keeps
-// eight partitions' loads in flight, so the kernel costs a few memory round trips, not one per
-// partition.
-extern "C" __global__ void paged_attention_reduce(const float* __restrict__ part_acc, const float* __restrict__ part_max,
-                                                  const float* __restrict__ part_sum, const int* __restrict__ rows,
-                                                  bf16_t* __restrict__ out, int n_rows, int n_heads, int head_dim,
-                                                  int n_parts) {
-    const int j = blockIdx.x, h = blockIdx.y;
-    if (j >= n_rows) return;  // the whole block leaves together
-    const int i = rows ? rows[j] : j;
-    const long long base = ((long long)j * n_heads + h) * n_parts;
-    float mx = TS_NEG_INF;
-    for (int k = threadIdx.x; k < n_parts; k += blockDim.x) mx = fmaxf(mx, part_max[base + k]);
-    mx = block_max(mx);
-    float den = 0.0f;
-    for (int k = threadIdx.x; k < n_parts; k += blockDim.x) {
-        const float mk = part_max[base + k];
-        if (mk != TS_NEG_INF) den += expf(mk - mx) * part_sum[base + k];
-    }
-    den = block_sum(den);
-    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-    bf16_t* o = out + ((long long)i * n_heads + h) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float num = 0.0f;
-#pragma unroll 8
-        for (int k = 0; k < n_parts; ++k) {
-            const float mk = part_max[base + k];
-            const float a = part_acc[(base + k) * head_dim + d];
-            if (mk != TS_NEG_INF) num += expf(mk - mx) * a;
-        }
-        o[d] = f32_to_bf16(num * inv);
-    }
 }

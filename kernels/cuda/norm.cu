@@ -3,10 +3,47 @@
 // add_rmsnorm: per row r of x (n, hidden) f32, the residual stream, updated in place:
 //   if delta != nullptr: x[r] += f32(delta[r])          (delta: (n, hidden) bf16, a layer's output)
 //   out[r] = bf16(x[r] * rsqrt(mean(x[r]^2) + eps) * f32(weight))   (weight: (hidden,) bf16)
-// Grid (n), one block per row; blockDim a multiple of 32, at most 1024 (256 is a good choice).
+// Grid (n), one block per row; blockDim a multiple of 32, at most 1024. With hidden % 8 == 0
+// and blockDim >= hidden / 8 (hidden / 8 rounded up to 32 is the natural choice), each thread
+// owns one 8-element chunk in registers: every load of the row (x, delta, weight) is issued
+// before the one reduction, so a decode step's norm costs one memory round trip, not three.
 //
 // gather_rows: out[i, :] = x[rows[i], :] for f32 rows of width hidden (e.g. the last token of
 // each sequence before the final norm). Grid (n_out, gy) with any gy >= 1, any blockDim.
+
+// One row with one 8-element chunk per thread (threads past hidden / 8 only join the sum).
+__device__ __forceinline__ void add_rmsnorm_chunk(float* __restrict__ xr, const bf16_t* __restrict__ dr,
+                                                  const bf16_t* __restrict__ weight, bf16_t* __restrict__ orow,
+                                                  int hidden, float eps) {
+    const int c = threadIdx.x;
+    const bool mine = c < (hidden >> 3);
+    float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, w[8];
+    float4* x4 = reinterpret_cast<float4*>(xr);
+    if (mine) {
+        const float4 a = x4[2 * c], b = x4[2 * c + 1];
+        const uint4 wv = reinterpret_cast<const uint4*>(weight)[c];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        if (dr) {
+            float d[8];
+            unpack_bf16x8(reinterpret_cast<const uint4*>(dr)[c], d);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] += d[k];
+            x4[2 * c] = make_float4(v[0], v[1], v[2], v[3]);
+            x4[2 * c + 1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+        unpack_bf16x8(wv, w);
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ss += v[k] * v[k];
+    const float inv = rsqrtf(block_sum(ss) / (float)hidden + eps);
+    if (mine) {
+        float o[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o[k] = v[k] * inv * w[k];
+        reinterpret_cast<uint4*>(orow)[c] = pack_bf16x8(o);
+    }
+}
 
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const bf16_t* __restrict__ delta,
                                        const bf16_t* __restrict__ weight, bf16_t* __restrict__ out, int n,
@@ -18,6 +55,10 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const bf16_t* __re
     bf16_t* orow = out + (long long)r * hidden;
     const bool vec = (hidden & 7) == 0 && aligned16(xr) && aligned16(weight) && aligned16(orow) &&
                      (dr == nullptr || aligned16(dr));
+    if (vec && (hidden >> 3) <= (int)blockDim.x) {  // uniform over the block
+        add_rmsnorm_chunk(xr, dr, weight, orow, hidden, eps);
+        return;
+    }
     float ss = 0.0f;
     if (vec) {
         float4* x4 = reinterpret_cast<float4*>(xr);

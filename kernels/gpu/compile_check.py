@@ -25,14 +25,12 @@ KERNELS = {
     "embedding_gather": ("embedding.cu", [P, P, P, I, I]),
     "add_rmsnorm": ("norm.cu", [P, P, P, P, I, I, F]),
     "gather_rows": ("norm.cu", [P, P, P, I, I]),
-    "rope_inplace": ("rope.cu", [P, P, P, P, I, I, I, I]),
+    "rope_kv_write": ("rope.cu", [P, P, P, P, P, P, P, I, I, I, I, I]),
     "silu_mul": ("activation.cu", [P, P, I, I]),
-    "kv_write": ("kv_cache.cu", [P, P, P, P, I, I, I, I, I]),
-    "paged_attention": ("attention.cu", [P, I, P, P, P, I, P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, F]),
-    "paged_attention_reduce": ("attention.cu", [P, P, P, P, P, I, I, I, I]),
+    "paged_attention": ("attention.cu", [P, I, P, P, P, I, P, P, P, P, P, P, P, P, P, I, I, I, I, I, I, I, F]),
     "flash_attention": ("flash_attention.cu", [P, I, P, P, P, I, P, P, P, P, P, I, I, I, I, I, F]),
     "gemv_bf16": ("gemv.cu", [P, P, P, I, I, I]),
-    "argmax_rows": ("sampling.cu", [P, I, P]),
+    "sample_rows": ("sampling.cu", [P, I, P, P]),
     "bf16_rows_to_f32": ("sampling.cu", [P, P, L]),
 }
 PTX_TYPE = {P: ".u64", I: ".u32", F: ".f32", L: ".u64"}

@@ -15,10 +15,10 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_DIR = os.path.join(os.path.dirname(HERE), "cuda")
 # one kernel per file, looked up right after compiling so that compile errors surface there
-KERNEL_OF_FILE = {"embedding.cu": "embedding_gather", "norm.cu": "add_rmsnorm", "rope.cu": "rope_inplace",
-                  "activation.cu": "silu_mul", "kv_cache.cu": "kv_write", "attention.cu": "paged_attention",
+KERNEL_OF_FILE = {"embedding.cu": "embedding_gather", "norm.cu": "add_rmsnorm", "rope.cu": "rope_kv_write",
+                  "activation.cu": "silu_mul", "attention.cu": "paged_attention",
                   "flash_attention.cu": "flash_attention", "gemv.cu": "gemv_bf16",
-                  "sampling.cu": "argmax_rows"}
+                  "sampling.cu": "sample_rows"}
 
 
 def read_source(fname, cuda_dir=CUDA_DIR):

@@ -9,7 +9,7 @@ Backends:
         each block's threads as fibers, with AddressSanitizer and UBSan; sizes are reduced.
 
 Criteria: relative error ||a - b|| / ||b|| (f32 copies) <= 1e-2 for bf16 outputs; exact for
-gathers, copies, kv_write and argmax (inputs without near-ties); no NaN in any output.
+gathers, copies, the cache writes of rope_kv_write and argmax (inputs without near-ties); no NaN in any output.
 Prints one line per test and a summary; --out writes the results as JSON; exit 1 on a failure.
 
     python3 kernels/gpu/test_kernels.py [--backend cupy|emu] [--out results.json] [--only NAME]
@@ -108,24 +108,32 @@ def test_embedding(c):
             c.check_exact(f"embedding_gather n={n} hidden={hidden} gy={gy}", torch.from_numpy(be.to_host(x)), want)
 
 
+def norm_threads(hidden):
+    """The engine's blockDim for add_rmsnorm (ops.rs): one 8-wide chunk per thread if it can."""
+    return min(1024, max(64, -(-(hidden // 8) // 32) * 32)) if hidden % 8 == 0 else 256
+
+
 def test_norm(c):
     be = c.be
-    for hidden in (576, 4096, 100):
-        for n in (1, 7, 33):
-            for with_delta in (True, False):
-                x0 = c.randn(n, hidden, scale=3.0)
-                dbits, dval = bf16_from(c.randn(n, hidden))
-                wbits, wval = bf16_from(1.0 + 0.1 * c.randn(hidden))
-                x = be.to_dev(x0.numpy())
-                out = be.to_dev(np.full((n, hidden), NAN_BF16))
-                eps = 1e-5
-                be.launch("norm.cu", "add_rmsnorm", (n,), (256,),
-                          [x, be.to_dev(dbits) if with_delta else None, be.to_dev(wbits), out, i32(n), i32(hidden), f32(eps)])
-                xs = x0 + dval if with_delta else x0
-                want = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * wval
-                tag = f"n={n} hidden={hidden} delta={'y' if with_delta else 'n'}"
-                c.check_exact(f"add_rmsnorm residual {tag}", torch.from_numpy(be.to_host(x)), xs)
-                c.check_close(f"add_rmsnorm out {tag}", f32_of_bits(be.to_host(out)), want)
+    # 256 threads: one chunk per thread for 576, the strided loop for 4096; the engine's blockDim:
+    # one chunk per thread for 4096 too; 12288 (Mistral Large) loops even at 1024 threads.
+    cases = [(h, n, t) for h in (576, 4096, 100) for n in (1, 7, 33) for t in sorted({256, norm_threads(h)})]
+    cases.append((12288, 3, norm_threads(12288)))
+    for hidden, n, threads in cases:
+        for with_delta in (True, False):
+            x0 = c.randn(n, hidden, scale=3.0)
+            dbits, dval = bf16_from(c.randn(n, hidden))
+            wbits, wval = bf16_from(1.0 + 0.1 * c.randn(hidden))
+            x = be.to_dev(x0.numpy())
+            out = be.to_dev(np.full((n, hidden), NAN_BF16))
+            eps = 1e-5
+            be.launch("norm.cu", "add_rmsnorm", (n,), (threads,),
+                      [x, be.to_dev(dbits) if with_delta else None, be.to_dev(wbits), out, i32(n), i32(hidden), f32(eps)])
+            xs = x0 + dval if with_delta else x0
+            want = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps) * wval
+            tag = f"n={n} hidden={hidden} threads={threads} delta={'y' if with_delta else 'n'}"
+            c.check_exact(f"add_rmsnorm residual {tag}", torch.from_numpy(be.to_host(x)), xs)
+            c.check_close(f"add_rmsnorm out {tag}", f32_of_bits(be.to_host(out)), want)
     for hidden in (4096, 100, 6):
         n_src, n_out = 33, 7
         src = c.randn(n_src, hidden)
@@ -141,18 +149,29 @@ def rope_tables(max_pos, head_dim, theta=1e6):
     return torch.cos(freqs).float(), torch.sin(freqs).float()
 
 
-def test_rope(c):
+def test_rope_kv_write(c):
+    """Queries rotated in place; keys rotated into the cache and values copied, at each token's
+    slot (a negative slot writes nothing); the cache starts as NaN, so a stray or missing write
+    shows; the key and value parts of qkv are left as they were."""
     be = c.be
     max_pos = 4096
-    for (nq, nkv, hd) in ((32, 8, 128), (9, 3, 64)):
+    for (nq, nkv, hd) in ((32, 8, 128), (9, 3, 64), (5, 1, 36)):
         cos, sin = rope_tables(max_pos, hd)
+        kv_dim, q_dim = nkv * hd, nq * hd
+        stride = (nq + 2 * nkv) * hd + (8 if hd == 64 else 0)  # a padded row too
+        n_slots = 16 * 12
         for n in (1, 7, 33):
-            stride = (nq + 2 * nkv) * hd
             bits, val = bf16_from(c.randn(n, stride))
             pos = c.randint(0, max_pos, (n,)).numpy().astype(np.uint32)
+            slots = torch.randperm(n_slots, generator=c.g)[:n].numpy().astype(np.int32)
+            if n > 1:
+                slots[1] = -1
             d = be.to_dev(bits)
-            be.launch("rope.cu", "rope_inplace", (n, nq + nkv), (max(32, (hd // 2 + 31) // 32 * 32),),
-                      [d, be.to_dev(pos), be.to_dev(cos.numpy()), be.to_dev(sin.numpy()), i32(n), i32(nq + nkv), i32(stride), i32(hd)])
+            kd = be.to_dev(np.full((n_slots, kv_dim), NAN_BF16))
+            vd = be.to_dev(np.full((n_slots, kv_dim), NAN_BF16))
+            be.launch("rope.cu", "rope_kv_write", (n, nq + 2 * nkv), (max(32, (hd // 2 + 31) // 32 * 32),),
+                      [d, be.to_dev(pos), be.to_dev(cos.numpy()), be.to_dev(sin.numpy()), kd, vd, be.to_dev(slots),
+                       i32(n), i32(nq), i32(nkv), i32(stride), i32(hd)])
             got = f32_of_bits(be.to_host(d))
             rot = val[:, : (nq + nkv) * hd].reshape(n, nq + nkv, hd)
             p = torch.from_numpy(pos.astype(np.int64))
@@ -160,8 +179,18 @@ def test_rope(c):
             x1, x2 = rot[..., : hd // 2], rot[..., hd // 2:]
             want = torch.cat([x1 * cc - x2 * ss, x2 * cc + x1 * ss], -1).reshape(n, -1)
             tag = f"n={n} heads={nq}+{nkv} hd={hd}"
-            c.check_close(f"rope_inplace rotated {tag}", got[:, : (nq + nkv) * hd], want)
-            c.check_exact(f"rope_inplace untouched v {tag}", got[:, (nq + nkv) * hd:], val[:, (nq + nkv) * hd:])
+            c.check_close(f"rope_kv_write q rotated {tag}", got[:, :q_dim], want[:, :q_dim])
+            c.check_exact(f"rope_kv_write rest of qkv untouched {tag}", got[:, q_dim:], val[:, q_dim:])
+            got_k, got_v = f32_of_bits(be.to_host(kd)), f32_of_bits(be.to_host(vd))
+            live = [r for r in range(n) if slots[r] >= 0]
+            written = torch.zeros(n_slots, dtype=torch.bool)
+            written[torch.tensor([int(slots[r]) for r in live], dtype=torch.long)] = True
+            c.check_exact(f"rope_kv_write only live slots written {tag}",
+                          (~torch.isnan(got_k).all(-1)) | (~torch.isnan(got_v).all(-1)), written)
+            rows = torch.tensor(live, dtype=torch.long)
+            at = torch.tensor([int(slots[r]) for r in live], dtype=torch.long)
+            c.check_close(f"rope_kv_write k rotated into the cache {tag}", got_k[at], want[rows, q_dim:q_dim + kv_dim])
+            c.check_exact(f"rope_kv_write v copied into the cache {tag}", got_v[at], val[rows, q_dim + kv_dim:q_dim + 2 * kv_dim])
 
 
 def test_silu(c):
@@ -174,32 +203,6 @@ def test_silu(c):
             be.launch("activation.cu", "silu_mul", (n, gy), (256,), [be.to_dev(bits), out, i32(n), i32(ffn)])
             g, u = val[:, :ffn], val[:, ffn:]
             c.check_close(f"silu_mul n={n} ffn={ffn} gy={gy}", f32_of_bits(be.to_host(out)), torch.nn.functional.silu(g) * u)
-
-
-def test_kv_write(c):
-    be = c.be
-    for (nq, nkv, hd) in ((32, 8, 128), (9, 3, 64), (5, 1, 36)):
-        kv_dim = nkv * hd
-        stride = (nq + 2 * nkv) * hd
-        n_slots = 16 * 12
-        for n in (1, 7, 33):
-            bits, _ = bf16_from(c.randn(n, stride))
-            kbits, _ = bf16_from(c.randn(n_slots, kv_dim))
-            vbits, _ = bf16_from(c.randn(n_slots, kv_dim))
-            slots = torch.randperm(n_slots, generator=c.g)[:n].numpy().astype(np.int32)
-            if n > 1:
-                slots[1] = -1
-            kd, vd = be.to_dev(kbits), be.to_dev(vbits)
-            be.launch("kv_cache.cu", "kv_write", (n,), (128,),
-                      [be.to_dev(bits), kd, vd, be.to_dev(slots), i32(n), i32(stride), i32(nq * hd), i32((nq + nkv) * hd), i32(kv_dim)])
-            kw, vw = kbits.copy(), vbits.copy()
-            for r in range(n):
-                if slots[r] >= 0:
-                    kw[slots[r]] = bits[r, nq * hd: nq * hd + kv_dim]
-                    vw[slots[r]] = bits[r, (nq + nkv) * hd: (nq + nkv) * hd + kv_dim]
-            tag = f"n={n} heads={nq}+{nkv} hd={hd}"
-            c.check_exact(f"kv_write k {tag}", be.to_host(kd).astype(np.int32), kw.astype(np.int32))
-            c.check_exact(f"kv_write v {tag}", be.to_host(vd).astype(np.int32), vw.astype(np.int32))
 
 
 class PagedCache:
@@ -261,10 +264,12 @@ def flash_tiles(seq_of, rows=64):
     return np.asarray(tiles, np.int32).reshape(-1)
 
 
-def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, ctx, ws, n_parts_list, reduce_blocks,
-                       flash=False, row_subset=None):
-    """paged_attention (+ reduce) for each partition count, over all rows or `row_subset` (rows
-    outside it must stay untouched); then, with `flash`, flash_attention over 64-row tiles."""
+def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, ctx, ws, n_parts_list, flash=False,
+                       row_subset=None):
+    """paged_attention for each partition count (twice when split, as a replayed graph runs it:
+    the completion counters must be back to zero after each launch), over all rows or
+    `row_subset` (rows outside it must stay untouched); then, with `flash`, flash_attention over
+    64-row tiles."""
     be = c.be
     cache = PagedCache(c, lengths, n_kv, hd, block_size)
     nq = len(seq_of)
@@ -290,16 +295,14 @@ def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, 
             ps = be.to_dev(np.full((n_rows, n_heads, n_parts), np.nan, np.float32))
         else:
             pa = pm = ps = None
-        t0 = time.time()
-        be.launch("attention.cu", "paged_attention", (n_rows, n_heads, n_parts), (32,),
-                  [d_q, i32(q_stride), d_k, d_v, d_tab, i32(cache.max_blocks), d_seq, d_ctx, d_ws, rows, out, pa, pm,
-                   ps, i32(n_rows), i32(n_heads), i32(n_kv), i32(hd), i32(block_size), i32(psize), i32(n_parts),
-                   f32(scale)])
-        for rb in (reduce_blocks if n_parts > 1 else [None]):
-            if rb is not None:
-                be.launch("attention.cu", "paged_attention_reduce", (n_rows, n_heads), (rb,),
-                          [pa, pm, ps, rows, out, i32(n_rows), i32(n_heads), i32(hd), i32(n_parts)])
-            tag = f"{name} parts={n_parts}" + (f" reduce_block={rb}" if rb else "")
+        done = be.to_dev(np.zeros((n_rows, n_heads), np.uint32)) if n_parts > 1 else None
+        for launch in (1, 2) if n_parts > 1 else (1,):
+            t0 = time.time()
+            be.launch("attention.cu", "paged_attention", (n_rows, n_heads, n_parts), (32,),
+                      [d_q, i32(q_stride), d_k, d_v, d_tab, i32(cache.max_blocks), d_seq, d_ctx, d_ws, rows, out, pa, pm,
+                       ps, done, i32(n_rows), i32(n_heads), i32(n_kv), i32(hd), i32(block_size), i32(psize),
+                       i32(n_parts), f32(scale)])
+            tag = f"{name} parts={n_parts}" + (f" launch={launch}" if n_parts > 1 else "")
             got = f32_of_bits(be.to_host(out))
             if row_subset is None:
                 c.check_close(f"attention {tag}", got, want, secs=round(time.time() - t0, 2))
@@ -309,6 +312,9 @@ def run_attention_case(c, name, n_heads, n_kv, hd, block_size, lengths, seq_of, 
                               secs=round(time.time() - t0, 2))
                 c.record(f"attention {tag} rows outside the list untouched",
                          bool(torch.isnan(got[others]).all()) if others else True)
+            if done is not None:
+                c.check_exact(f"attention {tag} completion counters back to zero",
+                              be.to_host(done).astype(np.int64), np.zeros((n_rows, n_heads), np.int64))
     if flash and not SKIP_FLASH:
         tiles = flash_tiles(seq_of)
         n_tiles = len(tiles) // 2
@@ -335,12 +341,12 @@ def test_attention(c):
         n = len(dec_lens)
         ctx = dec_lens
         run_attention_case(c, f"decode {heads} ctx={dec_lens}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, [0] * n,
-                           [1, 4, 17], [32, hd], flash=True)
+                           [1, 4, 17], flash=True)
         run_attention_case(c, f"decode {heads} ctx={dec_lens}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, [0] * n,
-                           [1, 3], [hd], row_subset=[3, 1])
+                           [1, 3], row_subset=[3, 1])
         ws = [max(0, L - window) for L in dec_lens]
         run_attention_case(c, f"decode window={window} {heads}", nh, nkv, hd, 16, dec_lens, list(range(n)), ctx, ws,
-                           [1, 4], [hd])
+                           [1, 4])
         # prefill: `rows` new tokens of sequence 1 after `prefix` cached ones; sequence 0 is a
         # bystander whose blocks must not be read.
         for (pre, nrow) in ((prefix, rows), (long_prefix, long_rows)):
@@ -348,33 +354,146 @@ def test_attention(c):
             pos = list(range(pre, total))
             ctx = [p + 1 for p in pos]
             run_attention_case(c, f"prefill {heads} prefix={pre} rows={nrow}", nh, nkv, hd, 16, [37, total],
-                               [1] * nrow, ctx, [0] * nrow, [1, 4], [32], flash=True)
+                               [1] * nrow, ctx, [0] * nrow, [1, 4], flash=True)
         total = prefix + rows
         pos = list(range(prefix, total))
         ctx = [p + 1 for p in pos]
         ws = [max(0, p - window // 4 + 1) for p in pos]
         run_attention_case(c, f"prefill window={window // 4} {heads}", nh, nkv, hd, 16, [37, total],
-                           [1] * rows, ctx, ws, [1, 3], [hd], flash=True)
+                           [1] * rows, ctx, ws, [1, 3], flash=True)
         # a mixed step: two sequences' chunks, then a decode row (tiles never straddle sequences)
         seq_of = [0] * 5 + [1] * rows + [2]
         lens = [12, total, 40]
         ctx = [8 + i for i in range(5)] + [p + 1 for p in pos] + [40]
         run_attention_case(c, f"mixed chunks {heads}", nh, nkv, hd, 16, lens, seq_of, ctx, [0] * len(seq_of), [1],
-                           [], flash=True)
+                           flash=True)
     for (nh, nkv, hd) in extra:
         lens = [5, 130] if quick else [5, 130, 1000]
         n = len(lens)
         run_attention_case(c, f"decode heads={nh}/{nkv} hd={hd} ctx={lens}", nh, nkv, hd, 16, lens, list(range(n)), lens,
-                           [0] * n, [1, 2], [32])
+                           [0] * n, [1, 2])
     # block sizes off the fast path (not a power of two >= 4), and a large block
     for bs in (6, 2, 32):
         lens = [1, 23, 130]
         run_attention_case(c, f"decode block_size={bs} heads=4/2 hd=64 ctx={lens}", 4, 2, 64, bs, lens, [0, 1, 2], lens,
-                           [0, 0, 0], [1, 3], [64], flash=True)
+                           [0, 0, 0], [1, 3], flash=True)
+
+
+MASS_ONE = 2.0 ** 40  # sample_rows' fixed-point unit of probability mass
+F32_BELOW_1 = float(np.float32(1.0 - 2.0 ** -24))
+
+
+def f32_row(bits):
+    """uint16 bf16 bits -> float32 numpy values."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def ref_argmax(x):
+    """The host's argmax: larger value, then lower index; NaN and -inf never win (none left: 0)."""
+    idx = np.flatnonzero(x > -np.inf)
+    return int(idx[np.argmax(x[idx])]) if len(idx) else 0
+
+
+def ref_scale(f, total, up, lo, hi):
+    """floor (ceil when up) of f * total in double, clamped to [lo, hi] (as the kernel)."""
+    v = float(f) * float(total)
+    if v != v:
+        return lo
+    v = float(math.ceil(v) if up else math.floor(v))
+    if not v >= float(lo):
+        return lo
+    if v >= float(hi):
+        return hi
+    return min(max(int(v), lo), hi)
+
+
+def ref_sample(x, inv_t, top_k, top_p, min_p, u):
+    """sample_rows' semantics on one float32 row: (token, draw) where draw is None for a greedy
+    answer, else (total mass T(K), cumulative masses T in candidate order, picked position,
+    the candidates' indices in order)."""
+    inv_t, top_p, min_p, u = (np.float32(v) for v in (inv_t, top_p, min_p, u))
+    if not (0 < inv_t < np.inf):
+        return ref_argmax(x), None
+    idx = np.flatnonzero(np.isfinite(x))
+    if len(idx) == 0:
+        return ref_argmax(x), None
+    xf = x[idx]
+    with np.errstate(over="ignore"):  # x - best may overflow to -inf, as in the kernel
+        s = (xf - xf.max()) * inv_t  # f32 arithmetic, as the kernel
+    p = np.exp(s.astype(np.float64)).astype(np.float32)  # correctly rounded expf (nearly always)
+    mass = np.rint(p.astype(np.float64) * MASS_ONE).astype(np.uint64)
+    order = np.lexsort((idx, -xf.astype(np.float64)))  # value descending, then index
+    cum = np.cumsum(mass[order])
+    k = len(idx)
+    if top_k > 0:
+        k = min(k, int(top_k))
+    if min_p > 0:
+        k = max(1, min(k, int((p >= min_p).sum())))
+    total = int(cum[k - 1])
+    if top_p < 1:
+        need = ref_scale(top_p, total, True, 1, total)
+        if need < total:
+            total = int(cum[int(np.searchsorted(cum, np.uint64(need), "left"))])
+    target = ref_scale(u, total, False, 0, total - 1)
+    pos = int(np.searchsorted(cum, np.uint64(target), "right"))
+    return int(idx[order[pos]]), (total, cum, pos, idx[order])
+
+
+def near_boundary(draw, u):
+    """Whether u * T lies within 1e-6 * T of an interior cumulative-mass boundary next to the
+    reference's pick (where a one-ulp difference of expf may move the pick); 0 and T are not."""
+    total, cum, pos, _ = draw
+    last = int(np.searchsorted(cum, np.uint64(total), "left"))  # the last kept position
+    x = float(np.float32(u)) * total
+    edges = ([float(cum[pos - 1])] if pos > 0 else []) + ([float(cum[pos])] if pos < last else [])
+    return any(abs(x - e) <= 1e-6 * total for e in edges)
+
+
+def sample_params(rows):
+    """[(inv_t, top_k, top_p, min_p, u)] -> (rows, 5) uint32 words."""
+    prm = np.zeros((len(rows), 5), np.uint32)
+    for r, (inv_t, top_k, top_p, min_p, u) in enumerate(rows):
+        prm[r] = [np.float32(inv_t).view(np.uint32), np.uint32(top_k), np.float32(top_p).view(np.uint32),
+                  np.float32(min_p).view(np.uint32), np.float32(u).view(np.uint32)]
+    return prm
+
+
+def run_sample_rows(be, bits, prm, block):
+    n, vocab = bits.shape
+    out = be.to_dev(np.full(n, 0xFFFFFFFF, np.uint32))
+    be.launch("sampling.cu", "sample_rows", (n,), (block,), [be.to_dev(bits), i32(vocab), be.to_dev(prm), out])
+    return be.to_host(out).astype(np.int64)
+
+
+def check_picks(c, tally, name, got, bits, rows, **extra):
+    """Every pick against ref_sample: equal, or a mismatch at a mass boundary (counted in tally)."""
+    bad = accepted = 0
+    for r, prm in enumerate(rows):
+        want, draw = ref_sample(f32_row(bits[r]), *prm)
+        if got[r] == want:
+            continue
+        if draw is not None and near_boundary(draw, prm[4]):
+            accepted += 1
+        else:
+            bad += 1
+            if bad <= 3:
+                print(f"      row {r} params {prm}: got {got[r]}, want {want}", flush=True)
+    tally["picks"] += len(rows)
+    tally["accepts"] += accepted
+    c.record(name, bad == 0, mismatches=bad, boundary_accepts=accepted, **extra)
+
+
+def bf16_bits(a):
+    """float32 numpy -> bf16 bits (round to nearest even)."""
+    return bf16_from(torch.from_numpy(np.ascontiguousarray(a, np.float32)))[0]
 
 
 def test_sampling(c):
     be = c.be
+    blocks = (64, 32) if be.quick else (1024, 256, 96, 64)  # the host launches 1024
+    tally = {"picks": 0, "accepts": 0}
+    # Greedy (inv_t 0, or not a finite positive number): the host's argmax whatever the other
+    # parameters say, vectorised (vocab % 8 == 0) and unaligned rows.
     for vocab in (32768, 100, 50257):
         for n in (1, 7, 33):
             x = c.randn(n, vocab, scale=3.0)
@@ -390,13 +509,139 @@ def test_sampling(c):
                 m = np.nanmax(val[3]) + 2.0  # a tie: lowest index wins
                 val[3, vocab // 2] = m
                 val[3, vocab // 3] = m
+                val[4:7, :] = -np.inf
+                val[4, ::2] = np.nan  # nothing above -inf: 0
+                val[5, -1] = np.inf
+                val[6, -1] = -3.0
             bits, _ = bf16_from(torch.from_numpy(val))
-            want = np.argmax(np.where(np.isnan(val), -np.inf, val), axis=1).astype(np.uint32)
-            if n >= 7:
-                want[1] = 0
-            out = be.to_dev(np.full(n, 0xFFFFFFFF, np.uint32))
-            be.launch("sampling.cu", "argmax_rows", (n,), (256,), [be.to_dev(bits), i32(vocab), out])
-            c.check_exact(f"argmax_rows n={n} vocab={vocab}", be.to_host(out).astype(np.int64), want.astype(np.int64))
+            want = np.array([ref_argmax(f32_row(bits[r])) for r in range(n)], np.int64)
+            rng = np.random.default_rng(n + vocab)
+            rows = [(0.0, int(rng.integers(0, 5)), float(rng.uniform(0.1, 1)), float(rng.uniform(0, 0.5)),
+                     float(rng.uniform(0, 1))) for _ in range(n)]
+            if n >= 7:  # not a finite positive 1/T: greedy too
+                rows[4], rows[5], rows[6] = (np.inf,) + rows[4][1:], (np.nan,) + rows[5][1:], (-1.0,) + rows[6][1:]
+            for block in blocks[:1] if be.quick else blocks[:2]:
+                got = run_sample_rows(be, bits, sample_params(rows), block)
+                c.check_exact(f"sample_rows greedy n={n} vocab={vocab} block={block}", got, want)
+
+    # Sampling rows: parameter combinations on random logits, plus special rows.
+    for vocab in ((3001, 2048) if be.quick else (50257, 32768)):
+        configs = [(1.0, 0, 1.0, 0.0), (2.0, 0, 1.0, 0.0), (0.5, 0, 1.0, 0.0),  # T 1, 0.5, 2
+                   (1.0, 1, 1.0, 0.0),            # top_k 1: greedy
+                   (0.5, vocab + 100, 1.0, 0.0),  # top_k above vocab: off
+                   (1.0, 0, 1e-6, 0.0),           # tiny top_p: greedy
+                   (1.0, 0, 1.0, 0.9),            # min_p 0.9
+                   (1.0, 50, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.0, 0, 1.0, 0.05), (0.7, 40, 0.95, 0.02),
+                   (2.0, 7, 0.5, 0.0), (0.5, 1000, 0.8, 0.1), (1.3, 3, 1.0, 0.0), (0.25, 0, 0.99, 0.0),
+                   (0.0, 5, 0.9, 0.1)]            # greedy in the same batch
+        rng = np.random.default_rng(vocab)
+        logit_rows, rows = [], []
+        for cfg in configs:
+            for u in (0.0, F32_BELOW_1, float(rng.uniform()), float(rng.uniform())):
+                scale = float(rng.choice([1.0, 3.0, 8.0]))
+                logit_rows.append(c.randn(vocab, scale=scale).numpy())
+                rows.append(cfg + (u,))
+        # -inf, NaN and +inf entries (never candidates), and rows with no finite logit at all
+        for cfg in [(1.0, 0, 1.0, 0.0), (0.5, 5, 1.0, 0.0), (1.0, 0, 0.7, 0.01)]:
+            for u in (0.1, 0.5, 0.9):
+                x = c.randn(vocab, scale=2.0).numpy()
+                x[rng.random(vocab) < 0.1] = -np.inf
+                x[rng.random(vocab) < 0.05] = np.nan
+                x[int(rng.integers(vocab))] = np.inf
+                logit_rows.append(x)
+                rows.append(cfg + (u,))
+        x = np.full(vocab, -np.inf, np.float32)
+        x[:3] = np.nan  # the host's argmax: 0 (-inf never wins)
+        logit_rows += [x, np.full(vocab, np.nan, np.float32)]
+        rows += [(1.0, 0, 1.0, 0.0, 0.5)] * 2
+        # magnitudes over ~110 binades: with a small 1/T every bin carries mass (several chunks of
+        # per-key counts); with 1/T = 1 most carry none (top_k landing there)
+        x = (rng.choice([-1.0, 1.0], vocab) * 2.0 ** rng.uniform(-100, 10, vocab)).astype(np.float32)
+        for cfg in [(0.01, 0, 1.0, 0.0), (0.01, 500, 0.9, 0.0), (0.003, 0, 1.0, 0.001), (1.0, vocab - 5, 1.0, 0.0)]:
+            for u in (0.05, 0.5, 0.95):
+                logit_rows.append(x)
+                rows.append(cfg + (u,))
+        # logits near the largest bf16 (the best in the top bin, next to inf and NaN keys); x - best
+        # overflows to -inf for the negative ones
+        x = rng.choice([3.3e38, 3.0e38, 2.0e38, 1e38, 1.0, -3e38], vocab) * rng.uniform(0.9, 1.0, vocab)
+        x = x.astype(np.float32)
+        for cfg in [(2e-38, 0, 1.0, 0.0), (5e-38, 20, 0.8, 0.0), (1.0, 0, 1.0, 0.0)]:  # 1/T normal (no FTZ question)
+            for u in (0.2, 0.7):
+                logit_rows.append(x)
+                rows.append(cfg + (u,))
+        # all equal, half of them -0.0: one tie, in index order
+        x = np.zeros(vocab, np.float32)
+        x[rng.random(vocab) < 0.5] = -0.0
+        for u in (0.0, 0.3, 0.77, F32_BELOW_1):
+            logit_rows.append(x)
+            rows.append((1.0, 0, 1.0, 0.0, u))
+        # ties: 200 at the top, 100 (or more) in the middle; u chosen to land inside them, also with
+        # top_k inside the top tie; the expected pick is the tie's j-th smallest index
+        tie_ok = True
+        for cfg in [(1.0, 0, 1.0, 0.0), (0.5, 150, 1.0, 0.0), (2.0, 0, 0.95, 0.0)]:
+            x = f32_row(bf16_bits(c.randn(vocab, scale=2.0).numpy()))
+            top = rng.choice(vocab, 300, replace=False)
+            x[top[:200]] = f32_row(bf16_bits(np.float32([x.max() + 1.0])))[0]
+            x[top[200:]] = f32_row(bf16_bits(np.float32([x.max() - 1.5])))[0]
+            _, (total, cum, _, _) = ref_sample(x, *cfg, 0.0)
+            above = int((x > x[top[200]]).sum())  # candidates before the middle tie
+            p_top, p_mid = float(cum[0]), float(cum[above] - cum[above - 1])
+            ties = [np.sort(np.flatnonzero(x == x[top[0]])), np.sort(np.flatnonzero(x == x[top[200]]))]
+            for tie, base, p, j in [(0, 0.0, p_top, 37), (0, 0.0, p_top, 123), (1, float(cum[above - 1]), p_mid, 50)]:
+                u = float(np.float32((base + (j + 0.5) * p) / total))
+                if u < 1.0:
+                    logit_rows.append(x)
+                    rows.append(cfg + (u,))
+                    tie_ok &= ref_sample(x, *rows[-1])[0] == int(ties[tie][j])
+        bits = bf16_bits(np.stack(logit_rows))
+        picks = {}
+        for block in blocks:
+            picks[block] = run_sample_rows(be, bits, sample_params(rows), block)
+            check_picks(c, tally, f"sample_rows sampling vocab={vocab} rows={len(rows)} block={block}", picks[block],
+                        bits, rows)
+        for block in blocks[1:]:
+            c.check_exact(f"sample_rows same picks block={blocks[0]} vs {block} vocab={vocab}", picks[block],
+                          picks[blocks[0]])
+        c.record(f"sample_rows reference picks inside ties by index vocab={vocab}", tie_ok)
+
+    # Random parameters on heavily tied logits (multiples of 0.5, some -inf and NaN).
+    for vocab in (300, 512):
+        rng = np.random.default_rng(vocab + 1)
+        n = 160
+        x = np.round(rng.standard_normal((n, vocab)) * rng.choice([1.0, 4.0], (n, 1))) / 2
+        x[rng.random((n, vocab)) < 0.03] = -np.inf
+        x[rng.random((n, vocab)) < 0.03] = np.nan
+        rows = [(float(rng.choice([0.0, 0.3, 1.0, 2.5, 10.0])), int(rng.choice([0, 1, 3, 20, 1000])),
+                 float(rng.choice([1.0, 0.5, 0.9, 0.99, 1e-3])), float(rng.choice([0.0, 0.01, 0.2, 0.9])),
+                 float(np.float32(rng.uniform()))) for _ in range(n)]
+        bits = bf16_bits(x.astype(np.float32))
+        for block in blocks[-1:] if be.quick else blocks[::2]:
+            check_picks(c, tally, f"sample_rows random params tied logits vocab={vocab} rows={n} block={block}",
+                        run_sample_rows(be, bits, sample_params(rows), block), bits, rows)
+
+    # Small vocabularies: 1, 2 and 7 entries.
+    for vocab in (1, 2, 7):
+        rng = np.random.default_rng(vocab)
+        rows = [(1.0, 0, 1.0, 0.0, float(u)) for u in rng.uniform(size=8)] + [(0.5, 2, 0.6, 0.1, 0.99)]
+        bits = bf16_bits(c.randn(len(rows), vocab).numpy())
+        for block in blocks[-1:] if be.quick else blocks[::2]:
+            check_picks(c, tally, f"sample_rows sampling vocab={vocab} rows={len(rows)} block={block}",
+                        run_sample_rows(be, bits, sample_params(rows), block), bits, rows)
+
+    # Distribution: one row, T 1, top_k 50, top_p 0.9, u on an even grid: the pick histogram (and
+    # every pick) as the reference's.
+    vocab, grid = 1000, (512 if be.quick else 4096)
+    x = bf16_bits(c.randn(vocab, scale=2.0).numpy())
+    rows = [(1.0, 50, 0.9, 0.0, (i + 0.5) / grid) for i in range(grid)]
+    bits = np.tile(x, (grid, 1))
+    got = run_sample_rows(be, bits, sample_params(rows), blocks[-1] if be.quick else blocks[0])
+    want = np.array([ref_sample(f32_row(x), *r)[0] for r in rows], np.int64)
+    hist_equal = bool(np.array_equal(np.bincount(got, minlength=vocab), np.bincount(want, minlength=vocab)))
+    check_picks(c, tally, f"sample_rows distribution vocab={vocab} grid={grid}", got, bits, rows, hist_equal=hist_equal,
+                tokens=len(set(want.tolist())))
+
+    c.record("sample_rows boundary accepts <= 1% of picks", tally["accepts"] <= 0.01 * tally["picks"], **tally)
+
     for count in (12345, 33 * 32768):
         bits, val = bf16_from(c.randn(count))
         out = be.to_dev(np.full(count, np.nan, np.float32))
@@ -493,6 +738,7 @@ def bench_attention(be):
             pa = cp.empty(nq * nh * n_parts * hd, cp.float32) if n_parts > 1 else None
             pm = cp.empty(nq * nh * n_parts, cp.float32) if n_parts > 1 else None
             ps = cp.empty(nq * nh * n_parts, cp.float32) if n_parts > 1 else None
+            done = cp.zeros(nq * nh, cp.uint32) if n_parts > 1 else None
             tiles = cp.asarray(flash_tiles(seq_of))
             n_tiles = len(tiles) // 2
 
@@ -505,11 +751,8 @@ def bench_attention(be):
                     return
                 be.launch("attention.cu", "paged_attention", (nq, nh, n_parts), (32,),
                           [qd, i32(q_stride), kc, vc, tables, i32(max_blocks), d_seq, d_ctx, d_ws, None, out, pa, pm,
-                           ps, i32(nq), i32(nh), i32(nkv), i32(hd), i32(bs), i32(psize), i32(n_parts),
+                           ps, done, i32(nq), i32(nh), i32(nkv), i32(hd), i32(bs), i32(psize), i32(n_parts),
                            f32(1.0 / math.sqrt(hd))], sync=False)
-                if n_parts > 1:
-                    be.launch("attention.cu", "paged_attention_reduce", (nq, nh), (hd,),
-                              [pa, pm, ps, None, out, i32(nq), i32(nh), i32(hd), i32(n_parts)], sync=False)
 
             ms = be.time_ms(run)
             row = {"case": label, "kernel": kind, "n_parts": n_parts, "partition": psize, "us": round(ms * 1e3, 1),
@@ -529,9 +772,8 @@ def bench_attention(be):
 TESTS = {
     "embedding": test_embedding,
     "norm": test_norm,
-    "rope": test_rope,
+    "rope_kv_write": test_rope_kv_write,
     "silu": test_silu,
-    "kv_write": test_kv_write,
     "attention": test_attention,
     "sampling": test_sampling,
     "gemv": test_gemv,

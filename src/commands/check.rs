@@ -51,8 +51,7 @@ mod imp {
 
     pub fn kernels(m: &ModelArgs) -> anyhow::Result<()> {
         let dev = open(m)?;
-        let mut results = selftest::run(&dev)?;
-        results.push(selftest::kv_write_case(&dev)?);
+        let results = selftest::run(&dev)?;
         for r in &results {
             println!(
                 "{}",

@@ -54,6 +54,21 @@ inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }  // blocks run one after another: no stale caches
+inline unsigned long long __float2ull_rn(float x) { return (unsigned long long)nearbyintf(x); }  // x in [0, 2^64)
+
+// Atomics: fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic.
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = (int)((unsigned)old + (unsigned)v); return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = old + v; return old; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    const unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
+inline int atomicMax(int* p, int v) { const int old = *p; if (v > old) *p = v; return old; }
+inline unsigned atomicMax(unsigned* p, unsigned v) { const unsigned old = *p; if (v > old) *p = v; return old; }
+inline void __threadfence_block() {}
+inline void __threadfence() {}
 
 namespace emu {
 

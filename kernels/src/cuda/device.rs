@@ -23,7 +23,6 @@ const SOURCES: &[(&str, &str)] = &[
     ("norm.cu", include_str!("../../cuda/norm.cu")),
     ("rope.cu", include_str!("../../cuda/rope.cu")),
     ("activation.cu", include_str!("../../cuda/activation.cu")),
-    ("kv_cache.cu", include_str!("../../cuda/kv_cache.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
     ("flash_attention.cu", include_str!("../../cuda/flash_attention.cu")),
     ("gemv.cu", include_str!("../../cuda/gemv.cu")),
@@ -46,14 +45,12 @@ pub struct Kernels {
     pub(crate) embedding_gather: CudaFunction,
     pub(crate) add_rmsnorm: CudaFunction,
     pub(crate) gather_rows: CudaFunction,
-    pub(crate) rope_inplace: CudaFunction,
+    pub(crate) rope_kv_write: CudaFunction,
     pub(crate) silu_mul: CudaFunction,
-    pub(crate) kv_write: CudaFunction,
     pub(crate) paged_attention: CudaFunction,
-    pub(crate) paged_attention_reduce: CudaFunction,
     pub(crate) flash_attention: CudaFunction,
     pub(crate) gemv_bf16: CudaFunction,
-    pub(crate) argmax_rows: CudaFunction,
+    pub(crate) sample_rows: CudaFunction,
     pub(crate) bf16_rows_to_f32: CudaFunction,
 }
 
@@ -142,14 +139,12 @@ impl GpuDevice {
                 embedding_gather: f("embedding.cu", "embedding_gather")?,
                 add_rmsnorm: f("norm.cu", "add_rmsnorm")?,
                 gather_rows: f("norm.cu", "gather_rows")?,
-                rope_inplace: f("rope.cu", "rope_inplace")?,
+                rope_kv_write: f("rope.cu", "rope_kv_write")?,
                 silu_mul: f("activation.cu", "silu_mul")?,
-                kv_write: f("kv_cache.cu", "kv_write")?,
                 paged_attention: f("attention.cu", "paged_attention")?,
-                paged_attention_reduce: f("attention.cu", "paged_attention_reduce")?,
                 flash_attention: f("flash_attention.cu", "flash_attention")?,
                 gemv_bf16: f("gemv.cu", "gemv_bf16")?,
-                argmax_rows: f("sampling.cu", "argmax_rows")?,
+                sample_rows: f("sampling.cu", "sample_rows")?,
                 bf16_rows_to_f32: f("sampling.cu", "bf16_rows_to_f32")?,
             };
             Ok(GpuDevice { stream, name, compute_capability, sm_count, kernels, libs })
@@ -179,6 +174,31 @@ impl GpuDevice {
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         guard(|| Ok(self.stream.synchronize()?))
+    }
+
+    /// Device time of `calls` calls of `enqueue(i)`, `i` in `0..calls`, in microseconds per
+    /// call: the launches are queued between two timing events and the stream is waited on.
+    pub fn time_us(
+        &self,
+        calls: usize,
+        mut enqueue: impl FnMut(usize) -> Result<(), CudaError>,
+    ) -> Result<f64, CudaError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let ctx = self.stream.context();
+        let (start, end) = guard(|| {
+            Ok((
+                ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
+                ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
+            ))
+        })?;
+        guard(|| Ok(start.record(&self.stream)?))?;
+        for i in 0..calls {
+            enqueue(i)?;
+        }
+        guard(|| {
+            end.record(&self.stream)?;
+            Ok(f64::from(start.elapsed_ms(&end)?) * 1e3 / calls.max(1) as f64)
+        })
     }
 }
 

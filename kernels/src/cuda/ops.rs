@@ -34,38 +34,55 @@ fn elementwise_config(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Arguments of [`GpuDevice::rope`].
-pub struct RopeArgs<'a> {
+/// Arguments of [`GpuDevice::rope_kv_write`].
+pub struct RopeKvArgs<'a> {
     /// Token positions, `(n)`.
     pub positions: &'a CudaView<'a, i32>,
     /// `cos` table, `(max_positions, head_dim / 2)`.
     pub cos: &'a CudaSlice<f32>,
     /// `sin` table, same shape.
     pub sin: &'a CudaSlice<f32>,
+    /// Flat cache slot of each token (`block * block_size + offset`), `(n)`; negative = skip.
+    pub slots: &'a CudaView<'a, i32>,
     /// Tokens.
     pub n: usize,
-    /// Heads rotated, counted from the start of each row (query heads then key heads).
-    pub n_rot_heads: usize,
-    /// Elements per row of `qkv`.
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key (and value) heads.
+    pub n_kv_heads: usize,
+    /// Elements per row of `qkv` (at least `(n_heads + 2 * n_kv_heads) * head_dim`).
     pub row_stride: usize,
     /// Head width.
     pub head_dim: usize,
 }
 
-/// Arguments of [`GpuDevice::kv_write`].
-pub struct KvWriteArgs<'a> {
-    /// Flat cache slot of each token (`block * block_size + offset`), `(n)`; negative = skip.
-    pub slots: &'a CudaView<'a, i32>,
-    /// Tokens.
-    pub n: usize,
-    /// Elements per row of `qkv`.
-    pub row_stride: usize,
-    /// Offset of K within a row.
-    pub k_offset: usize,
-    /// Offset of V within a row.
-    pub v_offset: usize,
-    /// `n_kv_heads * head_dim`.
-    pub kv_dim: usize,
+/// 32-bit words per row of [`GpuDevice::sample`]'s parameters.
+pub const SAMPLE_ROW_WORDS: usize = 5;
+
+/// How `sample_rows` picks one row's token (its parameter words, in order).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleRow {
+    /// `1 / temperature`; 0 means the arg-max.
+    pub inv_temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: u32,
+    /// Nucleus mass in (0, 1]; 1 keeps all.
+    pub top_p: f32,
+    /// Relative probability floor in [0, 1); 0 keeps all.
+    pub min_p: f32,
+    /// Uniform number in [0, 1) that picks the token.
+    pub uniform: f32,
+}
+
+impl SampleRow {
+    /// The arg-max.
+    pub const GREEDY: SampleRow = SampleRow { inv_temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.0 };
+
+    /// The words the kernel reads (bit patterns, as the metadata buffer's `i32`s).
+    pub fn words(&self) -> [i32; SAMPLE_ROW_WORDS] {
+        [self.inv_temperature.to_bits(), self.top_k, self.top_p.to_bits(), self.min_p.to_bits(), self.uniform.to_bits()]
+            .map(|w| w as i32)
+    }
 }
 
 /// Arguments of [`GpuDevice::attention`].
@@ -136,12 +153,15 @@ impl<'a> ShortRows<'a> {
 }
 
 /// Scratch for the split-KV attention, grown on demand. `generation` changes whenever the
-/// buffers move, so captured graphs that point at them know to re-capture.
+/// buffers move, so captured graphs that point at them know to re-capture. Invariant: every
+/// `done` counter is zero between launches (allocated zeroed; the kernel's last partition of
+/// each (row, head) puts its counter back to zero).
 #[derive(Default)]
 pub struct AttentionScratch {
     acc: Option<CudaSlice<f32>>,
     max: Option<CudaSlice<f32>>,
     sum: Option<CudaSlice<f32>>,
+    done: Option<CudaSlice<u32>>,
     generation: u64,
 }
 
@@ -160,9 +180,12 @@ impl AttentionScratch {
             self.acc = None;
             self.max = None;
             self.sum = None;
+            self.done = None;
             self.acc = Some(stream.alloc_zeros::<f32>(partials * head_dim)?);
             self.max = Some(stream.alloc_zeros::<f32>(partials)?);
             self.sum = Some(stream.alloc_zeros::<f32>(partials)?);
+            // One counter per (row, head) is enough; one per partial keeps the sizing simple.
+            self.done = Some(stream.alloc_zeros::<u32>(partials)?);
             Ok(())
         })
     }
@@ -225,8 +248,11 @@ impl GpuDevice {
                 None => b.arg(&null),
             };
             b.arg(weight).arg(out).arg(&n_i).arg(&h_i).arg(&eps);
+            // One 8-wide chunk per thread where the row allows it (see norm.cu).
+            let threads =
+                if hidden.is_multiple_of(8) { (hidden / 8).next_multiple_of(32).clamp(64, 1024) } else { 256 };
             // SAFETY: lengths checked above.
-            unsafe { b.launch(rows_config(n, 256)) }?;
+            unsafe { b.launch(rows_config(n, threads as u32)) }?;
             Ok(())
         })
     }
@@ -253,25 +279,47 @@ impl GpuDevice {
         })
     }
 
-    /// RoPE (rotate-half) on the first `n_rot_heads` heads of each row, in place.
-    pub fn rope(&self, qkv: &mut CudaSlice<bf16>, a: &RopeArgs<'_>) -> Result<(), CudaError> {
-        const K: &str = "rope_inplace";
+    /// RoPE (rotate-half) on each row's query heads in place and on its key heads into
+    /// `k_cache`, and its value heads copied into `v_cache`, at each token's slot.
+    pub fn rope_kv_write(
+        &self,
+        qkv: &mut CudaSlice<bf16>,
+        k_cache: &mut CudaSlice<bf16>,
+        v_cache: &mut CudaSlice<bf16>,
+        a: &RopeKvArgs<'_>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "rope_kv_write";
+        let heads = a.n_heads + 2 * a.n_kv_heads;
+        if a.row_stride < heads * a.head_dim || !a.head_dim.is_multiple_of(2) {
+            return Err(CudaError::Shape {
+                kernel: K,
+                detail: format!("rows of {} cannot hold {heads} heads of {}", a.row_stride, a.head_dim),
+            });
+        }
         need(K, "qkv", qkv.len(), a.n * a.row_stride)?;
         need(K, "positions", a.positions.len(), a.n)?;
-        let args = [to_i32(K, a.n)?, to_i32(K, a.n_rot_heads)?, to_i32(K, a.row_stride)?, to_i32(K, a.head_dim)?];
+        need(K, "slots", a.slots.len(), a.n)?;
+        let args = [
+            to_i32(K, a.n)?,
+            to_i32(K, a.n_heads)?,
+            to_i32(K, a.n_kv_heads)?,
+            to_i32(K, a.row_stride)?,
+            to_i32(K, a.head_dim)?,
+        ];
         guard(|| {
-            let mut b = self.stream().launch_builder(&self.kernels.rope_inplace);
-            b.arg(qkv).arg(a.positions).arg(a.cos).arg(a.sin);
+            let mut b = self.stream().launch_builder(&self.kernels.rope_kv_write);
+            b.arg(qkv).arg(a.positions).arg(a.cos).arg(a.sin).arg(k_cache).arg(v_cache).arg(a.slots);
             for v in &args {
                 b.arg(v);
             }
             let threads = (a.head_dim / 2).next_multiple_of(32).clamp(32, 1024) as u32;
             let cfg = LaunchConfig {
-                grid_dim: (a.n as u32, a.n_rot_heads as u32, 1),
+                grid_dim: (a.n as u32, heads as u32, 1),
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: lengths checked above; positions were checked against the table on the host.
+            // SAFETY: lengths checked above; positions were checked against the table on the host,
+            // and slots come from block tables the engine allocated within the cache's capacity.
             unsafe { b.launch(cfg) }?;
             Ok(())
         })
@@ -301,40 +349,9 @@ impl GpuDevice {
         })
     }
 
-    /// Copies each token's K and V from `qkv` into the paged caches at its slot.
-    pub fn kv_write(
-        &self,
-        qkv: &CudaSlice<bf16>,
-        k_cache: &mut CudaSlice<bf16>,
-        v_cache: &mut CudaSlice<bf16>,
-        a: &KvWriteArgs<'_>,
-    ) -> Result<(), CudaError> {
-        const K: &str = "kv_write";
-        need(K, "qkv", qkv.len(), a.n * a.row_stride)?;
-        need(K, "slots", a.slots.len(), a.n)?;
-        let args = [
-            to_i32(K, a.n)?,
-            to_i32(K, a.row_stride)?,
-            to_i32(K, a.k_offset)?,
-            to_i32(K, a.v_offset)?,
-            to_i32(K, a.kv_dim)?,
-        ];
-        guard(|| {
-            let mut b = self.stream().launch_builder(&self.kernels.kv_write);
-            b.arg(qkv).arg(k_cache).arg(v_cache).arg(a.slots);
-            for v in &args {
-                b.arg(v);
-            }
-            // SAFETY: lengths checked above; slots come from block tables the engine allocated
-            // within the cache's capacity.
-            unsafe { b.launch(rows_config(a.n, 128)) }?;
-            Ok(())
-        })
-    }
-
     /// Paged attention: the tiles of long chunks on tensor cores (`flash_attention`), the
     /// other rows with CUDA cores (`paged_attention`, split over the KV length when too few
-    /// blocks would leave the GPU idle, then `paged_attention_reduce`).
+    /// blocks would leave the GPU idle; the last partition of each row and head combines them).
     pub fn attention(
         &self,
         q: &CudaSlice<bf16>,
@@ -423,12 +440,13 @@ impl GpuDevice {
                 None => b.arg(&null),
             };
             b.arg(&mut *out);
-            match (&mut scratch.acc, &mut scratch.max, &mut scratch.sum) {
-                (Some(acc), Some(max), Some(sum)) if n_parts > 1 => {
-                    b.arg(acc).arg(max).arg(sum);
+            match (&mut scratch.acc, &mut scratch.max, &mut scratch.sum, &mut scratch.done) {
+                (Some(acc), Some(max), Some(sum), Some(done)) if n_parts > 1 => {
+                    b.arg(acc).arg(max).arg(sum).arg(done);
                 }
+                _ if n_parts > 1 => return Err(CudaError::Shape { kernel: K, detail: "missing scratch".into() }),
                 _ => {
-                    b.arg(&null).arg(&null).arg(&null);
+                    b.arg(&null).arg(&null).arg(&null).arg(&null);
                 }
             }
             b.arg(&n_rows_i).arg(&n_heads).arg(&n_kv_heads).arg(&head_dim).arg(&block_size);
@@ -441,46 +459,30 @@ impl GpuDevice {
             // SAFETY: lengths checked above; block tables and context lengths are built by the
             // backend from the engine's allocations.
             unsafe { b.launch(cfg) }?;
-            if n_parts > 1 {
-                let (Some(acc), Some(max), Some(sum)) = (&scratch.acc, &scratch.max, &scratch.sum) else {
-                    return Err(CudaError::Shape { kernel: K, detail: "missing scratch".into() });
-                };
-                let mut r = stream.launch_builder(&self.kernels.paged_attention_reduce);
-                r.arg(acc).arg(max).arg(sum);
-                match rows {
-                    Some(rw) => r.arg(rw),
-                    None => r.arg(&null),
-                };
-                r.arg(&mut *out).arg(&n_rows_i).arg(&n_heads).arg(&head_dim).arg(&n_parts_i);
-                let cfg = LaunchConfig {
-                    grid_dim: (n_rows as u32, a.n_heads as u32, 1),
-                    block_dim: (a.head_dim as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: the partial buffers were sized above for exactly this launch.
-                unsafe { r.launch(cfg) }?;
-            }
             Ok(())
         })
     }
 
-    /// Arg-max of each bf16 row of `vocab` logits.
-    pub fn argmax(
+    /// Picks each bf16 row's token (`sample_rows`): the arg-max for a greedy row, else a draw
+    /// by the row's [`SampleRow`] words in `params` (`rows * SAMPLE_ROW_WORDS`).
+    pub fn sample(
         &self,
         logits: &CudaSlice<bf16>,
+        params: &CudaView<'_, i32>,
         rows: usize,
         vocab: usize,
         out: &mut CudaSlice<u32>,
     ) -> Result<(), CudaError> {
-        const K: &str = "argmax_rows";
+        const K: &str = "sample_rows";
         need(K, "logits", logits.len(), rows * vocab)?;
+        need(K, "params", params.len(), rows * SAMPLE_ROW_WORDS)?;
         need(K, "out", out.len(), rows)?;
         let v = to_i32(K, vocab)?;
         guard(|| {
-            let mut b = self.stream().launch_builder(&self.kernels.argmax_rows);
-            b.arg(logits).arg(&v).arg(out);
-            // SAFETY: lengths checked above.
-            unsafe { b.launch(rows_config(rows, 256)) }?;
+            let mut b = self.stream().launch_builder(&self.kernels.sample_rows);
+            b.arg(logits).arg(&v).arg(params).arg(out);
+            // SAFETY: lengths checked above; the kernel writes only `out[..rows]`.
+            unsafe { b.launch(rows_config(rows, 1024)) }?;
             Ok(())
         })
     }

@@ -2,8 +2,8 @@
 //! split between the tensor-core and CUDA-core kernels, how far the CUDA-core kernel splits
 //! over the KV length, and when a product goes to the GEMV kernel rather than cuBLASLt.
 //!
-//! Everything here is a pure function of shapes, so it is unit-tested without a GPU; the GEMV
-//! bound cites the H200 measurements it was chosen from (`kernels/gpu/results`).
+//! Everything here is a pure function of shapes (and, for the GEMV choice, of timings taken on
+//! the device at load), so it is unit-tested without a GPU.
 
 /// Shortest partition of the split over the KV length: four of the kernel's four-key groups, so
 /// a warp's serial walk is short at batch 1 (one memory round trip per group); the reduce pass
@@ -67,23 +67,91 @@ pub fn gemv_fits(rows: usize, inner: usize) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&rows) && inner.is_multiple_of(8)
 }
 
-/// Largest weight matrix (elements) the decode path sends to [`GpuDevice::gemv`](super::GpuDevice::gemv) at batch 1.
-/// Measured on an H200 at the 8B shape against `torch.matmul` (`test_kernels.py --bench`, four
-/// runs, `kernels/gpu/results`): the kernel is 1.3-2.2x faster on the output projection
-/// (4096 x 4096); on the QKV projection (6144 x 4096) it was 1.2x faster once and 1.3-1.4x
-/// slower three times, so the QKV projection is the next to move back to cuBLASLt (a bound of
-/// 16 Mi elements); it loses on the MLP and LM-head matrices and at batch 2 to 4, which stay on
-/// cuBLASLt.
-pub const GEMV_DECODE_MAX_ELEMS: usize = 32 << 20;
+/// One decode-step product timed both ways on the device at load (batch 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProductTiming {
+    /// What the product is ("qkv", "down", ...), for logs.
+    pub name: &'static str,
+    /// Output width (rows of the weight matrix).
+    pub out: usize,
+    /// Inner width (columns of the weight matrix).
+    pub inner: usize,
+    /// Microseconds per call of [`GpuDevice::gemv`](super::GpuDevice::gemv).
+    pub gemv_us: f64,
+    /// Microseconds per call of cuBLASLt.
+    pub cublas_us: f64,
+}
 
-/// Whether the decode path should use [`GpuDevice::gemv`](super::GpuDevice::gemv) rather than cuBLASLt.
-pub fn gemv_preferred(rows: usize, out: usize, inner: usize) -> bool {
-    rows == 1 && out * inner <= GEMV_DECODE_MAX_ELEMS && gemv_fits(rows, inner)
+impl ProductTiming {
+    /// One line of a tuning record: `name out inner gemv_us cublas_us`.
+    pub fn to_line(&self) -> String {
+        format!("{} {} {} {} {}", self.name, self.out, self.inner, self.gemv_us, self.cublas_us)
+    }
+
+    /// Parses [`to_line`](Self::to_line)'s output for one of `names`; `None` if it does not fit.
+    pub fn from_line(line: &str, names: &[&'static str]) -> Option<Self> {
+        let mut it = line.split_whitespace();
+        let first = it.next()?;
+        let name = names.iter().copied().find(|n| *n == first)?;
+        let (out, inner) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?);
+        let (gemv_us, cublas_us): (f64, f64) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?);
+        let finite = gemv_us.is_finite() && cublas_us.is_finite();
+        (finite && it.next().is_none()).then_some(ProductTiming { name, out, inner, gemv_us, cublas_us })
+    }
+}
+
+/// The batch-1 products that go to [`GpuDevice::gemv`](super::GpuDevice::gemv) instead of
+/// cuBLASLt: those where the GEMV kernel was timed faster on this device. Which one wins depends
+/// on the matrix, the card and cuBLASLt's plan (on an H200 at the 8B shape the GEMV beat
+/// `torch.matmul` on the 4096 x 4096 output projection by 1.3-2.2x, but the engine's own
+/// cuBLASLt plan beat the GEMV on every product, 13.5 against 15.6 us there;
+/// `kernels/gpu/results`), so it is measured, not fixed. The backend measures once per device
+/// and model shape and keeps the record, so every later process makes the same choice. Batches
+/// above one row always go to cuBLASLt, which won every measured shape at 2-4 rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GemvShapes(Vec<(usize, usize)>);
+
+impl GemvShapes {
+    /// The shapes where the GEMV was strictly faster.
+    pub fn from_timings(timings: &[ProductTiming]) -> Self {
+        GemvShapes(timings.iter().filter(|t| t.gemv_us < t.cublas_us).map(|t| (t.out, t.inner)).collect())
+    }
+
+    /// Whether a product of `rows` rows and a `(out, inner)` weight goes to the GEMV kernel.
+    pub fn preferred(&self, rows: usize, out: usize, inner: usize) -> bool {
+        rows == 1 && gemv_fits(rows, inner) && self.0.contains(&(out, inner))
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{attention_split, plan_attention};
+    use super::{GemvShapes, ProductTiming, attention_split, plan_attention};
+
+    #[test]
+    fn timings_round_trip_through_record_lines() {
+        let t = ProductTiming { name: "down", out: 4096, inner: 14336, gemv_us: 52.75, cublas_us: 32.5 };
+        assert_eq!(ProductTiming::from_line(&t.to_line(), &["qkv", "down"]), Some(t.clone()));
+        assert_eq!(ProductTiming::from_line(&t.to_line(), &["qkv"]), None, "unknown product");
+        for bad in ["down 4096 14336 52.75", "down 4096 14336 52.75 32.5 9", "down x 14336 1 2", "down 1 2 NaN 3"] {
+            assert_eq!(ProductTiming::from_line(bad, &["down"]), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn gemv_takes_only_the_single_row_products_it_was_timed_faster_on() {
+        let t = |name, out, inner, gemv_us, cublas_us| ProductTiming { name, out, inner, gemv_us, cublas_us };
+        let shapes = GemvShapes::from_timings(&[
+            t("qkv", 6144, 4096, 20.2, 14.9),
+            t("o", 4096, 4096, 13.1, 17.3),
+            t("down", 4096, 14336, 31.7, 31.7),
+        ]);
+        assert!(shapes.preferred(1, 4096, 4096));
+        assert!(!shapes.preferred(2, 4096, 4096), "more than one row goes to cuBLASLt");
+        assert!(!shapes.preferred(1, 6144, 4096), "slower");
+        assert!(!shapes.preferred(1, 4096, 14336), "a tie stays on cuBLASLt");
+        assert!(!shapes.preferred(1, 4096, 4097), "not timed");
+        assert!(!GemvShapes::default().preferred(1, 4096, 4096));
+    }
 
     #[test]
     fn split_fills_the_gpu_only_when_needed() {

@@ -4,17 +4,17 @@
 //! `gate|up` in another) so a layer runs four GEMMs. KV storage per layer is
 //! `(num_blocks, block_size, n_kv_heads, head_dim)` bf16, the layout the paged-attention kernel
 //! reads. Each step uploads one packed metadata buffer (ids, positions, slots, block tables),
-//! runs every layer on the device's stream, and copies back only the logits or, for greedy
-//! decoding, one token id per sequence. Invariant: activations live in a workspace that only
-//! grows, so steady-state decoding allocates nothing.
+//! runs every layer on the device's stream, and copies back only the logits or, when no row
+//! needs its logits on the host, one token id per sequence, picked on the device. Invariant:
+//! activations live in a workspace that only grows, so steady-state decoding allocates nothing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::bf16;
 use tessera_kernels::cuda::gemm::Gemm;
-use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, KvWriteArgs, RopeArgs, ShortRows};
-use tessera_kernels::cuda::plan::{attention_split, gemv_preferred, plan_attention};
+use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, RopeKvArgs, SAMPLE_ROW_WORDS, SampleRow, ShortRows};
+use tessera_kernels::cuda::plan::{GemvShapes, ProductTiming, attention_split, gemv_fits, plan_attention};
 use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
 use tessera_kernels::rope::RopeTable;
 
@@ -24,6 +24,7 @@ use crate::error::{EngineError, LoadError};
 use crate::kv_cache::KvCacheConfig;
 use crate::loader::ResolvedModel;
 use crate::model::SeqChunk;
+use crate::sampler::DevicePick;
 use crate::tensor::WeightsDtype;
 
 use std::collections::HashMap;
@@ -112,6 +113,11 @@ pub struct CudaBackend {
     scratch: AttentionScratch,
     graphs: HashMap<StepShape, DecodeGraph>,
     weight_bytes_per_step: usize,
+    /// Batch-1 products that run on the GEMV kernel, and the load-time timings that chose them.
+    gemv_shapes: GemvShapes,
+    product_timings: Vec<ProductTiming>,
+    /// Where `product_timings` came from (measured now, or read from the tuning record).
+    timings_source: String,
 }
 
 fn dev_err(e: CudaError) -> LoadError {
@@ -203,7 +209,7 @@ impl CudaBackend {
             v_cache.push(stream.alloc_zeros::<bf16>(per_layer).map_err(|e| dev_err(e.into()))?);
         }
         dev.synchronize().map_err(dev_err)?;
-        Ok(CudaBackend {
+        let mut backend = CudaBackend {
             dev: Arc::new(dev),
             gemm,
             config: c,
@@ -221,13 +227,101 @@ impl CudaBackend {
             scratch: AttentionScratch::default(),
             graphs: HashMap::new(),
             weight_bytes_per_step: weight_bytes,
-        })
+            gemv_shapes: GemvShapes::default(),
+            product_timings: Vec::new(),
+            timings_source: String::new(),
+        };
+        (backend.product_timings, backend.timings_source) =
+            backend.decode_product_timings(&options.cache_dir).map_err(dev_err)?;
+        backend.gemv_shapes = GemvShapes::from_timings(&backend.product_timings);
+        Ok(backend)
+    }
+
+    /// The batch-1 product timings that choose between the GEMV kernel and cuBLASLt, measured
+    /// once per device and model shape and kept under `<cache>/cuda-tuning/`: the two kernels
+    /// round differently, so a choice re-measured by every process could flip on timing noise
+    /// and make two runs of the same seeded request differ. A record that cannot be read is
+    /// measured again; one that cannot be written only costs a measurement next time.
+    /// Returns them with a line saying where they came from.
+    fn decode_product_timings(&self, cache_dir: &Path) -> Result<(Vec<ProductTiming>, String), CudaError> {
+        let products = self.decode_products();
+        let shapes: Vec<String> = products.iter().map(|p| format!("{} {} {}", p.name, p.out, p.inner)).collect();
+        let key = xxhash_rust::xxh3::xxh3_64(format!("{}\n{}", self.dev.describe(), shapes.join("\n")).as_bytes());
+        let path = cache_dir.join("cuda-tuning").join(format!("{key:016x}.txt"));
+        let names: Vec<&'static str> = products.iter().map(|p| p.name).collect();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let record: Option<Vec<ProductTiming>> =
+                text.lines().map(|l| ProductTiming::from_line(l, &names)).collect();
+            let matches = |t: &Vec<ProductTiming>| {
+                t.len() == products.len()
+                    && t.iter().zip(&products).all(|(t, p)| (t.name, t.out, t.inner) == (p.name, p.out, p.inner))
+            };
+            if let Some(timings) = record.filter(matches) {
+                return Ok((timings, format!("decode product timings read from {}", path.display())));
+            }
+        }
+        let timings = self.time_decode_products(&products)?;
+        if let Some(dir) = path.parent()
+            && std::fs::create_dir_all(dir).is_ok()
+        {
+            let text: String = timings.iter().map(|t| t.to_line() + "\n").collect();
+            let tmp = path.with_extension(format!("txt.{}", std::process::id()));
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+        Ok((timings, format!("decode product timings measured now, kept in {}", path.display())))
+    }
+
+    /// The batch-1 decode products that may take the GEMV kernel.
+    fn decode_products(&self) -> Vec<DecodeProduct<'_>> {
+        let c = &self.config;
+        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let per_layer = |f: fn(&Layer) -> &CudaSlice<bf16>| self.layers.iter().map(f).collect::<Vec<_>>();
+        let product = |name, out, inner, weights| DecodeProduct { name, out, inner, weights };
+        let products = [
+            product("qkv", qd + 2 * kvd, h, per_layer(|l| &l.qkv_proj)),
+            product("o", h, qd, per_layer(|l| &l.o_proj)),
+            product("gate_up", 2 * ffn, h, per_layer(|l| &l.gate_up_proj)),
+            product("down", h, ffn, per_layer(|l| &l.down_proj)),
+            product("lm_head", c.vocab_size, h, vec![head]),
+        ];
+        products.into_iter().filter(|p| !p.weights.is_empty() && gemv_fits(1, p.inner)).collect()
+    }
+
+    /// Times each of `products` with the GEMV kernel and with cuBLASLt. Each timed pass walks
+    /// every layer's matrix once (the LM head's, several times), so the weights come from memory
+    /// as in a decode step rather than from the L2 cache.
+    fn time_decode_products(&self, products: &[DecodeProduct<'_>]) -> Result<Vec<ProductTiming>, CudaError> {
+        let stream = self.dev.stream();
+        let mut timings = Vec::with_capacity(products.len());
+        for &DecodeProduct { name, out, inner, ref weights } in products {
+            let x = stream.alloc_zeros::<bf16>(inner)?;
+            let mut y = stream.alloc_zeros::<bf16>(out)?;
+            let calls = weights.len().max(8);
+            let gemv =
+                |y: &mut CudaSlice<bf16>, i: usize| self.dev.gemv(&x, weights[i % weights.len()], y, 1, out, inner);
+            let cublas =
+                |y: &mut CudaSlice<bf16>, i: usize| self.gemm.matmul(&x, weights[i % weights.len()], y, 1, out, inner);
+            // A warm-up pass each (plans, module loads), then the best of three alternating passes.
+            self.dev.time_us(calls, |i| gemv(&mut y, i))?;
+            self.dev.time_us(calls, |i| cublas(&mut y, i))?;
+            let (mut gemv_us, mut cublas_us) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..3 {
+                gemv_us = gemv_us.min(self.dev.time_us(calls, |i| gemv(&mut y, i))?);
+                cublas_us = cublas_us.min(self.dev.time_us(calls, |i| cublas(&mut y, i))?);
+            }
+            timings.push(ProductTiming { name, out, inner, gemv_us, cublas_us });
+        }
+        Ok(timings)
     }
 
     /// The per-step metadata of `chunks`, packed as ids | positions | slots | query_seq |
     /// context_lens | window_starts | last_rows | block_tables (rows padded to `min_blocks`) |
     /// short rows (only when some chunk goes to flash) | flash tiles, with the step's shape and
-    /// its longest context.
+    /// its longest context. A step that picks its tokens on the device appends its
+    /// [`SampleRow`]s last (see [`push_sample_rows`]).
     fn build_meta(
         &self,
         chunks: &[SeqChunk<'_>],
@@ -305,9 +399,9 @@ impl CudaBackend {
     }
 
     /// Queues one step: every layer, the LM head (bf16 logits in the workspace) and, when
-    /// `greedy`, the arg-max of each sequence. Enqueues only (no allocation, no host sync), so
-    /// it can be captured into a graph.
-    fn enqueue(&mut self, meta: &CudaSlice<i32>, shape: StepShape, greedy: bool) -> Result<(), EngineError> {
+    /// `pick`, each sequence's token by the [`SampleRow`]s at the end of `meta`. Enqueues only
+    /// (no allocation, no host sync), so it can be captured into a graph.
+    fn enqueue(&mut self, meta: &CudaSlice<i32>, shape: StepShape, pick: bool) -> Result<(), EngineError> {
         let c = &self.config;
         let StepShape { n, nseq, max_blocks, tiles, .. } = shape;
         let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -320,29 +414,30 @@ impl CudaBackend {
         let block_tables = view(6 * n + nseq, nseq * max_blocks);
         let rows_at = 6 * n + nseq + nseq * max_blocks;
         let (row_list, tile_list) = (view(rows_at, shape.listed()), view(rows_at + shape.listed(), 2 * tiles));
+        let pick_rows = view(rows_at + shape.listed() + 2 * tiles, if pick { nseq * SAMPLE_ROW_WORDS } else { 0 });
         let short_rows = ShortRows::of(shape.short_rows, n, &row_list, shape.split);
 
         let dev = &self.dev;
         let gemm = &self.gemm;
+        let gemv = &self.gemv_shapes;
         dev.embedding(&self.embed_tokens, &ids, &mut ws.x, n, h).map_err(run_err)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let delta = if li == 0 { None } else { Some(&ws.proj) };
             dev.add_rmsnorm(&mut ws.x, delta, &layer.input_layernorm, &mut ws.normed, n, h, c.rms_norm_eps)
                 .map_err(run_err)?;
-            project(dev, gemm, &ws.normed, &layer.qkv_proj, &mut ws.qkv, n, qkv_dim, h).map_err(run_err)?;
-            let rope = RopeArgs {
+            project(dev, gemm, gemv, &ws.normed, &layer.qkv_proj, &mut ws.qkv, n, qkv_dim, h).map_err(run_err)?;
+            let rope = RopeKvArgs {
                 positions: &positions,
                 cos: &self.rope_cos,
                 sin: &self.rope_sin,
+                slots: &slots,
                 n,
-                n_rot_heads: c.num_heads + c.num_kv_heads,
+                n_heads: c.num_heads,
+                n_kv_heads: c.num_kv_heads,
                 row_stride: qkv_dim,
                 head_dim: c.head_dim,
             };
-            dev.rope(&mut ws.qkv, &rope).map_err(run_err)?;
-            let write =
-                KvWriteArgs { slots: &slots, n, row_stride: qkv_dim, k_offset: qd, v_offset: qd + kvd, kv_dim: kvd };
-            dev.kv_write(&ws.qkv, &mut self.k_cache[li], &mut self.v_cache[li], &write).map_err(run_err)?;
+            dev.rope_kv_write(&mut ws.qkv, &mut self.k_cache[li], &mut self.v_cache[li], &rope).map_err(run_err)?;
             let attn = AttentionArgs {
                 q_stride: qkv_dim,
                 block_tables: &block_tables,
@@ -360,7 +455,7 @@ impl CudaBackend {
             };
             dev.attention(&ws.qkv, &self.k_cache[li], &self.v_cache[li], &mut ws.attn, &mut self.scratch, &attn)
                 .map_err(run_err)?;
-            project(dev, gemm, &ws.attn, &layer.o_proj, &mut ws.proj, n, h, qd).map_err(run_err)?;
+            project(dev, gemm, gemv, &ws.attn, &layer.o_proj, &mut ws.proj, n, h, qd).map_err(run_err)?;
             dev.add_rmsnorm(
                 &mut ws.x,
                 Some(&ws.proj),
@@ -371,9 +466,10 @@ impl CudaBackend {
                 c.rms_norm_eps,
             )
             .map_err(run_err)?;
-            project(dev, gemm, &ws.normed, &layer.gate_up_proj, &mut ws.gate_up, n, 2 * ffn, h).map_err(run_err)?;
+            project(dev, gemm, gemv, &ws.normed, &layer.gate_up_proj, &mut ws.gate_up, n, 2 * ffn, h)
+                .map_err(run_err)?;
             dev.silu_mul(&ws.gate_up, &mut ws.act, n, ffn).map_err(run_err)?;
-            project(dev, gemm, &ws.act, &layer.down_proj, &mut ws.proj, n, h, ffn).map_err(run_err)?;
+            project(dev, gemm, gemv, &ws.act, &layer.down_proj, &mut ws.proj, n, h, ffn).map_err(run_err)?;
         }
         // Final residual add (the norm of every row is a by-product), then the last rows only.
         dev.add_rmsnorm(&mut ws.x, Some(&ws.proj), &self.norm, &mut ws.normed, n, h, c.rms_norm_eps)
@@ -382,32 +478,36 @@ impl CudaBackend {
         dev.add_rmsnorm(&mut ws.last_x, None, &self.norm, &mut ws.last_normed, nseq, h, c.rms_norm_eps)
             .map_err(run_err)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        project(dev, gemm, &ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
-        if greedy {
-            dev.argmax(&ws.logits, nseq, c.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
+        project(dev, gemm, gemv, &ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
+        if pick {
+            dev.sample(&ws.logits, &pick_rows, nseq, c.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
         }
         Ok(())
     }
 
-    /// Runs one step eagerly (metadata uploaded fresh).
-    fn run_eager(&mut self, chunks: &[SeqChunk<'_>], greedy: bool) -> Result<usize, EngineError> {
-        let (meta, shape, _) = self.build_meta(chunks, 1)?;
+    /// Runs one step eagerly (metadata uploaded fresh), picking tokens when `picks` are given.
+    fn run_eager(&mut self, chunks: &[SeqChunk<'_>], picks: Option<&[DevicePick]>) -> Result<usize, EngineError> {
+        let (mut meta, shape, _) = self.build_meta(chunks, 1)?;
         if shape.n == 0 {
             return Ok(0);
         }
+        if let Some(picks) = picks {
+            push_sample_rows(&mut meta, picks);
+        }
         self.ensure_workspace(shape.n, shape.nseq)?;
         let meta_dev = self.dev.stream().clone_htod(&meta).map_err(|e| run_err(e.into()))?;
-        self.enqueue(&meta_dev, shape, greedy)?;
+        self.enqueue(&meta_dev, shape, picks.is_some())?;
         Ok(shape.nseq)
     }
 
-    /// A greedy decode step (one token per sequence) through a captured CUDA graph: the step's
+    /// A decode step (one token per sequence, picked by `picks`) through a captured CUDA graph: the step's
     /// ~400 launches replay as one. Graphs are keyed by batch size and by power-of-two buckets
     /// of the block-table width and context (which fix every launch parameter); a bucket's
     /// first step runs eagerly and is then captured. A graph whose buffers moved is re-captured.
-    fn decode_graph_step(&mut self, chunks: &[SeqChunk<'_>]) -> Result<(), EngineError> {
+    fn decode_graph_step(&mut self, chunks: &[SeqChunk<'_>], picks: &[DevicePick]) -> Result<(), EngineError> {
         let widest = chunks.iter().map(|ch| ch.block_table.len()).max().unwrap_or(1);
-        let (meta, mut shape, max_context) = self.build_meta(chunks, widest.next_power_of_two())?;
+        let (mut meta, mut shape, max_context) = self.build_meta(chunks, widest.next_power_of_two())?;
+        push_sample_rows(&mut meta, picks);
         // The split is sized for the context bucket; the kernel stretches the last partition to
         // each query's real end, so any context inside the bucket is computed correctly.
         shape.split =
@@ -442,12 +542,13 @@ impl CudaBackend {
     }
 }
 
-/// `y (rows, out) = x · wᵀ`: the GEMV kernel where it is measured faster (batch-1 decode,
-/// small matrices), cuBLASLt otherwise.
+/// `y (rows, out) = x · wᵀ`: the GEMV kernel where it was timed faster at load (see
+/// [`GemvShapes`]), cuBLASLt otherwise.
 #[allow(clippy::too_many_arguments)]
 fn project(
     dev: &GpuDevice,
     gemm: &Gemm,
+    gemv: &GemvShapes,
     x: &CudaSlice<bf16>,
     w: &CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
@@ -455,10 +556,31 @@ fn project(
     out: usize,
     inner: usize,
 ) -> Result<(), CudaError> {
-    if gemv_preferred(rows, out, inner) {
+    if gemv.preferred(rows, out, inner) {
         dev.gemv(x, w, y, rows, out, inner)
     } else {
         gemm.matmul(x, w, y, rows, out, inner)
+    }
+}
+
+/// A batch-1 decode product `y (1, out) = x (1, inner) · wᵀ`, with the weight of every layer.
+struct DecodeProduct<'a> {
+    name: &'static str,
+    out: usize,
+    inner: usize,
+    weights: Vec<&'a CudaSlice<bf16>>,
+}
+
+/// Appends each row's [`SampleRow`] words to the step's metadata (they come last).
+fn push_sample_rows(meta: &mut Vec<i32>, picks: &[DevicePick]) {
+    for pick in picks {
+        let row = match *pick {
+            DevicePick::Greedy => SampleRow::GREEDY,
+            DevicePick::Draw { inv_temperature, top_k, top_p, min_p, uniform } => {
+                SampleRow { inv_temperature, top_k: top_k.unwrap_or(0), top_p, min_p, uniform }
+            }
+        };
+        meta.extend(row.words());
     }
 }
 
@@ -505,6 +627,15 @@ impl ModelBackend for CudaBackend {
             weights_dtype: "bf16".into(),
             weight_bytes_per_step: self.weight_bytes_per_step,
             kv_bytes_per_token: self.config.kv_bytes_per_token(super::CUDA_KV_ELEM_BYTES) as usize,
+            tuning: std::iter::once(self.timings_source.clone())
+                .chain(self.product_timings.iter().map(|t| {
+                    let kernel = if self.gemv_shapes.preferred(1, t.out, t.inner) { "GEMV" } else { "cuBLASLt" };
+                    format!(
+                        "batch-1 {} ({}x{}): {kernel} (GEMV {:.1} us, cuBLASLt {:.1} us)",
+                        t.name, t.out, t.inner, t.gemv_us, t.cublas_us
+                    )
+                }))
+                .collect(),
         }
     }
 
@@ -512,7 +643,7 @@ impl ModelBackend for CudaBackend {
         if chunks.iter().any(|ch| ch.tokens.is_empty()) {
             return Err(EngineError::Internal("empty chunk in a forward batch".into()));
         }
-        let nseq = self.run_eager(chunks, false)?;
+        let nseq = self.run_eager(chunks, None)?;
         if nseq == 0 {
             return Ok(Vec::new());
         }
@@ -524,7 +655,8 @@ impl ModelBackend for CudaBackend {
         Ok(host)
     }
 
-    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<u32>, EngineError> {
+    fn forward_pick(&mut self, chunks: &[SeqChunk<'_>], picks: &[DevicePick]) -> Result<Vec<u32>, EngineError> {
+        super::check_picks(chunks, picks)?;
         let nseq = chunks.len();
         if nseq == 0 {
             return Ok(Vec::new());
@@ -533,9 +665,9 @@ impl ModelBackend for CudaBackend {
             return Err(EngineError::Internal("empty chunk in a forward batch".into()));
         }
         if chunks.iter().all(|ch| ch.tokens.len() == 1) {
-            self.decode_graph_step(chunks)?;
+            self.decode_graph_step(chunks, picks)?;
         } else {
-            self.run_eager(chunks, true)?;
+            self.run_eager(chunks, Some(picks))?;
         }
         let ws = self.workspace.as_ref().ok_or_else(|| EngineError::Internal("workspace missing".into()))?;
         let mut host = self.dev.stream().clone_dtoh(&ws.next_tokens).map_err(|e| run_err(e.into()))?;
