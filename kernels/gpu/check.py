@@ -106,6 +106,37 @@ class Tessera:
         return rec
 
 
+SAMPLING = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
+
+
+def check_device_sampling(tess, work, path, prompts, greedy_outputs):
+    """Sampling on the device, end to end (`tessera batch` with a sampling block: no row needs its
+    logits on the host, so the engine picks every token through the GPU's sample_rows): the same
+    seed twice gives the same tokens, each first token is among the top_k of the prompt's logits,
+    and the samples are not simply the greedy tokens."""
+    runs = []
+    for name, seed in (("a", 5), ("b", 5)):
+        inp, outp = os.path.join(work, f"sample-{name}-in.json"), os.path.join(work, f"sample-{name}-out.json")
+        with open(inp, "w") as f:
+            json.dump({"prompts": prompts, "max_new_tokens": GREEDY_STEPS, "sampling": dict(SAMPLING, seed=seed)}, f)
+        rec = tess.run(["batch", "--model", path, "--input", inp, "--output", outp], 120, f"batch (sampling {name})")
+        if rec.get("error"):
+            return {"ok": False, "summary": f"batch failed: {rec['error']}"[:120]}
+        with open(outp) as f:
+            runs.append(json.load(f).get("outputs") or [])
+    a, b = ([o.get("tokens") for o in run] for run in runs)
+    same_seed = a == b
+    in_top_k = all(
+        toks and toks[0] in sorted(range(len(o["first_logits"])), key=lambda j: -o["first_logits"][j])[: SAMPLING["top_k"]]
+        for toks, o in zip(a, runs[0]))
+    greedy = [o.get("tokens") for o in (greedy_outputs or [])]
+    not_greedy = a != greedy
+    ok = same_seed and in_top_k and not_greedy
+    summary = (f"same seed, same tokens: {same_seed}; first tokens in top-{SAMPLING['top_k']}: {in_top_k}; "
+               f"not the greedy tokens: {not_greedy}")
+    return {"ok": ok, "summary": summary, "sampling": SAMPLING, "tokens": a}
+
+
 def json_lines(text):
     out = []
     for line in (text or "").splitlines():
@@ -286,6 +317,10 @@ def main():
                 error("reading tessera batch output", e)
         res["correctness"] = compare_correctness(torch, ref, ref32, outputs, prompts)
         step_time("tessera batch", t)
+        t = time.monotonic()
+        res["device_sampling"] = check_device_sampling(tess, work, path, prompts, outputs)
+        log(f"device sampling: {res['device_sampling']['summary']}")
+        step_time("tessera batch (device sampling)", t)
     except Exception as e:  # noqa: BLE001
         error("correctness", e)
     finally:
@@ -319,12 +354,16 @@ def main():
             rec = tess.run(bench + ["--batch", ",".join(map(str, bench_batches)), "--prompt-len", str(bench_prompt),
                                     "--gen-len", str(bench_gen)], 200, "bench decode", reserve_s=100)
             rows = [j for j in json_lines(rec.get("stdout")) if "batch" in j]
+            for j in rows:  # in the log too, so a later failure cannot lose them
+                log(f"  bench row: {json.dumps(j)}")
             res["tessera_bench"] = {"rows": rows, "error": rec.get("error"), "stderr_tail": rec.get("stderr_tail")}
             if rec.get("error"):
                 error("tessera bench (decode)", rec["error"])
             rec = tess.run(bench + ["--batch", "1", "--prompt-len", str(prefill_len), "--gen-len", "1"], 120,
                            "bench prefill", reserve_s=70)
             rows = [j for j in json_lines(rec.get("stdout")) if "batch" in j]
+            for j in rows:
+                log(f"  bench row: {json.dumps(j)}")
             prefill_row = rows[0] if rows else None
             res["tessera_bench_prefill"] = {"row": prefill_row, "error": rec.get("error"),
                                             "stderr_tail": rec.get("stderr_tail")}

@@ -86,6 +86,11 @@ def leading_agreement(a, b):
     return n
 
 
+def median_of(v):
+    """`tessera bench --json` reports a rate as {"median", "min", "max"} over its runs; the median."""
+    return v.get("median") if isinstance(v, dict) else v
+
+
 def speed_summary(tess_rows, prefill_row, pt, ceilings, n_matmul, weight_bytes_hint):
     """Speed rows: tessera vs PyTorch and vs the ceilings."""
     bw = (ceilings or {}).get("copy_bandwidth_bytes_per_s")
@@ -94,7 +99,8 @@ def speed_summary(tess_rows, prefill_row, pt, ceilings, n_matmul, weight_bytes_h
     rows = []
     for r in tess_rows:
         b = r.get("batch")
-        row = {"batch": b, "tessera_decode_tok_s": r.get("decode_tok_s"), "tessera_prefill_tok_s": r.get("prefill_tok_s"),
+        row = {"batch": b, "tessera_decode_tok_s": median_of(r.get("decode_tok_s")),
+               "tessera_decode_spread": r.get("decode_tok_s"), "tessera_prefill_tok_s": median_of(r.get("prefill_tok_s")),
                "weight_bytes_per_step": r.get("weight_bytes_per_step"), "kv_bytes_per_step_mean": r.get("kv_bytes_per_step_mean")}
         p = pt_gen.get(b)
         row["pytorch_decode_tok_s"] = p.get("decode_tok_s") if p else None
@@ -108,7 +114,7 @@ def speed_summary(tess_rows, prefill_row, pt, ceilings, n_matmul, weight_bytes_h
             row["roofline_fraction"] = row["tessera_decode_tok_s"] * step_bytes / bw if step_bytes else None
         rows.append(row)
     pre = {"prompt_len": (prefill_row or {}).get("prompt_len"),
-           "tessera_prefill_tok_s": (prefill_row or {}).get("prefill_tok_s"),
+           "tessera_prefill_tok_s": median_of((prefill_row or {}).get("prefill_tok_s")),
            "pytorch_prefill_tok_s": ((pt or {}).get("prefill") or {}).get("tok_s"),
            "matmul_params": n_matmul}
     pre["ratio"] = ratio(pre["tessera_prefill_tok_s"], pre["pytorch_prefill_tok_s"])
@@ -138,6 +144,8 @@ def acceptance(res):
     add("tessera check kernels", kern.get("summary"), "all ok", kern.get("ok"))
     nccl = res.get("nccl") or {}
     add("NCCL 1-rank all-reduce", nccl.get("summary"), "ok", nccl.get("ok"))
+    sampling = res.get("device_sampling") or {}
+    add("1b sampling on the device (top-k/top-p)", sampling.get("summary"), "all true", sampling.get("ok"))
     if rows and all(w is not None for w in worst) and len(rows) == len(PROMPT_LENS):
         add("1b logits rel err (max over prompts)", max(worst), f"<= {TARGETS['logits_rel_err_max']}",
             all(r.get("logits_pass") for r in rows))
@@ -238,8 +246,10 @@ def selftest_render():
     bad["acceptance"] = acceptance(bad)
     text = render(bad)
     assert "FAIL" in text and "MISSING" in text, text
-    rows, pre = speed_summary([{"batch": 1, "decode_tok_s": 100.0, "weight_bytes_per_step": 1e9,
-                                "kv_bytes_per_step_mean": 1e8}], {"prefill_tok_s": 1000.0, "prompt_len": 2048},
+    # rates as `tessera bench engine --json` prints them: {"median", "min", "max"} over the runs
+    spread = lambda v: {"median": v, "min": v * 0.9, "max": v * 1.1}  # noqa: E731
+    rows, pre = speed_summary([{"batch": 1, "decode_tok_s": spread(100.0), "weight_bytes_per_step": 1e9,
+                                "kv_bytes_per_step_mean": 1e8}], {"prefill_tok_s": spread(1000.0), "prompt_len": 2048},
                               {"generate": [{"batch": 1, "decode_tok_s": 50.0, "e2e_tok_s": 40.0}],
                                "prefill": {"tok_s": 500.0}},
                               {"copy_bandwidth_bytes_per_s": 2.2e11, "gemm_bf16_flops_per_s": 1e12}, 1e8, None)
