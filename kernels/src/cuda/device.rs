@@ -29,6 +29,13 @@ const SOURCES: &[(&str, &str)] = &[
     ("sampling.cu", include_str!("../../cuda/sampling.cu")),
 ];
 
+/// A hash of every kernel source (with the prelude): measurements that depend on the kernels,
+/// such as the backend's tuning record, are keyed by it so that an edited kernel is re-measured.
+pub fn kernel_sources_hash() -> u64 {
+    let all: String = std::iter::once(PRELUDE).chain(SOURCES.iter().map(|(_, src)| *src)).collect();
+    xxhash_rust::xxh3::xxh3_64(all.as_bytes())
+}
+
 /// How to open a device.
 #[derive(Debug, Clone)]
 pub struct GpuOptions {

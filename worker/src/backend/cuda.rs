@@ -30,7 +30,7 @@ use crate::tensor::WeightsDtype;
 use std::collections::HashMap;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use tessera_kernels::cuda::device::Graph;
+use tessera_kernels::cuda::device::{Graph, kernel_sources_hash};
 
 /// How to open the GPU.
 #[derive(Debug, Clone)]
@@ -238,15 +238,16 @@ impl CudaBackend {
     }
 
     /// The batch-1 product timings that choose between the GEMV kernel and cuBLASLt, measured
-    /// once per device and model shape and kept under `<cache>/cuda-tuning/`: the two kernels
-    /// round differently, so a choice re-measured by every process could flip on timing noise
-    /// and make two runs of the same seeded request differ. A record that cannot be read is
-    /// measured again; one that cannot be written only costs a measurement next time.
+    /// once per device, kernel sources and model shape and kept under `<cache>/cuda-tuning/`:
+    /// the two kernels round differently, so a choice re-measured by every process could flip
+    /// on timing noise and make two runs of the same seeded request differ. A record that cannot
+    /// be read is measured again; one that cannot be written only costs a measurement next time.
     /// Returns them with a line saying where they came from.
     fn decode_product_timings(&self, cache_dir: &Path) -> Result<(Vec<ProductTiming>, String), CudaError> {
         let products = self.decode_products();
         let shapes: Vec<String> = products.iter().map(|p| format!("{} {} {}", p.name, p.out, p.inner)).collect();
-        let key = xxhash_rust::xxh3::xxh3_64(format!("{}\n{}", self.dev.describe(), shapes.join("\n")).as_bytes());
+        let identity = format!("{}\n{:016x}\n{}", self.dev.describe(), kernel_sources_hash(), shapes.join("\n"));
+        let key = xxhash_rust::xxh3::xxh3_64(identity.as_bytes());
         let path = cache_dir.join("cuda-tuning").join(format!("{key:016x}.txt"));
         let names: Vec<&'static str> = products.iter().map(|p| p.name).collect();
         if let Ok(text) = std::fs::read_to_string(&path) {
