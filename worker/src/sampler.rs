@@ -198,15 +198,18 @@ impl Sampler {
     /// The choice to hand to the backend for the next token, drawing its uniform number now;
     /// `None` when it needs the penalised logits on the host (nothing is drawn then).
     pub fn device_pick(&mut self) -> Option<DevicePick> {
-        if !self.picks_from_raw_logits() {
-            return None;
-        }
+        self.picks_from_raw_logits().then(|| self.next_pick())
+    }
+
+    /// This pick's rule: the arg-max, or a draw with its uniform number taken from the stream now.
+    fn next_pick(&mut self) -> DevicePick {
+        // A temperature so small that 1/T overflows is greedy in the limit.
         if !self.draws_random() {
-            return Some(DevicePick::Greedy);
+            return DevicePick::Greedy;
         }
         let p = &self.params;
         let (inv_temperature, top_k, top_p, min_p) = (1.0 / p.temperature, p.top_k, p.top_p, p.min_p);
-        Some(DevicePick::Draw { inv_temperature, top_k, top_p, min_p, uniform: self.rng.random() })
+        DevicePick::Draw { inv_temperature, top_k, top_p, min_p, uniform: self.rng.random() }
     }
 
     /// Records a token the sequence produced (for the penalties).
@@ -260,13 +263,7 @@ impl Sampler {
         } else {
             logits
         };
-        // A temperature so small that 1/T overflows is greedy in the limit.
-        if !self.draws_random() {
-            return argmax(logits);
-        }
-        let p = &self.params;
-        let (inv_t, top_k, top_p, min_p) = (1.0 / p.temperature, p.top_k, p.top_p, p.min_p);
-        pick_with(logits, inv_t, top_k, top_p, min_p, self.rng.random())
+        self.next_pick().apply(logits)
     }
 }
 
