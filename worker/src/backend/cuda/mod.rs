@@ -8,13 +8,13 @@
 //! needs its logits on the host, one token id per sequence, picked on the device. Invariant:
 //! activations live in a workspace that only grows, so steady-state decoding allocates nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use half::bf16;
 use tessera_kernels::cuda::gemm::Gemm;
 use tessera_kernels::cuda::ops::{AttentionArgs, AttentionScratch, RopeKvArgs, SAMPLE_ROW_WORDS, SampleRow, ShortRows};
-use tessera_kernels::cuda::plan::{GemvShapes, ProductTiming, attention_split, gemv_fits, plan_attention};
+use tessera_kernels::cuda::plan::{GemvShapes, ProductTiming, attention_split, plan_attention};
 use tessera_kernels::cuda::{CudaError, GpuDevice, GpuOptions};
 use tessera_kernels::rope::RopeTable;
 
@@ -30,7 +30,9 @@ use crate::tensor::WeightsDtype;
 use std::collections::HashMap;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use tessera_kernels::cuda::device::{Graph, kernel_sources_hash};
+use tessera_kernels::cuda::device::Graph;
+
+mod tuning;
 
 /// How to open the GPU.
 #[derive(Debug, Clone)]
@@ -235,87 +237,6 @@ impl CudaBackend {
             backend.decode_product_timings(&options.cache_dir).map_err(dev_err)?;
         backend.gemv_shapes = GemvShapes::from_timings(&backend.product_timings);
         Ok(backend)
-    }
-
-    /// The batch-1 product timings that choose between the GEMV kernel and cuBLASLt, measured
-    /// once per device, kernel sources and model shape and kept under `<cache>/cuda-tuning/`:
-    /// the two kernels round differently, so a choice re-measured by every process could flip
-    /// on timing noise and make two runs of the same seeded request differ. A record that cannot
-    /// be read is measured again; one that cannot be written only costs a measurement next time.
-    /// Returns them with a line saying where they came from.
-    fn decode_product_timings(&self, cache_dir: &Path) -> Result<(Vec<ProductTiming>, String), CudaError> {
-        let products = self.decode_products();
-        let shapes: Vec<String> = products.iter().map(|p| format!("{} {} {}", p.name, p.out, p.inner)).collect();
-        let identity = format!("{}\n{:016x}\n{}", self.dev.describe(), kernel_sources_hash(), shapes.join("\n"));
-        let key = xxhash_rust::xxh3::xxh3_64(identity.as_bytes());
-        let path = cache_dir.join("cuda-tuning").join(format!("{key:016x}.txt"));
-        let names: Vec<&'static str> = products.iter().map(|p| p.name).collect();
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let record: Option<Vec<ProductTiming>> =
-                text.lines().map(|l| ProductTiming::from_line(l, &names)).collect();
-            let matches = |t: &Vec<ProductTiming>| {
-                t.len() == products.len()
-                    && t.iter().zip(&products).all(|(t, p)| (t.name, t.out, t.inner) == (p.name, p.out, p.inner))
-            };
-            if let Some(timings) = record.filter(matches) {
-                return Ok((timings, format!("decode product timings read from {}", path.display())));
-            }
-        }
-        let timings = self.time_decode_products(&products)?;
-        if let Some(dir) = path.parent()
-            && std::fs::create_dir_all(dir).is_ok()
-        {
-            let text: String = timings.iter().map(|t| t.to_line() + "\n").collect();
-            let tmp = path.with_extension(format!("txt.{}", std::process::id()));
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, &path);
-            }
-        }
-        Ok((timings, format!("decode product timings measured now, kept in {}", path.display())))
-    }
-
-    /// The batch-1 decode products that may take the GEMV kernel.
-    fn decode_products(&self) -> Vec<DecodeProduct<'_>> {
-        let c = &self.config;
-        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let per_layer = |f: fn(&Layer) -> &CudaSlice<bf16>| self.layers.iter().map(f).collect::<Vec<_>>();
-        let product = |name, out, inner, weights| DecodeProduct { name, out, inner, weights };
-        let products = [
-            product("qkv", qd + 2 * kvd, h, per_layer(|l| &l.qkv_proj)),
-            product("o", h, qd, per_layer(|l| &l.o_proj)),
-            product("gate_up", 2 * ffn, h, per_layer(|l| &l.gate_up_proj)),
-            product("down", h, ffn, per_layer(|l| &l.down_proj)),
-            product("lm_head", c.vocab_size, h, vec![head]),
-        ];
-        products.into_iter().filter(|p| !p.weights.is_empty() && gemv_fits(1, p.inner)).collect()
-    }
-
-    /// Times each of `products` with the GEMV kernel and with cuBLASLt. Each timed pass walks
-    /// every layer's matrix once (the LM head's, several times), so the weights come from memory
-    /// as in a decode step rather than from the L2 cache.
-    fn time_decode_products(&self, products: &[DecodeProduct<'_>]) -> Result<Vec<ProductTiming>, CudaError> {
-        let stream = self.dev.stream();
-        let mut timings = Vec::with_capacity(products.len());
-        for &DecodeProduct { name, out, inner, ref weights } in products {
-            let x = stream.alloc_zeros::<bf16>(inner)?;
-            let mut y = stream.alloc_zeros::<bf16>(out)?;
-            let calls = weights.len().max(8);
-            let gemv =
-                |y: &mut CudaSlice<bf16>, i: usize| self.dev.gemv(&x, weights[i % weights.len()], y, 1, out, inner);
-            let cublas =
-                |y: &mut CudaSlice<bf16>, i: usize| self.gemm.matmul(&x, weights[i % weights.len()], y, 1, out, inner);
-            // A warm-up pass each (plans, module loads), then the best of three alternating passes.
-            self.dev.time_us(calls, |i| gemv(&mut y, i))?;
-            self.dev.time_us(calls, |i| cublas(&mut y, i))?;
-            let (mut gemv_us, mut cublas_us) = (f64::INFINITY, f64::INFINITY);
-            for _ in 0..3 {
-                gemv_us = gemv_us.min(self.dev.time_us(calls, |i| gemv(&mut y, i))?);
-                cublas_us = cublas_us.min(self.dev.time_us(calls, |i| cublas(&mut y, i))?);
-            }
-            timings.push(ProductTiming { name, out, inner, gemv_us, cublas_us });
-        }
-        Ok(timings)
     }
 
     /// The per-step metadata of `chunks`, packed as ids | positions | slots | query_seq |
@@ -562,14 +483,6 @@ fn project(
     } else {
         gemm.matmul(x, w, y, rows, out, inner)
     }
-}
-
-/// A batch-1 decode product `y (1, out) = x (1, inner) · wᵀ`, with the weight of every layer.
-struct DecodeProduct<'a> {
-    name: &'static str,
-    out: usize,
-    inner: usize,
-    weights: Vec<&'a CudaSlice<bf16>>,
 }
 
 /// Appends each row's [`SampleRow`] words to the step's metadata (they come last).
