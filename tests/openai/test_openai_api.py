@@ -296,6 +296,31 @@ def test_completions_api(client):
     assert all(len(alts) == 2 for alts in lp.choices[0].logprobs.top_logprobs)
 
 
+def test_vllm_sampling_extensions(client):
+    messages = user("Tell me a story.")
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    # top_k=1 leaves one candidate, so any seed at temperature 1 gives the greedy text.
+    top1 = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=1.0, seed=7, max_tokens=12, extra_body={"top_k": 1}
+    )
+    assert top1.choices[0].message.content == greedy.choices[0].message.content
+    # ignore_eos runs to max_tokens whatever the model would say.
+    long = client.completions.create(
+        model=MODEL, prompt="Hi", temperature=0, max_tokens=40, extra_body={"ignore_eos": True}
+    )
+    assert long.usage.completion_tokens == 40 and long.choices[0].finish_reason == "length"
+    # A stop token id ends the text at the first greedy token.
+    first_id = http_post("/tokenize", {"model": MODEL, "prompt": greedy.choices[0].message.content})["tokens"][0]
+    stopped = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=12, extra_body={"stop_token_ids": [first_id]}
+    )
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens <= 1
+    for bad, param in [({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"min_tokens": 9}, "min_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=bad)
+        assert param in (e.value.body.get("param") or ""), e.value.body
+
+
 def test_bad_requests_raise_bad_request_error(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=user("Hi"), temperature=5)
@@ -353,7 +378,12 @@ def test_overload_raises_rate_limit_error_and_a_disconnect_aborts_the_request(cl
     # Fill every in-flight slot with long streams that are opened but not read.
     streams = [
         client.chat.completions.create(
-            model=MODEL, messages=user(f"Story {i}"), max_tokens=2000, stream=True
+            model=MODEL,
+            messages=user(f"Story {i}"),
+            max_tokens=1000,
+            stream=True,
+            # Without it a story can end (and free its slot) before the extra request is sent.
+            extra_body={"ignore_eos": True},
         )
         for i in range(MAX_IN_FLIGHT)
     ]

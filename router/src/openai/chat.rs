@@ -47,6 +47,12 @@ pub(crate) fn to_proto(r: &ChatCompletionRequest) -> Result<api::ChatRequest, Ap
         n: r.n,
         max_tokens,
         stop: stop_list(r.stop.as_ref())?,
+        top_k: r.top_k,
+        min_p: r.min_p,
+        repetition_penalty: r.repetition_penalty,
+        min_tokens: r.min_tokens,
+        ignore_eos: r.ignore_eos,
+        stop_token_ids: r.stop_token_ids.clone(),
     })?;
     s.logprobs = r.logprobs;
     s.top_logprobs = r.top_logprobs.unwrap_or(0);

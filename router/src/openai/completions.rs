@@ -78,6 +78,12 @@ pub(crate) fn to_proto(r: &CompletionRequest) -> Result<Vec<api::GenerateRequest
         // OpenAI's default for this API is 16 tokens.
         max_tokens: Some(r.max_tokens.unwrap_or(16)),
         stop: stop_list(r.stop.as_ref())?,
+        top_k: r.top_k,
+        min_p: r.min_p,
+        repetition_penalty: r.repetition_penalty,
+        min_tokens: r.min_tokens,
+        ignore_eos: r.ignore_eos,
+        stop_token_ids: r.stop_token_ids.clone(),
     })?;
     s.logprobs = r.logprobs.is_some();
     s.top_logprobs = r.logprobs.unwrap_or(0);

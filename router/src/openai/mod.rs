@@ -231,6 +231,12 @@ pub(crate) struct Shape {
     n: Option<u32>,
     max_tokens: Option<u32>,
     stop: Vec<String>,
+    top_k: Option<i32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    min_tokens: Option<u32>,
+    ignore_eos: bool,
+    stop_token_ids: Vec<u32>,
 }
 
 /// Proto sampling parameters from OpenAI's (ranges OpenAI documents are checked here; the core
@@ -245,6 +251,16 @@ pub(crate) fn sampling(s: Shape) -> Result<api::SamplingParams, ApiError> {
     if s.max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
     }
+    // vLLM's convention: -1 (or 0) turns top-k off.
+    let top_k = match s.top_k {
+        None | Some(-1 | 0) => 0,
+        Some(k) => u32::try_from(k).map_err(|_| ApiError::invalid("top_k", "top_k must be -1 (off) or at least 1"))?,
+    };
+    if let (Some(min), Some(max)) = (s.min_tokens, s.max_tokens)
+        && min > max
+    {
+        return Err(ApiError::invalid("min_tokens", "min_tokens must not exceed max_tokens"));
+    }
     Ok(api::SamplingParams {
         temperature: s.temperature,
         top_p: s.top_p,
@@ -255,6 +271,12 @@ pub(crate) fn sampling(s: Shape) -> Result<api::SamplingParams, ApiError> {
         max_tokens: s.max_tokens.unwrap_or(0),
         stop: s.stop,
         n: s.n.unwrap_or(1),
+        top_k,
+        min_p: s.min_p.unwrap_or(0.0),
+        repetition_penalty: s.repetition_penalty,
+        min_tokens: s.min_tokens.unwrap_or(0),
+        ignore_eos: s.ignore_eos,
+        stop_token_ids: s.stop_token_ids,
         ..Default::default()
     })
 }

@@ -36,6 +36,15 @@ pub struct ChatCompletionRequest {
     pub top_p: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// vLLM's sampling extensions (clients send them in `extra_body`).
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub min_tokens: Option<u32>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
     /// End-user id for abuse tracking: accepted, not used for generation.
     #[expect(dead_code, reason = "accepted (OpenAI accepts it) but not used for generation")]
     pub user: Option<String>,
@@ -154,6 +163,15 @@ pub struct CompletionRequest {
     pub top_p: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// vLLM's sampling extensions (clients send them in `extra_body`).
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub min_tokens: Option<u32>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
     pub suffix: Option<String>,
     #[expect(dead_code, reason = "accepted (OpenAI accepts it) but not used for generation")]
     pub user: Option<String>,
