@@ -14,7 +14,9 @@
 //! picks the path from the weight format and the ISA: block-quantised weights have their own
 //! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and quantised ones
 //! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`), or for Q8_0, where
-//! the pool allows 8-bit inputs ([`InputRounding`]), integer ones (`quantized_vnni.rs`). The AVX-512 path
+//! the pool allows 8-bit inputs ([`InputRounding`]), integer ones (`quantized_vnni.rs`); a lone
+//! token against Q8_0 takes 16-bit integer dot products on every SIMD ISA, as do 2 to 8 where
+//! there are no bf16 dot products (`quantized_i16.rs`). The AVX-512 path
 //! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
 //! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
 //! AVX2. [`matmul_many`] runs several weights that share an input as one launch.
@@ -169,6 +171,8 @@ mod quantized_avx2;
 #[cfg(target_arch = "x86_64")]
 mod quantized_bf16;
 #[cfg(target_arch = "x86_64")]
+mod quantized_i16;
+#[cfg(target_arch = "x86_64")]
 mod quantized_vnni;
 
 use crate::error::{KernelError, check_len, mul};
@@ -222,28 +226,25 @@ pub fn matmul_ref(x: &[f32], m: usize, w: &WeightMatrix, y: &mut [f32]) -> Resul
     Ok(())
 }
 
-/// The coarsest rounding a decode-sized call may give its token rows (only the AVX-512 BF16 ISA
-/// rounds them at all; see [`Isa::Avx512Bf16`]). A pool carries one
-/// ([`CpuPool::with_input_rounding`]), and a call may ask for finer ([`matmul_with`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The coarsest rounding a decode-sized call may give its token rows (only the SIMD ISAs round
+/// them at all). A pool carries one ([`CpuPool::with_input_rounding`]), and a call may ask for
+/// finer ([`matmul_with`]). Declared from finest to coarsest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum InputRounding {
-    /// 8 bits per 32-value block where that is fastest (Q8_0 weights, 2 to 8 token rows), as
-    /// llama.cpp does: each value may move by half a quantisation step of its block
-    /// (`max|x| / 254`). Opt-in: on SmolLM2-135M it moves short prompts' logits by up to 0.5.
-    Int8,
-    /// bf16 at most (relative error 2⁻⁹ per value). The default, and what logits always get.
+    /// None: f32 token rows on every path, the reference's arithmetic up to the order of the
+    /// sums (for comparisons against it; slower for quantised and bf16 weights).
+    Exact,
+    /// bf16 at most (relative error 2⁻⁹ per value; the AVX-512 BF16 ISA's bf16 dot products).
+    /// The default, and what logits always get. Decode-sized token rows against Q8_0 weights are
+    /// quantised to 16 bits per 32-value block instead (on the AVX-512 BF16 ISA only a lone one):
+    /// each value moves by at most `max|x| / 65534` of its block, less than bf16 moves every
+    /// value above 2⁻⁷ of that largest one.
     Bf16,
-}
-
-impl InputRounding {
-    /// The finer of the two.
-    fn finest(self, other: InputRounding) -> InputRounding {
-        if self == InputRounding::Int8 && other == InputRounding::Int8 {
-            InputRounding::Int8
-        } else {
-            InputRounding::Bf16
-        }
-    }
+    /// 8 bits per 32-value block where that is fastest (Q8_0 weights, 2 to 8 token rows on the
+    /// AVX-512 BF16 ISA), as llama.cpp does: each value may move by half a quantisation step of
+    /// its block (`max|x| / 254`). Opt-in: on SmolLM2-135M it moves short prompts' logits by up
+    /// to 0.5.
+    Int8,
 }
 
 /// Which path a call of `m` token rows against `w` takes on `isa` — the one decision both the
@@ -255,17 +256,32 @@ enum Path {
     Bf16Dot,
     /// Integer dot products against 8-bit-quantised token rows (`quantized_vnni`).
     Int8Dot,
+    /// Integer dot products against 16-bit-quantised token rows (`quantized_i16`).
+    Int16Dot,
     /// f32 token rows: the tile kernels, or the quantised formats' own (`quantized`).
     F32,
 }
 
-/// Only on the AVX-512 BF16 ISA and for at most [`DECODE_MAX_TOKENS`] rows does a call leave the
-/// f32 path: bf16 weights always; block-quantised weights from 2 token rows on (a single token is
-/// bound by memory, and the f32 path, `quantized_avx2`, dequantises exactly; with several tokens
-/// the four f32 FMAs per block and token are what bind), Q8_0 through integer dot products where
-/// `rounding` allows 8-bit rows, else through bf16 ones; f32 and f16 weights never.
+/// Under [`InputRounding::Exact`] every call takes the f32 path. Otherwise decode-sized calls
+/// against Q8_0 weights take 16-bit integer dot products on every SIMD ISA (the
+/// f32 path's four conversions, multiplies and FMAs per 8 weights would bind before memory does),
+/// except 2 to 8 tokens on the AVX-512 BF16 ISA. Otherwise only on that ISA and for at most [`DECODE_MAX_TOKENS`] rows does a call
+/// leave the f32 path: bf16 weights always; block-quantised weights from 2 token rows on (a single
+/// Q4 token is bound by memory, and the f32 path, `quantized_avx2`, dequantises exactly; with
+/// several tokens the four f32 FMAs per block and token are what bind), Q8_0 through 8-bit integer
+/// dot products where `rounding` allows 8-bit rows, else through bf16 ones; f32 and f16 weights
+/// never.
 #[cfg(target_arch = "x86_64")]
 fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> Path {
+    if rounding == InputRounding::Exact {
+        return Path::F32;
+    }
+    if matches!(w, WeightData::Q8_0(_))
+        && isa.has_avx2()
+        && (m == 1 || isa != Isa::Avx512Bf16 && m <= DECODE_MAX_TOKENS)
+    {
+        return Path::Int16Dot;
+    }
     if isa != Isa::Avx512Bf16 || m > DECODE_MAX_TOKENS {
         return Path::F32;
     }
@@ -305,7 +321,7 @@ pub fn matmul_with(
     let shape = Shape { m, n: w.rows, k: w.cols };
     let plan = Plan::new(shape, pool.threads());
     let isa = pool.isa();
-    let input = Input::new(isa, x, m, [w], rounding.finest(pool.input_rounding()));
+    let input = Input::new(isa, x, m, [w], rounding.min(pool.input_rounding()));
     let out = SharedOut::new(y);
     pool.run(plan.tasks(), |t| {
         // SAFETY: a pool only holds an ISA the CPU supports; tasks cover disjoint (token, weight
@@ -381,6 +397,8 @@ struct Input<'a> {
     bf16: Vec<u16>,
     #[cfg(target_arch = "x86_64")]
     int8: quantized_vnni::QuantInput,
+    #[cfg(target_arch = "x86_64")]
+    int16: quantized_i16::QuantRows16,
 }
 
 impl<'a> Input<'a> {
@@ -393,11 +411,12 @@ impl<'a> Input<'a> {
     ) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let (mut needs_bf16, mut needs_int8) = (false, false);
+            let (mut needs_bf16, mut needs_int8, mut needs_int16) = (false, false, false);
             for w in weights {
                 match path(isa, &w.data, m, rounding) {
                     Path::Bf16Dot => needs_bf16 = true,
                     Path::Int8Dot => needs_int8 = true,
+                    Path::Int16Dot => needs_int16 = true,
                     Path::F32 => {}
                 }
             }
@@ -407,7 +426,10 @@ impl<'a> Input<'a> {
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
             let int8 =
                 if needs_int8 { unsafe { quantized_vnni::quantize(x, m, x.len() / m) } } else { Default::default() };
-            Input { x, rounding, bf16, int8 }
+            // SAFETY: taken only on SIMD ISAs (AVX2 and up), for rows of Q8_0 blocks' width.
+            let int16 =
+                if needs_int16 { unsafe { quantized_i16::quantize(x, x.len() / m) } } else { Default::default() };
+            Input { x, rounding, bf16, int8, int16 }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -427,7 +449,8 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
     #[cfg(target_arch = "x86_64")]
     match (path(isa, w, s.m, input.rounding), *w) {
         // SAFETY (every call in these arms): the caller's contract; `path` chooses them on the
-        // AVX-512 BF16 ISA only, and `Input::new` prepared the rows each reads.
+        // AVX-512 BF16 ISA only (the 16-bit one on any AVX2 ISA), and `Input::new` prepared the
+        // rows each reads.
         (Path::Bf16Dot, WeightData::Bf16(d)) => {
             return unsafe { bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out) };
         }
@@ -435,6 +458,7 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         (Path::Bf16Dot, WeightData::Q4_0(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
         (Path::Bf16Dot, WeightData::Q4_1(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
         (Path::Int8Dot, WeightData::Q8_0(b)) => return unsafe { quantized_vnni::rows(&input.int8, b, s, t, out) },
+        (Path::Int16Dot, WeightData::Q8_0(b)) => return unsafe { quantized_i16::rows(&input.int16, b, s, t, out) },
         // `path` gives f32 and f16 weights neither dot path, and the 8-bit one only Q8_0.
         _ => {}
     }

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tessera_kernels::matmul::InputRounding;
 use tessera_kernels::{CpuPool, Isa};
 use tessera_worker::WeightsDtype;
 use tessera_worker::backend::cpu::{CpuBackend, cpu_kv_elem_bytes};
@@ -74,14 +75,21 @@ fn cases(model: &str, dtype: &str) -> Vec<Case> {
 
 /// The served configuration: the CPU's best ISA and the weights' default KV entries.
 fn engine(weights: &dyn WeightSource, config: &tessera_worker::ModelConfig, dtype: WeightsDtype) -> Engine {
-    engine_on(weights, config, dtype, KernelPath { isa: Isa::detect(), kv_elem_bytes: cpu_kv_elem_bytes(dtype) })
+    engine_on(
+        weights,
+        config,
+        dtype,
+        KernelPath { isa: Isa::detect(), kv_elem_bytes: cpu_kv_elem_bytes(dtype), rounding: InputRounding::Bf16 },
+    )
 }
 
-/// Which kernels run: the ISA, and the KV cache's bytes per entry (4: f32, 2: bf16).
+/// Which kernels run: the ISA, the KV cache's bytes per entry (4: f32, 2: bf16) and the
+/// matmuls' input rounding.
 #[derive(Clone, Copy)]
 struct KernelPath {
     isa: Isa,
     kv_elem_bytes: usize,
+    rounding: InputRounding,
 }
 
 fn engine_on(
@@ -91,7 +99,7 @@ fn engine_on(
     path: KernelPath,
 ) -> Engine {
     let model = LlamaModel::load(config, weights, dtype, |_| {}).unwrap();
-    let pool = CpuPool::with_isa(2, path.isa).unwrap();
+    let pool = CpuPool::with_isa(2, path.isa).unwrap().with_input_rounding(path.rounding);
     let kv = KvCacheConfig { num_blocks: 64, block_size: 16 };
     Engine::new(Box::new(CpuBackend::with_kv_elem_bytes(model, pool, kv, path.kv_elem_bytes).unwrap()), kv).unwrap()
 }
@@ -118,15 +126,20 @@ enum Logits {
 }
 
 /// The CPU paths bf16 and block-quantised weights run on, with the logits tolerance each must
-/// meet: the kernels themselves — f32 activations (AVX2) on an f32 KV cache — within
-/// [`LOGITS_TOLERANCE`]; and the served configuration — the CPU's best ISA, whose decode-sized
-/// matmuls (short prompts and the LM head of a prompt among them) round activations and, from two
-/// tokens on, dequantised block values to bf16 on AVX-512 BF16, and a bf16 KV cache — within
+/// meet: the kernels themselves — exact f32 activations (AVX2, [`InputRounding::Exact`]) on an
+/// f32 KV cache — within [`LOGITS_TOLERANCE`]; and the served configuration — the CPU's best ISA,
+/// whose decode-sized matmuls (short prompts and the LM head of a prompt among them) round
+/// activations (to 16-bit blocks against Q8_0 weights) and, from two tokens on, dequantised block
+/// values to bf16 on AVX-512 BF16, and a bf16 KV cache — within
 /// [`BF16_LOGITS_TOLERANCE`].
 fn rounding_paths(dtype: WeightsDtype) -> Vec<(KernelPath, Logits)> {
-    let exact =
-        KernelPath { isa: if Isa::Avx2Fma.is_supported() { Isa::Avx2Fma } else { Isa::Scalar }, kv_elem_bytes: 4 };
-    let served = KernelPath { isa: Isa::detect(), kv_elem_bytes: cpu_kv_elem_bytes(dtype) };
+    let exact = KernelPath {
+        isa: if Isa::Avx2Fma.is_supported() { Isa::Avx2Fma } else { Isa::Scalar },
+        kv_elem_bytes: 4,
+        rounding: InputRounding::Exact,
+    };
+    let served =
+        KernelPath { isa: Isa::detect(), kv_elem_bytes: cpu_kv_elem_bytes(dtype), rounding: InputRounding::Bf16 };
     vec![(exact, Logits::Within(LOGITS_TOLERANCE)), (served, Logits::Within(BF16_LOGITS_TOLERANCE))]
 }
 

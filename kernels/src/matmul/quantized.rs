@@ -4,8 +4,8 @@
 //! - up to [`DECODE_MAX_TOKENS`] tokens (decode, small batches) on an x86 SIMD path: the rows are
 //!   walked in memory order, each row's blocks dequantised in registers and multiplied with the
 //!   token rows four at a time with AVX-512VL's registers, two with AVX2's (`quantized_avx2`).
-//!   (On [`Isa::Avx512Bf16`], 2 to 8 tokens take the bf16 dot products instead, or for Q8_0,
-//!   where the pool allows 8-bit inputs, integer ones; see `path` in `matmul.rs`);
+//!   Q8_0 mostly takes integer dot products instead, and on [`Isa::Avx512Bf16`] 2 to 8 tokens
+//!   take bf16 dot products for every format; see `path` in `matmul.rs`;
 //! - more tokens (prefill): an L2-sized group of rows is widened into this thread's buffer, then
 //!   the f32 tile kernels run over it, so widening costs one pass per [`TOKENS_PER_TASK`] tokens.
 //!

@@ -21,23 +21,30 @@ fn vnni_path(isa: Isa, w: &WeightData, m: usize) -> bool {
     isa == Isa::Avx512Bf16 && matches!(w, WeightData::Q8_0(_)) && (2..=8).contains(&m)
 }
 
-/// The token rows as the VNNI path quantises them: per 32-value block, `d = max|x| / 127` and
-/// `q = round(x · (1/d))`, ties to even.
-fn quantize_rows(x: &[f32]) -> Vec<(f32, [i32; QK])> {
+/// Whether `matmul` takes the 16-bit integer path: a lone token row against Q8_0 weights on any
+/// SIMD ISA, up to 8 on those without bf16 dot products.
+fn int16_path(isa: Isa, w: &WeightData, m: usize) -> bool {
+    isa.has_avx2() && matches!(w, WeightData::Q8_0(_)) && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8)
+}
+
+/// The token rows as the integer paths quantise them to `q_max` (127 for the VNNI path, 32767
+/// for the 16-bit one): per 32-value block, `d = max|x| / q_max` and `q = round(x · (1/d))`, ties
+/// to even.
+fn quantize_rows(x: &[f32], q_max: f32) -> Vec<(f32, [i32; QK])> {
     x.chunks_exact(QK)
         .map(|c| {
-            let d = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+            let d = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) / q_max;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             (d, std::array::from_fn(|j| (c[j] * id).round_ties_even() as i32))
         })
         .collect()
 }
 
-/// Bound on how far the VNNI path's quantised token rows move each sum:
+/// Bound on how far an integer path's quantised token rows move each sum:
 /// `Σ_b (d_b / 2) · Σ_{c in b} |w_c|` (with a hair more than half a step for the rounding of
 /// `x · (1/d)`).
-fn quantization_bound(x: &[f32], w: &[f32]) -> f32 {
-    quantize_rows(x)
+fn quantization_bound(x: &[f32], w: &[f32], q_max: f32) -> f32 {
+    quantize_rows(x, q_max)
         .iter()
         .zip(w.chunks_exact(QK))
         .map(|((d, _), wb)| 0.501 * d * wb.iter().map(|v| v.abs()).sum::<f32>())
@@ -75,6 +82,7 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
         // Scale of the terms, from the f32 view of the weight, and the VNNI path's bound.
         let mut scale = vec![0.0f32; m * rows];
         let mut quantized = vec![0.0f32; m * rows];
+        let mut quantized16 = vec![0.0f32; m * rows];
         let mut row = vec![0.0f32; cols];
         for j in 0..rows {
             w.row_to_f32(j, &mut row);
@@ -82,7 +90,8 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
                 let xi = &x[i * cols..(i + 1) * cols];
                 scale[i * rows + j] = xi.iter().zip(&row).map(|(a, b)| (a * b).abs()).sum();
                 if cols.is_multiple_of(QK) {
-                    quantized[i * rows + j] = quantization_bound(xi, &row);
+                    quantized[i * rows + j] = quantization_bound(xi, &row, 127.0);
+                    quantized16[i * rows + j] = quantization_bound(xi, &row, 32767.0);
                 }
             }
         }
@@ -90,13 +99,24 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, w, &mut got).unwrap();
             let vnni = vnni_path(pool.isa(), &w.data, m);
+            let int16 = int16_path(pool.isa(), &w.data, m);
             let bf16_dot = pool.isa() == Isa::Avx512Bf16
                 && !matches!(w.data, WeightData::F32(_) | WeightData::F16(_))
                 && m <= 8
-                && !vnni;
+                && !vnni
+                && !int16;
             let rel = if bf16_dot { REL_BF16_DOT } else { REL };
-            for (idx, (((g, e), s), q)) in got.iter().zip(&want).zip(&scale).zip(&quantized).enumerate() {
-                let tol = rel * s + 1e-6 + if vnni { *q } else { 0.0 };
+            let quantization = |idx: usize| {
+                if vnni {
+                    quantized[idx]
+                } else if int16 {
+                    quantized16[idx]
+                } else {
+                    0.0
+                }
+            };
+            for (idx, ((g, e), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
+                let tol = rel * s + 1e-6 + quantization(idx);
                 assert!(
                     (g - e).abs() <= tol,
                     "m={m} rows={rows} cols={cols} {} {} x{}: y[{idx}] = {g}, ref {e}",
@@ -105,12 +125,24 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
                     pool.threads()
                 );
             }
+            // Held to exact inputs, every path is the reference up to the order of the sums.
+            let mut exact = vec![f32::NAN; m * rows];
+            matmul_with(&pool, &x, m, w, &mut exact, InputRounding::Exact).unwrap();
+            for (idx, ((g, e), s)) in exact.iter().zip(&want).zip(&scale).enumerate() {
+                let tol = REL * s + 1e-6;
+                assert!(
+                    (g - e).abs() <= tol,
+                    "exact m={m} {} {}: y[{idx}] = {g}, ref {e}",
+                    w.data.format_name(),
+                    pool.isa()
+                );
+            }
             // Held to bf16 rounding, the same call skips the 8-bit path.
             let mut bf16_only = vec![f32::NAN; m * rows];
             matmul_with(&pool, &x, m, w, &mut bf16_only, InputRounding::Bf16).unwrap();
             let rel = if bf16_dot || vnni { REL_BF16_DOT } else { REL };
             for (idx, ((g, e), s)) in bf16_only.iter().zip(&want).zip(&scale).enumerate() {
-                let tol = rel * s + 1e-6;
+                let tol = rel * s + 1e-6 + if int16 { quantized16[idx] } else { 0.0 };
                 assert!(
                     (g - e).abs() <= tol,
                     "bf16-rounded m={m} {} {}: y[{idx}] = {g}, ref {e}",
@@ -146,9 +178,9 @@ fn fast_matches_reference_on_model_shapes() {
 
 /// On the paths that promise it, a decode step's token gets the same bits whether it is alone
 /// or batched with up to seven others, so a sequence's greedy output does not depend on its
-/// neighbours: bf16 weights through AVX-512 BF16 dot products, and block-quantised weights on
-/// AVX2 (register-dequantised f32). On AVX-512 BF16, Q8_0 weights take integer dot products from
-/// two tokens on, so there batches of 2 to 8 agree with each other but not with a lone token.
+/// neighbours: bf16 weights through AVX-512 BF16 dot products, and Q8_0 weights (16-bit integer
+/// dot products) on the other SIMD ISAs. On AVX-512 BF16, Q8_0 weights take other dot products
+/// from two tokens on, so there batches of 2 to 8 agree with each other but not with a lone token.
 /// (The f32 tiles sum a lone token and a tile's tokens in different orders.)
 #[test]
 fn decode_sized_results_do_not_depend_on_the_batch() {
@@ -218,7 +250,7 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, &w, &mut got).unwrap();
             for i in 0..m {
-                let xq = quantize_rows(&x[i * cols..(i + 1) * cols]);
+                let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 127.0);
                 for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
                     let (mut want, mut step) = (0.0f64, 0.0f64);
                     for (b, (dx, q)) in row.iter().zip(&xq) {
@@ -233,6 +265,28 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
                     assert!((g - want).abs() < 0.25 * step, "m={m} token {i} row {j}: {g} vs {want}");
                 }
             }
+        }
+    }
+}
+
+/// A NaN in a lone token row makes every output of it NaN on every path, including the 16-bit one,
+/// which quantises the row (where a NaN would otherwise become a finite integer).
+#[test]
+fn a_nan_in_a_lone_token_row_reaches_every_output() {
+    let (rows, cols) = (37, 576);
+    let mut r = rng(17);
+    let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
+        .chunks_exact(QK)
+        .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
+        .collect();
+    let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+    for at in [0, 100, cols - 1] {
+        let mut x = uniform(&mut r, cols, 1.0);
+        x[at] = f32::NAN;
+        for pool in pools() {
+            let mut y = vec![0.0; rows];
+            matmul(&pool, &x, 1, &w, &mut y).unwrap();
+            assert!(y.iter().all(|v| v.is_nan()), "NaN at {at}, {} x{}: {y:?}", pool.isa(), pool.threads());
         }
     }
 }
