@@ -76,21 +76,25 @@ fn bench_rms_norm(c: &mut Criterion) {
 
 fn bench_attention(c: &mut Criterion) {
     let pool = pool();
-    let (bs, kvh, hd, n_heads, ctx) = (16, 3, 64, 9, 2048);
-    let blocks = ctx / bs;
+    let (bs, kvh, hd, n_heads, max_ctx) = (16, 3, 64, 9, 2048);
+    let blocks = max_ctx / bs;
     let k = data(blocks * bs * kvh * hd);
     let v = data(blocks * bs * kvh * hd);
     // Reverse order: a non-contiguous block table.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let kv = PagedKvLayer { k: &k, v: &v, block_size: bs, n_kv_heads: kvh, head_dim: hd };
     let mut g = c.benchmark_group("paged_attention");
-    for n_queries in [1usize, 16] {
+    // Decode of 1 and 8 sequences at a short and a long context, and a chunk of 16 prompt tokens.
+    for (ctx, n_queries) in [(160, 1usize), (160, 8), (2048, 1), (2048, 8), (2048, 16)] {
         let queries: Vec<AttentionQuery> = (0..n_queries)
-            .map(|i| AttentionQuery { block_table: &table, context_len: ctx - n_queries + 1 + i, window_start: 0 })
+            .map(|i| {
+                let context_len = if n_queries == 16 { ctx - n_queries + 1 + i } else { ctx };
+                AttentionQuery { block_table: &table, context_len, window_start: 0 }
+            })
             .collect();
         let q = data(n_queries * n_heads * hd);
         let mut out = vec![0.0; q.len()];
-        g.bench_function(BenchmarkId::new("ctx2048_h9_kv3_d64", n_queries), |b| {
+        g.bench_function(BenchmarkId::new(format!("ctx{ctx}_h9_kv3_d64"), n_queries), |b| {
             b.iter(|| paged_attention(&pool, black_box(&q), &queries, &kv, n_heads, &mut out))
         });
     }
