@@ -166,15 +166,17 @@ unsafe fn block<const M: usize>(xs: &[Token; M], bi: usize, b: &BlockQ8_0, acc: 
     };
     let dw = _mm256_cvtph_ps(_mm_set1_epi16(b.d.to_bits() as i16));
     for (acc, x) in acc.iter_mut().zip(xs) {
-        // SAFETY: block `bi` of the token row has 32 values (the caller's contract).
-        let ints = unsafe {
+        // SAFETY: block `bi` of the token row has 32 values and a scale (the caller's contract;
+        // unchecked, as this is the innermost loop).
+        let (ints, dx) = unsafe {
             let xv = x.q.as_ptr().add(bi * QK);
-            _mm256_add_epi32(
+            let ints = _mm256_add_epi32(
                 _mm256_madd_epi16(wlo, _mm256_loadu_si256(xv.cast())),
                 _mm256_madd_epi16(whi, _mm256_loadu_si256(xv.add(16).cast())),
-            )
+            );
+            (ints, _mm256_broadcast_ss(&*x.scales.as_ptr().add(bi)))
         };
-        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.scales[bi]));
+        let scale = _mm256_mul_ps(dw, dx);
         *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), scale, *acc);
     }
 }
