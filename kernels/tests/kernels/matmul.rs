@@ -51,6 +51,11 @@ fn quantization_bound(x: &[f32], w: &[f32], q_max: f32) -> f32 {
         .sum()
 }
 
+/// `values` (a whole number of blocks) quantised to Q8_0.
+fn q8_0(values: &[f32]) -> Vec<BlockQ8_0> {
+    values.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect()
+}
+
 fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     let mut r = rng(seed);
     let x = uniform(&mut r, m * cols, 1.0);
@@ -64,7 +69,7 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     ];
     // Block formats need whole blocks per row: random scales, minimums and values.
     let blocks = rows * cols / QK;
-    let q8: Vec<BlockQ8_0> = wf.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let q8 = q8_0(&wf);
     let scale = |r: &mut rand_chacha::ChaCha8Rng| f16::from_f32(r.random_range(-0.2f32..0.2));
     let q4_0: Vec<BlockQ4_0> =
         (0..blocks).map(|_| BlockQ4_0 { d: scale(&mut r), qs: std::array::from_fn(|_| r.random()) }).collect();
@@ -192,7 +197,7 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
     let w = WeightMatrix::new(WeightData::Bf16(&wb), rows, cols).unwrap();
     let (qcols, qf) = (576, uniform(&mut r, 8 * 576, 1.0));
     let wq_f = uniform(&mut r, rows * qcols, 1.0);
-    let q8: Vec<BlockQ8_0> = wq_f.chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let q8 = q8_0(&wq_f);
     let wq = WeightMatrix::new(WeightData::Q8_0(&q8), rows, qcols).unwrap();
     for pool in pools().into_iter().filter(|p| p.isa().has_avx2()) {
         let bf16_dot = pool.isa() == Isa::Avx512Bf16;
@@ -235,10 +240,7 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
     // Rows of whole groups of 8 blocks, and rows of 18 whose tails share groups four rows at a
     // time (29 rows: the last set is short).
     for (rows, cols) in [(29, 1536), (29, 576)] {
-        let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
-            .chunks_exact(QK)
-            .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
-            .collect();
+        let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
         let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
         for m in [2, 3, 8] {
             // Random values, an all-zero block, and a block of exact ties: its maximum is 127, so
@@ -275,10 +277,7 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
 fn a_nan_in_a_lone_token_row_reaches_every_output() {
     let (rows, cols) = (37, 576);
     let mut r = rng(17);
-    let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
-        .chunks_exact(QK)
-        .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
-        .collect();
+    let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
     let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
     for at in [0, 100, cols - 1] {
         let mut x = uniform(&mut r, cols, 1.0);
@@ -299,8 +298,7 @@ fn matmul_many_matches_one_matmul_per_weight() {
     let mut r = rng(11);
     let wf = uniform(&mut r, 77 * cols, 1.0);
     let wb: Vec<bf16> = uniform(&mut r, 130 * cols, 1.0).iter().map(|&v| bf16::from_f32(v)).collect();
-    let q8: Vec<BlockQ8_0> =
-        uniform(&mut r, 5 * cols, 1.0).chunks_exact(QK).map(|c| BlockQ8_0::quantize(c.try_into().unwrap())).collect();
+    let q8 = q8_0(&uniform(&mut r, 5 * cols, 1.0));
     let weights = [
         WeightMatrix::new(WeightData::F32(&wf), 77, cols).unwrap(),
         WeightMatrix::new(WeightData::Bf16(&wb), 130, cols).unwrap(),
@@ -390,10 +388,7 @@ fn bad_shapes_are_errors() {
 fn pools_default_to_bf16_inputs() {
     let (rows, cols, m) = (40, 576, 8);
     let mut r = rng(17);
-    let q8: Vec<BlockQ8_0> = uniform(&mut r, rows * cols, 1.0)
-        .chunks_exact(QK)
-        .map(|c| BlockQ8_0::quantize(c.try_into().unwrap()))
-        .collect();
+    let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
     let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
     let x = uniform(&mut r, m * cols, 1.0);
     for int8_pool in pools() {

@@ -38,22 +38,7 @@ pub(crate) fn to_proto(r: &ChatCompletionRequest) -> Result<api::ChatRequest, Ap
         }
         (a, b) => b.or(a),
     };
-    let mut s = sampling(Shape {
-        temperature: r.temperature,
-        top_p: r.top_p,
-        presence_penalty: r.presence_penalty,
-        frequency_penalty: r.frequency_penalty,
-        seed: r.seed,
-        n: r.n,
-        max_tokens,
-        stop: stop_list(r.stop.as_ref())?,
-        top_k: r.top_k,
-        min_p: r.min_p,
-        repetition_penalty: r.repetition_penalty,
-        min_tokens: r.min_tokens,
-        ignore_eos: r.ignore_eos,
-        stop_token_ids: r.stop_token_ids.clone(),
-    })?;
+    let mut s = sampling(shape_of!(r, max_tokens))?;
     s.logprobs = r.logprobs;
     s.top_logprobs = r.top_logprobs.unwrap_or(0);
     let response_format = r.response_format.as_ref().map(response_format).transpose()?;

@@ -68,23 +68,8 @@ pub(crate) fn to_proto(r: &CompletionRequest) -> Result<Vec<api::GenerateRequest
     if r.stream_options.is_some() && !r.stream {
         return Err(ApiError::invalid("stream_options", "stream_options is only allowed when stream is true"));
     }
-    let mut s = sampling(Shape {
-        temperature: r.temperature,
-        top_p: r.top_p,
-        presence_penalty: r.presence_penalty,
-        frequency_penalty: r.frequency_penalty,
-        seed: r.seed,
-        n: r.n,
-        // OpenAI's default for this API is 16 tokens.
-        max_tokens: Some(r.max_tokens.unwrap_or(16)),
-        stop: stop_list(r.stop.as_ref())?,
-        top_k: r.top_k,
-        min_p: r.min_p,
-        repetition_penalty: r.repetition_penalty,
-        min_tokens: r.min_tokens,
-        ignore_eos: r.ignore_eos,
-        stop_token_ids: r.stop_token_ids.clone(),
-    })?;
+    // OpenAI's default for this API is 16 tokens.
+    let mut s = sampling(shape_of!(r, Some(r.max_tokens.unwrap_or(16))))?;
     s.logprobs = r.logprobs.is_some();
     s.top_logprobs = r.logprobs.unwrap_or(0);
     Ok(prompts(&r.prompt)?

@@ -15,6 +15,29 @@
 //!   failures (503, 429) still get their HTTP status; a client that disconnects drops the
 //!   stream, which cancels the request on its worker.
 
+/// The [`Shape`] of a chat or completion request body `$r` (both name the shared sampling fields
+/// alike), with `max_tokens` as each API resolves it; `?` passes on a bad `stop`.
+macro_rules! shape_of {
+    ($r:expr, $max_tokens:expr) => {
+        Shape {
+            temperature: $r.temperature,
+            top_p: $r.top_p,
+            presence_penalty: $r.presence_penalty,
+            frequency_penalty: $r.frequency_penalty,
+            seed: $r.seed,
+            n: $r.n,
+            max_tokens: $max_tokens,
+            stop: stop_list($r.stop.as_ref())?,
+            top_k: $r.top_k,
+            min_p: $r.min_p,
+            repetition_penalty: $r.repetition_penalty,
+            min_tokens: $r.min_tokens,
+            ignore_eos: $r.ignore_eos,
+            stop_token_ids: $r.stop_token_ids.clone(),
+        }
+    };
+}
+
 mod chat;
 mod completions;
 mod error;
