@@ -262,15 +262,16 @@ enum Path {
     F32,
 }
 
-/// Under [`InputRounding::Exact`] every call takes the f32 path. Otherwise decode-sized calls
-/// against Q8_0 weights take 16-bit integer dot products on every SIMD ISA (the
-/// f32 path's four conversions, multiplies and FMAs per 8 weights would bind before memory does),
-/// except 2 to 8 tokens on the AVX-512 BF16 ISA. Otherwise only on that ISA and for at most [`DECODE_MAX_TOKENS`] rows does a call
-/// leave the f32 path: bf16 weights always; block-quantised weights from 2 token rows on (a single
-/// Q4 token is bound by memory, and the f32 path, `quantized_avx2`, dequantises exactly; with
-/// several tokens the four f32 FMAs per block and token are what bind), Q8_0 through 8-bit integer
-/// dot products where `rounding` allows 8-bit rows, else through bf16 ones; f32 and f16 weights
-/// never.
+/// Under [`InputRounding::Exact`] every call takes the f32 path. Otherwise:
+/// - Q8_0 weights, one token on every SIMD ISA, or up to [`DECODE_MAX_TOKENS`] off the AVX-512
+///   BF16 ISA: 16-bit integer dot products (the f32 path's conversions, multiplies and FMAs would
+///   bind before memory does);
+/// - on the AVX-512 BF16 ISA, up to [`DECODE_MAX_TOKENS`] tokens: bf16 weights always take bf16
+///   dot products; block-quantised ones from 2 tokens on (with several tokens the f32 path's four
+///   FMAs per block and token are what bind) take 8-bit integer ones for Q8_0 where `rounding`
+///   allows 8-bit rows, else bf16 ones;
+/// - everything else (a lone Q4 token, which is bound by memory and which `quantized_avx2`
+///   dequantises exactly; f32 and f16 weights; prefill) takes the f32 path.
 #[cfg(target_arch = "x86_64")]
 fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> Path {
     if rounding == InputRounding::Exact {
