@@ -116,8 +116,9 @@ unsafe fn direct<B: Kernel, const G: usize>(x: &[f32], w: &[B], s: Shape, t: Tas
     }
 }
 
+/// `v` in the first `M` of four lanes (the decode drivers take token rows up to four at a time).
 #[cfg(target_arch = "x86_64")]
-fn pad<const M: usize>(v: [f32; M]) -> [f32; 4] {
+pub(super) fn pad<const M: usize>(v: [f32; M]) -> [f32; 4] {
     std::array::from_fn(|a| if a < M { v[a] } else { 0.0 })
 }
 

@@ -20,6 +20,7 @@
 
 use std::arch::x86_64::*;
 
+use super::quantized::pad;
 use super::{Shape, Task};
 use crate::quant::{BlockQ8_0, QK};
 use crate::simd::SharedOut;
@@ -113,10 +114,6 @@ pub(super) unsafe fn rows(xq: &QuantRows16, w: &[BlockQ8_0], s: Shape, t: Task, 
             i += n;
         }
     }
-}
-
-fn pad<const M: usize>(v: [f32; M]) -> [f32; 4] {
-    std::array::from_fn(|a| if a < M { v[a] } else { 0.0 })
 }
 
 /// One quantised token row.
