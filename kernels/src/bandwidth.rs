@@ -1,10 +1,14 @@
 //! A STREAM-like memory read probe, to compare decode speed against what the machine can do.
 //!
-//! [`measure_read_bandwidth`] allocates a buffer of f32s on huge pages (as model weights are held,
-//! see [`crate::hugepage`]), fills it, then times `iters` passes that each sum the whole buffer,
-//! split across the pool's threads in 1 MiB tasks, with SIMD loads. GB/s uses 1e9 bytes.
+//! A [`ReadProbe`] holds a buffer of f32s on huge pages (as model weights are held, see
+//! [`crate::hugepage`]), filled once; each [`ReadProbe::pass`] sums the whole buffer, split across
+//! the pool's threads in 1 MiB tasks, with SIMD loads, and returns its wall time.
+//! [`measure_read_bandwidth`] times several passes of a fresh probe. GB/s uses 1e9 bytes.
+//!
+//! A probe can also run between the steps of a decode on the engine's own pool (`tessera bench
+//! engine` does): the passes then sample the same host conditions as the steps they alternate with.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::hugepage::HugePageBuf;
 use crate::isa::Isa;
@@ -25,27 +29,48 @@ pub struct BandwidthReport {
 /// Bytes per parallel task of one pass.
 const BYTES_PER_TASK: usize = 1 << 20;
 
+/// A filled buffer whose passes time how fast the pool's threads read memory.
+pub struct ReadProbe {
+    buf: HugePageBuf<f32>,
+}
+
+impl ReadProbe {
+    /// A probe of `bytes` (rounded down to whole f32s), allocated and written once here.
+    pub fn new(bytes: usize) -> Self {
+        let len = bytes / std::mem::size_of::<f32>();
+        ReadProbe { buf: HugePageBuf::from_fn(len, |i| (i % 7) as f32) }
+    }
+
+    /// Bytes one pass reads.
+    pub fn bytes(&self) -> usize {
+        self.buf.len() * std::mem::size_of::<f32>()
+    }
+
+    /// Reads the whole buffer once on `pool`; returns the wall time.
+    pub fn pass(&self, pool: &CpuPool) -> Duration {
+        let (isa, len) = (pool.isa(), self.buf.len());
+        let chunk = BYTES_PER_TASK / std::mem::size_of::<f32>();
+        let mut partial = vec![0.0f32; len.div_ceil(chunk)];
+        let start = Instant::now();
+        pool.chunks_mut(&mut partial, 1, |c, p| p[0] = sum(isa, &self.buf[c * chunk..((c + 1) * chunk).min(len)]));
+        let total: f32 = partial.iter().sum();
+        std::hint::black_box(total);
+        start.elapsed()
+    }
+}
+
+/// GB/s (1e9 bytes) of `bytes` read in `time`.
+pub fn gb_per_s(bytes: usize, time: Duration) -> f64 {
+    bytes as f64 / time.as_secs_f64().max(1e-9) / 1e9
+}
+
 /// Measures read bandwidth over a `bytes`-sized buffer, `iters` timed passes (at least one).
 pub fn measure_read_bandwidth(pool: &CpuPool, bytes: usize, iters: usize) -> BandwidthReport {
-    let len = bytes / std::mem::size_of::<f32>();
-    let chunk = BYTES_PER_TASK / std::mem::size_of::<f32>();
-    let isa = pool.isa();
-    // The same page size the weights live on (see `crate::hugepage`).
-    let buf = HugePageBuf::from_fn(len, |i| (i % 7) as f32);
-    let mut rates: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            let mut partial = vec![0.0f32; len.div_ceil(chunk)];
-            pool.chunks_mut(&mut partial, 1, |c, p| p[0] = sum(isa, &buf[c * chunk..((c + 1) * chunk).min(len)]));
-            let total: f32 = partial.iter().sum();
-            std::hint::black_box(total);
-            let secs = start.elapsed().as_secs_f64().max(1e-9);
-            (len * std::mem::size_of::<f32>()) as f64 / secs / 1e9
-        })
-        .collect();
+    let probe = ReadProbe::new(bytes);
+    let mut rates: Vec<f64> = (0..iters.max(1)).map(|_| gb_per_s(probe.bytes(), probe.pass(pool))).collect();
     rates.sort_by(f64::total_cmp);
     BandwidthReport {
-        bytes: len * std::mem::size_of::<f32>(),
+        bytes: probe.bytes(),
         best_gb_per_s: rates.last().copied().unwrap_or(0.0),
         median_gb_per_s: rates[rates.len() / 2],
     }
@@ -77,5 +102,17 @@ mod tests {
         let pool = CpuPool::with_isa(1, Isa::Scalar).unwrap();
         let r = measure_read_bandwidth(&pool, 0, 0);
         assert_eq!(r.bytes, 0);
+    }
+
+    #[test]
+    fn a_probe_is_reused_across_passes_of_the_size_asked() {
+        let pool = CpuPool::new(2).unwrap();
+        let probe = ReadProbe::new(3 << 20 | 2);
+        assert_eq!(probe.bytes(), 3 << 20);
+        for _ in 0..3 {
+            let rate = gb_per_s(probe.bytes(), probe.pass(&pool));
+            assert!(rate > 0.0 && rate.is_finite(), "{rate}");
+        }
+        assert_eq!(gb_per_s(2_000_000_000, Duration::from_secs(2)), 1.0);
     }
 }

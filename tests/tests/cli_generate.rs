@@ -138,7 +138,15 @@ fn bench_engine_reports_roofline() {
         "--bandwidth-mib",
         "64",
     ]);
-    for needle in ["prefill", "decode", "weights read per step", "read bandwidth", "decode / roofline"] {
+    for needle in [
+        "prefill",
+        "decode",
+        "weights read per step",
+        "read bandwidth",
+        "between decode steps",
+        "before each run",
+        "decode / roofline",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }

@@ -9,6 +9,7 @@
 //! then it holds that rank's shard, K/V heads and communicator; alone it has a one-rank
 //! communicator whose collectives are no-ops.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use half::bf16;
@@ -207,7 +208,8 @@ impl CpuKvStorage {
 /// A model (or one rank's shard of it) on the CPU.
 pub struct CpuBackend {
     model: LlamaModel,
-    pool: CpuPool,
+    /// Shared only with benchmarks, which time memory reads on the same hot threads.
+    pool: Arc<CpuPool>,
     kv: CpuKvStorage,
     comm: HostComm,
 }
@@ -230,7 +232,7 @@ impl CpuBackend {
     ) -> Result<Self, EngineError> {
         let comm = host_group(1, Duration::MAX, None).remove(0);
         let kv = CpuKvStorage::new(model.config(), model.shard().kv_heads.len(), kv_config, kv_elem_bytes)?;
-        Ok(CpuBackend { model, pool, kv, comm })
+        Ok(CpuBackend { model, pool: Arc::new(pool), kv, comm })
     }
 
     /// One rank of a group: `model` is its shard, `comm` its handle on the group.
@@ -242,7 +244,7 @@ impl CpuBackend {
     ) -> Result<Self, EngineError> {
         let elem_bytes = cpu_kv_elem_bytes(model.weights_dtype());
         let kv = CpuKvStorage::new(model.config(), model.shard().kv_heads.len(), kv_config, elem_bytes)?;
-        Ok(CpuBackend { model, pool, kv, comm })
+        Ok(CpuBackend { model, pool: Arc::new(pool), kv, comm })
     }
 
     /// The model (or shard) this backend runs.
@@ -260,16 +262,15 @@ impl CpuBackend {
         let heads = self.model.shard().kv_heads.len();
         self.model.config().kv_bytes_per_token_for_heads(heads, self.kv.elem_bytes()) as usize
     }
-
-    /// The thread pool (benchmarks measure bandwidth with it).
-    pub fn pool(&self) -> &CpuPool {
-        &self.pool
-    }
 }
 
 impl ModelBackend for CpuBackend {
     fn config(&self) -> &ModelConfig {
         self.model.config()
+    }
+
+    fn cpu_pool(&self) -> Option<Arc<CpuPool>> {
+        Some(Arc::clone(&self.pool))
     }
 
     fn info(&self) -> BackendInfo {

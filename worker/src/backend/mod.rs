@@ -11,6 +11,10 @@ pub mod cuda;
 pub mod mock;
 pub mod tp;
 
+use std::sync::Arc;
+
+use tessera_kernels::CpuPool;
+
 use crate::config::ModelConfig;
 use crate::error::EngineError;
 use crate::model::SeqChunk;
@@ -56,6 +60,12 @@ pub trait ModelBackend: Send {
         check_picks(chunks, picks)?;
         let vocab = self.config().vocab_size;
         Ok(self.forward(chunks)?.chunks_exact(vocab).zip(picks).map(|(row, pick)| pick.apply(row)).collect())
+    }
+
+    /// The thread pool a single-process CPU backend runs every kernel on, for benchmarks that time
+    /// memory reads on the same hot threads between steps; `None` elsewhere.
+    fn cpu_pool(&self) -> Option<Arc<CpuPool>> {
+        None
     }
 
     /// The health of the tensor-parallel group behind this backend; `None` for a single device,
