@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
+use super::prefetch::row_ahead;
 use super::{Shape, Task};
 use crate::simd::SharedOut;
 
@@ -59,7 +60,8 @@ pub(super) trait Bf16Row: Copy {
     /// # Safety
     /// The CPU must have the module's features; `c < self.len()`.
     unsafe fn chunk(self, c: usize, mask: u32) -> __m512bh;
-    /// Where value `c` is stored (for prefetching; may point past the row).
+    /// Where value `c` is stored (for prefetching; may point past the row: `addr(len)` is where
+    /// the next row starts).
     fn addr(self, c: usize) -> *const u8;
 }
 
@@ -116,7 +118,9 @@ unsafe fn rows_of<R: Bf16Row, const T: usize>(
 ) {
     let k = s.k;
     let xs: [&[u16]; T] = std::array::from_fn(|a| &xb[(t.i0 + a) * k..(t.i0 + a + 1) * k]);
+    let end = row(s.n - 1).addr(k);
     for r in t.r0..t.r1 {
+        row_ahead(row(r).addr(0), end);
         let sums = dot(xs, row(r));
         for (a, v) in sums.iter().enumerate() {
             // SAFETY: (t.i0 + a, r) lies in this task's rectangle.

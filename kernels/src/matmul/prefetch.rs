@@ -1,4 +1,29 @@
-//! Software prefetch of the next weight sub-block for the tiled matmul tasks (`avx2`, `avx512`).
+//! Software prefetch of weights: the next sub-block for the tiled matmul tasks (`avx2`,
+//! `avx512`), and a line a few pages ahead of each row for the row-by-row decode drivers
+//! (`bf16_dot`, `quantized`, `quantized_i16`).
+
+use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+
+/// How far past the start of the row being multiplied the decode drivers prefetch one line into
+/// L2, once per row. A decode kernel spends enough instructions per weight line that its own loads
+/// run only a few rows ahead of use; one early line in each 4 KiB page ahead (hardware stream
+/// prefetchers work within pages) gets the stream there going before the loads arrive. Measured on the test
+/// host against a plain read of the same bytes, in alternating rounds within one process:
+/// batch-1 bf16 rows of 576 values, 0.82–0.84 of the read rate without it and 0.87–0.89 with
+/// it; SmolLM2-135M's whole batch-1 decode sweep, 0.82 and 0.84. Prefetching every line
+/// instead, into L1 or L2, was slower than none.
+const ROW_AHEAD_BYTES: usize = 8192;
+
+/// Prefetches into L2 the line [`ROW_AHEAD_BYTES`] past `row_start`, unless that lies at or past
+/// `end` (one past the matrix), so a task's last rows fetch nothing that no one reads.
+#[inline(always)]
+pub(crate) fn row_ahead(row_start: *const u8, end: *const u8) {
+    let ahead = row_start.wrapping_add(ROW_AHEAD_BYTES);
+    if ahead < end {
+        // SAFETY: a prefetch is only a hint and never faults; `ahead` lies inside the matrix.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.cast()) };
+    }
+}
 
 /// Software prefetch of the next weight sub-block into L2, spread evenly over the tile steps
 /// that work on the current one: with few token rows (batched decode) the first pass over a
@@ -22,7 +47,6 @@ impl Prefetcher {
     /// Issues the next share of prefetches (none once the region is covered).
     #[inline(always)]
     pub(crate) fn step(&mut self) {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
         for _ in 0..self.lines_per_step {
             if self.next >= self.end {
                 return;

@@ -94,8 +94,10 @@ unsafe fn direct<B: Kernel, const G: usize>(x: &[f32], w: &[B], s: Shape, t: Tas
     use super::quantized_avx2::dot_rows;
     let per_row = s.k / QK;
     let tok = |i: usize| &x[i * s.k..(i + 1) * s.k];
+    let end = w.as_ptr_range().end.cast();
     for r in t.r0..t.r1 {
         let row = &w[r * per_row..(r + 1) * per_row];
+        super::prefetch::row_ahead(row.as_ptr().cast(), end);
         let mut i = t.i0;
         while i < t.i1 {
             // The first group of a multi-token task brings the row in; later ones find it cached.

@@ -20,6 +20,7 @@
 
 use std::arch::x86_64::*;
 
+use super::prefetch::row_ahead;
 use super::quantized::pad;
 use super::{Shape, Task};
 use crate::quant::{BlockQ8_0, QK};
@@ -93,8 +94,10 @@ pub(super) unsafe fn rows(xq: &QuantRows16, w: &[BlockQ8_0], s: Shape, t: Task, 
     let per_row = s.k / QK;
     assert!(xq.scales.len() >= t.i1 * per_row, "token rows quantised for this call");
     let tok = |i: usize| Token { q: &xq.q[i * s.k..(i + 1) * s.k], scales: &xq.scales[i * per_row..(i + 1) * per_row] };
+    let end = w.as_ptr_range().end.cast();
     for r in t.r0..t.r1 {
         let row = &w[r * per_row..(r + 1) * per_row];
+        row_ahead(row.as_ptr().cast(), end);
         let mut i = t.i0;
         while i < t.i1 {
             let n = (t.i1 - i).min(4);
