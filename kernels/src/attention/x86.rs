@@ -20,12 +20,13 @@ const POS: usize = 8;
 /// Value dimensions one pass keeps in registers per head (8 vectors).
 const DIMS: usize = 64;
 
-/// What a group task reads: K and V of the layer, the rows' offsets in visible-position order,
-/// the head size and the score scale.
+/// What a group task reads: K and V of the layer, the rows' offsets in visible-position order
+/// (and the next task's, whose K rows it prefetches), the head size and the score scale.
 pub(super) struct Rows<'a, E> {
     pub k: &'a [E],
     pub v: &'a [E],
     pub offsets: &'a [usize],
+    pub next_offsets: &'a [usize],
     pub head_dim: usize,
     pub scale: f32,
 }
@@ -81,7 +82,6 @@ macro_rules! group_kernels {
                     }
                 }
             }
-            prefetch_rows(rows.v, rows.offsets, 0, PREFETCH_BLOCKS * POS, hd);
             for head_scores in scores.chunks_exact_mut(n) {
                 softmax_isa(isa, head_scores);
             }
@@ -99,7 +99,8 @@ macro_rules! group_kernels {
 
         /// `scores[h·n + i] = scale · q_h · k_i` for the pass's `H` heads: 8 positions at a time, each
         /// (head, position) an FMA chain over the head dimension, the 8 chains of a head reduced
-        /// together. `first` passes prefetch the K rows ahead (later passes find them in cache).
+        /// together. `first` passes prefetch the K rows ahead and each block's V rows (later passes
+        /// find them in cache).
         #[target_feature(enable = $features)]
         #[inline]
         unsafe fn scores_pass<E: Elem, const H: usize>(rows: &Rows<E>, q: &[f32], scores: &mut [f32], first: bool) {
@@ -110,6 +111,7 @@ macro_rules! group_kernels {
             for (b, offs) in blocks.by_ref().enumerate() {
                 if first {
                     prefetch_rows(k, offsets, (b + PREFETCH_BLOCKS) * POS, POS, hd);
+                    prefetch_rows(rows.v, offsets, b * POS, POS, hd);
                 }
                 let mut acc = [[_mm256_setzero_ps(); POS]; H];
                 for d in (0..hd).step_by(8) {
@@ -129,6 +131,9 @@ macro_rules! group_kernels {
                 }
             }
             let done = n - blocks.remainder().len();
+            if first {
+                prefetch_rows(rows.v, offsets, done, n - done, hd);
+            }
             for (i, &off) in blocks.remainder().iter().enumerate() {
                 for h in 0..H {
                     let qh = &q[h * hd..(h + 1) * hd];
@@ -154,7 +159,8 @@ macro_rules! group_kernels {
 
         /// `out_h = Σ_i scores[h·n + i] · v_i` for the pass's `H` heads, 64 dimensions at a time: each
         /// position's value chunk is loaded once and added into every head's accumulators, which stay in
-        /// registers over all positions. `first` passes prefetch the V rows ahead.
+        /// registers over all positions. `first` passes prefetch the next task's K rows, spread
+        /// evenly over the positions.
         #[target_feature(enable = $features)]
         #[inline]
         unsafe fn values_pass<E: Elem, const H: usize>(rows: &Rows<E>, scores: &[f32], out: &mut [f32], first: bool) {
@@ -167,7 +173,9 @@ macro_rules! group_kernels {
                     // A full 64-dim slice: fixed-size loops, so the accumulators stay in registers.
                     for (i, &off) in offsets.iter().enumerate() {
                         if first && d0 == 0 {
-                            prefetch_rows(v, offsets, i + PREFETCH_BLOCKS * POS, 1, hd);
+                            let next = rows.next_offsets.len();
+                            let from = i * next / n;
+                            prefetch_rows(rows.k, rows.next_offsets, from, (i + 1) * next / n - from, hd);
                         }
                         let w: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(scores[h * n + i]));
                         for j in 0..DIMS / 8 {
