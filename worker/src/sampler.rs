@@ -139,17 +139,26 @@ pub struct Sampler {
     generated: HashMap<u32, u32>,
 }
 
-/// Index of the largest value; the first one on ties; NaN never wins.
+/// Index of the largest value; the first one on ties; NaN never wins (0 when nothing beats −∞).
+///
+/// Two passes the compiler vectorises — the largest value over 16 independent lanes, then the
+/// first index holding it — instead of one compare-and-branch chain per value: a greedy pick over
+/// a 49,152-token vocabulary is on every decode step's critical path.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_val = f32::NEG_INFINITY;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > best_val {
-            best = i;
-            best_val = x;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for chunk in chunks.by_ref() {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            // `x > m` is false for NaN, so NaN never becomes the maximum.
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let best = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if best == f32::NEG_INFINITY {
+        return 0;
+    }
+    logits.iter().position(|&x| x == best).map_or(0, |i| i as u32)
 }
 
 /// `log_softmax(logits)[token]` and the `n` most likely (token, log-probability) pairs.
@@ -338,6 +347,16 @@ mod tests {
     fn greedy_takes_first_max() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[]), 0);
+        // Longer than the lanes: the first of equal maxima, wherever the lanes put them.
+        let mut long: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        long[40] = 9.0;
+        long[90] = 9.0;
+        long[3] = f32::NAN;
+        assert_eq!(argmax(&long), 40);
+        long[98] = f32::INFINITY;
+        assert_eq!(argmax(&long), 98);
     }
 
     #[test]
