@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 
+mod chunks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -23,7 +24,7 @@ use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
 use crate::pool::CpuPool;
 use crate::simd::Elem;
-use crate::softmax::{softmax_isa, softmax_ref};
+use crate::softmax::{exp_shifted_isa, softmax_ref};
 
 /// One layer's paged KV cache, with entries of type `E` (f32 or bf16).
 #[derive(Clone, Copy, Debug)]
@@ -204,10 +205,17 @@ pub fn paged_attention_ref<E: Elem>(
     Ok(())
 }
 
-/// Fast paged attention: one task per (query, KV head) pair on `pool`, covering the query heads
-/// that share that KV head (GQA), so each K and V row is located and loaded once for the whole
-/// group; SIMD dot products and value accumulation; per-thread buffers reused across tasks. Each head's arithmetic is in the same order as when computed alone, so results do not
-/// depend on what else is in the batch.
+/// Fast paged attention on `pool`, over query heads grouped by the KV head they share (GQA), so
+/// each K and V row is located and loaded once for the whole group; SIMD dot products and value
+/// accumulation; per-thread buffers reused across tasks.
+///
+/// A query's visible positions are cut into chunks of 256 (`chunks`), each attended to alone and
+/// merged in order. When the (query, KV head) pairs are enough to keep every thread busy — at
+/// least two per thread — each pair is one task that runs its chunks in turn; otherwise (a short
+/// batch, such as a lone sequence with three KV heads on two threads) every chunk is a task and
+/// the calling thread merges them after. The chunks and their order, and each head's arithmetic
+/// within a chunk, depend only on that query, so results do not depend on what else is in the
+/// batch, on the pool, or on which way the work was cut.
 pub fn paged_attention<E: Elem>(
     pool: &CpuPool,
     q: &[f32],
@@ -227,13 +235,66 @@ pub fn paged_attention<E: Elem>(
     let ctx = Ctx { isa: pool.isa(), g, kv };
     let group_len = g.group * g.head_dim;
     let groups_per_query = g.n_heads / g.group;
-    let tasks = queries.len() * groups_per_query;
-    pool.chunks_mut(out, group_len, |task, og| {
-        let qg = &q[task * group_len..(task + 1) * group_len];
-        let job = GroupJob { query: &queries[task / groups_per_query], kv_head: task % groups_per_query, q: qg };
-        // A thread runs its share of the tasks in order, so the next task is most often its own.
-        let next = (task + 1 < tasks).then(|| (&queries[(task + 1) / groups_per_query], (task + 1) % groups_per_query));
-        SCRATCH.with_borrow_mut(|scratch| ctx.group(&job, next, og, scratch));
+    let pairs = queries.len() * groups_per_query;
+    let pair =
+        |p: usize| (&queries[p / groups_per_query], p % groups_per_query, &q[p * group_len..(p + 1) * group_len]);
+    let part_len = chunks::partial_len(g.group, g.head_dim);
+    if pairs >= 2 * pool.threads() || queries.iter().all(|qr| chunks::count(qr) == 1) {
+        pool.chunks_mut(out, group_len, |p, og| {
+            let (query, kv_head, qg) = pair(p);
+            let n = chunks::count(query);
+            SCRATCH.with_borrow_mut(|Scratch { chunk, part, acc }| {
+                part.resize(part_len, 0.0);
+                for c in 0..n {
+                    // This pair's next chunk, else (as a thread runs its share of the pairs in
+                    // order) the next pair's first.
+                    let next = if c + 1 < n {
+                        Some((chunks::query(query, c + 1), kv_head))
+                    } else {
+                        (p + 1 < pairs).then(|| (chunks::query(pair(p + 1).0, 0), pair(p + 1).1))
+                    };
+                    let job = GroupJob { query: &chunks::query(query, c), kv_head, q: qg };
+                    ctx.chunk(&job, next.as_ref().map(|(qr, h)| (qr, *h)), part, chunk);
+                    chunks::fold(acc, part, c, g.group, g.head_dim);
+                }
+                chunks::finish(acc, g.group, g.head_dim, og);
+            });
+        });
+        return Ok(());
+    }
+    // Task `t` is chunk `t - first[p]` of pair `p`.
+    let mut first = Vec::with_capacity(pairs + 1);
+    first.push(0);
+    for p in 0..pairs {
+        first.push(first[p] + chunks::count(pair(p).0));
+    }
+    let locate = |t: usize| {
+        let p = first.partition_point(|&f| f <= t) - 1;
+        (p, t - first[p])
+    };
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.clear();
+        partials.resize(first[pairs] * part_len, 0.0);
+        pool.chunks_mut(partials, part_len, |t, part| {
+            let (p, c) = locate(t);
+            let (query, kv_head, qg) = pair(p);
+            let next = (t + 1 < first[pairs]).then(|| {
+                let (np, nc) = locate(t + 1);
+                (chunks::query(pair(np).0, nc), pair(np).1)
+            });
+            let job = GroupJob { query: &chunks::query(query, c), kv_head, q: qg };
+            SCRATCH.with_borrow_mut(|scratch| {
+                ctx.chunk(&job, next.as_ref().map(|(qr, h)| (qr, *h)), part, &mut scratch.chunk);
+            });
+        });
+        let mut acc = Vec::with_capacity(part_len);
+        for (p, og) in out.chunks_exact_mut(group_len).enumerate() {
+            let parts = &partials[first[p] * part_len..first[p + 1] * part_len];
+            for (c, part) in parts.chunks_exact(part_len).enumerate() {
+                chunks::fold(&mut acc, part, c, g.group, g.head_dim);
+            }
+            chunks::finish(&acc, g.group, g.head_dim, og);
+        }
     });
     Ok(())
 }
@@ -269,11 +330,23 @@ fn prefetch_rows<E>(cache: &[E], offsets: &[usize], from: usize, count: usize, h
 thread_local! {
     /// This thread's buffers, reused across tasks and calls.
     static SCRATCH: RefCell<Scratch> = RefCell::default();
+    /// The calling thread's chunk results when a call cuts its pairs into chunk tasks.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Per-thread buffers reused across tasks.
 #[derive(Default)]
 struct Scratch {
+    chunk: ChunkScratch,
+    /// One chunk's result (see `chunks`).
+    part: Vec<f32>,
+    /// The running merge of a pair's chunk results.
+    acc: Vec<f32>,
+}
+
+/// What one chunk's kernels need besides its result.
+#[derive(Default)]
+struct ChunkScratch {
     /// `scores[h * n + i]`: head `h` of the group at the `i`-th visible position.
     scores: Vec<f32>,
     /// Offset of each visible position's K/V row for the task's KV head.
@@ -291,7 +364,8 @@ struct Ctx<'c, 'a, E> {
     kv: &'c PagedKvLayer<'a, E>,
 }
 
-/// One (query token, KV head) of a fast call: the `group` query heads reading that KV head.
+/// One (query token, KV head) of a fast call — or one chunk of its positions: the `group` query
+/// heads reading that KV head.
 struct GroupJob<'j> {
     query: &'j AttentionQuery<'j>,
     kv_head: usize,
@@ -300,10 +374,17 @@ struct GroupJob<'j> {
 }
 
 impl<E: Elem> Ctx<'_, '_, E> {
-    /// One (query, KV head group): scores, softmax, weighted sum of values, on the pool's ISA;
-    /// `next` is the (query, KV head) of the following task, whose K rows the SIMD path
-    /// prefetches.
-    fn group(&self, job: &GroupJob, next: Option<(&AttentionQuery, usize)>, out: &mut [f32], scratch: &mut Scratch) {
+    /// One (query, KV head group) over the job's positions, on the pool's ISA: scores, their
+    /// exponentials shifted by each head's maximum, and the weighted sum of values, written to
+    /// `part` as a chunk result (see `chunks`). `next` is the (query, KV head) of the following
+    /// task, whose K rows the SIMD path prefetches.
+    fn chunk(
+        &self,
+        job: &GroupJob,
+        next: Option<(&AttentionQuery, usize)>,
+        part: &mut [f32],
+        scratch: &mut ChunkScratch,
+    ) {
         let (g, qr) = (&self.g, job.query);
         scratch.offsets.clear();
         g.offsets_into(qr, job.kv_head, &mut scratch.offsets);
@@ -313,6 +394,7 @@ impl<E: Elem> Ctx<'_, '_, E> {
         }
         scratch.scores.clear();
         scratch.scores.resize(g.group * scratch.offsets.len(), 0.0);
+        let (out, stats) = part.split_at_mut(g.group * g.head_dim);
         #[cfg(target_arch = "x86_64")]
         if self.isa.has_avx2() && g.head_dim.is_multiple_of(8) {
             let rows = x86::Rows {
@@ -325,25 +407,25 @@ impl<E: Elem> Ctx<'_, '_, E> {
             };
             // SAFETY: pools hold only supported ISAs (every x86 SIMD ISA includes AVX2 and FMA,
             // the AVX-512 ones also F and VL); the offsets were validated to start whole rows;
-            // `q`, `out` and `scores` are sized for the group's heads.
+            // `q`, `out`, `scores` and `stats` are sized for the group's heads.
             unsafe {
                 match self.isa {
                     Isa::Avx512 | Isa::Avx512Bf16 => {
-                        x86::group_avx512(self.isa, &rows, job.q, &mut scratch.scores, out)
+                        x86::group_avx512(self.isa, &rows, job.q, &mut scratch.scores, out, stats)
                     }
-                    _ => x86::group_avx2(self.isa, &rows, job.q, &mut scratch.scores, out),
+                    _ => x86::group_avx2(self.isa, &rows, job.q, &mut scratch.scores, out, stats),
                 }
             }
             return;
         }
-        self.group_portable(job, out, scratch);
+        self.chunk_portable(job, out, stats, scratch);
     }
 
-    /// Portable [`Ctx::group`]: each position's K row widened once, one dot product per head;
+    /// Portable [`Ctx::chunk`]: each position's K row widened once, one dot product per head;
     /// then its V row widened once, one `axpy` per head into the output.
-    fn group_portable(&self, job: &GroupJob, out: &mut [f32], scratch: &mut Scratch) {
-        let (kv, hd) = (self.kv, self.g.head_dim);
-        let Scratch { scores, offsets, row, .. } = scratch;
+    fn chunk_portable(&self, job: &GroupJob, out: &mut [f32], stats: &mut [f32], scratch: &mut ChunkScratch) {
+        let (kv, hd, group) = (self.kv, self.g.head_dim, self.g.group);
+        let ChunkScratch { scores, offsets, row, .. } = scratch;
         let n = offsets.len();
         for (i, &off) in offsets.iter().enumerate() {
             let k = E::widen(&kv.k[off..off + hd], row);
@@ -351,8 +433,8 @@ impl<E: Elem> Ctx<'_, '_, E> {
                 scores[h * n + i] = crate::simd::dot(qh, k) * self.g.scale;
             }
         }
-        for head_scores in scores.chunks_exact_mut(n) {
-            softmax_isa(self.isa, head_scores);
+        for (h, head_scores) in scores.chunks_exact_mut(n).enumerate() {
+            (stats[h], stats[group + h]) = exp_shifted_isa(self.isa, head_scores);
         }
         out.fill(0.0);
         for (i, &off) in offsets.iter().enumerate() {

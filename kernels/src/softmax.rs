@@ -3,7 +3,8 @@
 //! `x[i] <- e^(x[i] - max) / Σ_j e^(x[j] - max)`. The row must hold at least one finite value
 //! for a meaningful result; an empty row is left as is. [`softmax_ref`] uses `f32::exp` and
 //! divides; the fast variant uses a polynomial `exp` on AVX2 and multiplies by the reciprocal,
-//! so the two agree to a few ulp.
+//! so the two agree to a few ulp. [`exp_shifted_isa`] is the fast variant without the division,
+//! for callers that combine several rows' statistics (chunked attention).
 
 use crate::isa::Isa;
 
@@ -33,17 +34,35 @@ pub fn softmax_isa(isa: Isa, x: &mut [f32]) {
     if x.is_empty() {
         return;
     }
+    let (_, sum) = exp_shifted_isa(isa, x);
+    let inv = 1.0 / sum;
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() && isa.is_supported() {
+        // SAFETY: AVX2 support was just checked.
+        unsafe { scale_avx2(x, inv) };
+        return;
+    }
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `x[i] <- e^(x[i] - max)` with the fast `exp`; returns `(max, Σ_i x[i])` (`(-∞, 0)` for an
+/// empty row). [`softmax_isa`] is this followed by a multiply by `1 / sum`.
+pub fn exp_shifted_isa(isa: Isa, x: &mut [f32]) -> (f32, f32) {
+    if x.is_empty() {
+        return (f32::NEG_INFINITY, 0.0);
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() && isa.is_supported() {
         // SAFETY: AVX2 and FMA support was just checked.
-        unsafe { avx2(x) };
-        return;
+        return unsafe { exp_shifted_avx2(x) };
     }
     let _ = isa;
-    scalar(x);
+    exp_shifted_scalar(x)
 }
 
-fn scalar(x: &mut [f32]) {
+fn exp_shifted_scalar(x: &mut [f32]) -> (f32, f32) {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
@@ -57,15 +76,12 @@ fn scalar(x: &mut [f32]) {
         *v = (*v - max).exp();
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
+    (max, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn avx2(x: &mut [f32]) {
+fn exp_shifted_avx2(x: &mut [f32]) -> (f32, f32) {
     use crate::simd::avx2::{exp, hmax, hsum, load, store};
     use std::arch::x86_64::*;
     let n = x.len();
@@ -100,15 +116,24 @@ fn avx2(x: &mut [f32]) {
         store(&mut pad, 0, e);
     }
     x[body..].copy_from_slice(&pad[..rest]);
-    let sum = hsum(vsum) + pad[..rest].iter().sum::<f32>();
-    let vinv = _mm256_set1_ps(1.0 / sum);
-    i = 0;
+    (max, hsum(vsum) + pad[..rest].iter().sum::<f32>())
+}
+
+/// `x[i] *= inv`, eight lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scale_avx2(x: &mut [f32], inv: f32) {
+    use crate::simd::avx2::{load, store};
+    use std::arch::x86_64::*;
+    let body = x.len() - x.len() % 8;
+    let vinv = _mm256_set1_ps(inv);
+    let mut i = 0;
     while i < body {
-        // SAFETY: `i + 8 <= body <= n`.
+        // SAFETY: `i + 8 <= body <= len`.
         unsafe { store(x, i, _mm256_mul_ps(load(x, i), vinv)) };
         i += 8;
     }
     for v in &mut x[body..] {
-        *v *= 1.0 / sum;
+        *v *= inv;
     }
 }

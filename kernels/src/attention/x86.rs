@@ -13,7 +13,7 @@ use super::{PREFETCH_BLOCKS, prefetch_rows};
 use crate::isa::Isa;
 use crate::simd::Elem;
 use crate::simd::avx2::{load, reduce8, store};
-use crate::softmax::softmax_isa;
+use crate::softmax::exp_shifted_isa;
 
 /// Positions whose scores one block computes together (one `reduce8`).
 const POS: usize = 8;
@@ -32,16 +32,25 @@ pub(super) struct Rows<'a, E> {
 }
 
 /// One group task on AVX2: `q` holds the group's query heads, `scores` has room for
-/// `heads × offsets.len()`, `out` receives the heads' outputs.
+/// `heads × offsets.len()`; `out` receives each head's unnormalised weighted sum of values and
+/// `stats` its largest score, then its sum of shifted exponentials (a chunk result, see
+/// `chunks`).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; every offset starts a row of `head_dim` floats in `k` and `v`;
-/// `head_dim` is a multiple of 8; `q`, `out` are `heads × head_dim` and `scores` is
-/// `heads × offsets.len()`.
+/// `head_dim` is a multiple of 8; `q`, `out` are `heads × head_dim`, `scores` is
+/// `heads × offsets.len()` and `stats` is `2 × heads`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn group_avx2<E: Elem>(isa: Isa, rows: &Rows<E>, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
+pub(super) unsafe fn group_avx2<E: Elem>(
+    isa: Isa,
+    rows: &Rows<E>,
+    q: &[f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
     // SAFETY: the caller's contract.
-    unsafe { avx2::group::<E, 1>(isa, rows, q, scores, out) }
+    unsafe { avx2::group::<E, 1>(isa, rows, q, scores, out, stats) }
 }
 
 /// [`group_avx2`] with AVX-512's registers: three heads per pass.
@@ -49,9 +58,16 @@ pub(super) unsafe fn group_avx2<E: Elem>(isa: Isa, rows: &Rows<E>, q: &[f32], sc
 /// # Safety
 /// As for [`group_avx2`], and the CPU must have AVX-512F and AVX-512VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-pub(super) unsafe fn group_avx512<E: Elem>(isa: Isa, rows: &Rows<E>, q: &[f32], scores: &mut [f32], out: &mut [f32]) {
+pub(super) unsafe fn group_avx512<E: Elem>(
+    isa: Isa,
+    rows: &Rows<E>,
+    q: &[f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
     // SAFETY: the caller's contract.
-    unsafe { avx512::group::<E, 3>(isa, rows, q, scores, out) }
+    unsafe { avx512::group::<E, 3>(isa, rows, q, scores, out, stats) }
 }
 
 /// Defines `group` and the passes it runs, compiled with `$features`: in the AVX-512 module the
@@ -59,7 +75,8 @@ pub(super) unsafe fn group_avx512<E: Elem>(isa: Isa, rows: &Rows<E>, q: &[f32], 
 /// caller, so three heads' 24 accumulators stay in registers rather than spilling.
 macro_rules! group_kernels {
     ($features:literal) => {
-        /// Scores of every head, softmax per head, then values; heads go `H` at a time (the rest fewer).
+        /// Scores of every head, shifted exponentials per head, then values; heads go `H` at a
+        /// time (the rest fewer).
         #[target_feature(enable = $features)]
         #[inline]
         pub(super) unsafe fn group<E: Elem, const H: usize>(
@@ -68,6 +85,7 @@ macro_rules! group_kernels {
             q: &[f32],
             scores: &mut [f32],
             out: &mut [f32],
+            stats: &mut [f32],
         ) {
             let (hd, n) = (rows.head_dim, rows.offsets.len());
             let heads = q.len() / hd;
@@ -82,8 +100,8 @@ macro_rules! group_kernels {
                     }
                 }
             }
-            for head_scores in scores.chunks_exact_mut(n) {
-                softmax_isa(isa, head_scores);
+            for (h, head_scores) in scores.chunks_exact_mut(n).enumerate() {
+                (stats[h], stats[heads + h]) = exp_shifted_isa(isa, head_scores);
             }
             for (h, take) in passes(heads, H) {
                 let (ss, os) = (&scores[h * n..(h + take) * n], &mut out[h * hd..(h + take) * hd]);

@@ -167,6 +167,35 @@ fn simd_paths_agree_bit_for_bit() {
     }
 }
 
+/// A lone sequence's few (query, KV head) pairs are cut into chunk tasks that several threads
+/// share and the calling thread merges; a full batch runs each pair's chunks in one task. Both
+/// must give every head the same bits, whatever the pool's size or the rest of the batch.
+#[test]
+fn results_do_not_depend_on_how_the_chunks_are_shared_out() {
+    let f = Fixture::new(17, 4, 48, 16, 2, 64);
+    let t = &f.tables;
+    // Contexts of several chunks (the last partial), of one, and a sliding window cutting the
+    // first block.
+    let lone = [query(&t[0], 700, 0), query(&t[1], 40, 0), query(&t[2], 751, 37)];
+    let n_heads = 6;
+    let row = n_heads * 64;
+    let others = [query(&t[3], 200, 0), query(&t[3], 90, 0), query(&t[1], 250, 0)];
+    let q = uniform(&mut rng(23), 4 * row, 1.0);
+    for pool in pools() {
+        for (i, qr) in lone.iter().enumerate() {
+            // Alone: two pairs, so a pool of two threads cuts them into chunk tasks.
+            let mut alone = vec![0.0f32; row];
+            paged_attention(&pool, &q[..row], &[*qr], &f.layer(), n_heads, &mut alone).unwrap();
+            // First of a batch of four: eight pairs, one task each.
+            let batch = [*qr, others[0], others[1], others[2]];
+            let mut batched = vec![0.0f32; 4 * row];
+            paged_attention(&pool, &q, &batch, &f.layer(), n_heads, &mut batched).unwrap();
+            let same = alone.iter().zip(&batched[..row]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "query {i} on {} x{}: alone and batched differ", pool.isa(), pool.threads());
+        }
+    }
+}
+
 #[test]
 fn context_len_one_returns_the_value_row() {
     let f = Fixture::new(4, 1, 1, 8, 1, 33);
