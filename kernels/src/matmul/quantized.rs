@@ -92,23 +92,49 @@ unsafe fn direct_avx512<B: Kernel>(x: &[f32], w: &[B], s: Shape, t: Task, out: &
 #[inline]
 unsafe fn direct<B: Kernel, const G: usize>(x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
     use super::quantized_avx2::dot_rows;
-    let per_row = s.k / QK;
     let tok = |i: usize| &x[i * s.k..(i + 1) * s.k];
+    // SAFETY: the caller's contract.
+    unsafe {
+        by_row(w, s, t, G, out, |row, i, n| {
+            // The first group of a multi-token task brings the row in; later ones find it cached.
+            let pf = i == t.i0 && t.i1 - t.i0 >= 2;
+            // SAFETY (every arm): the caller guarantees the CPU features.
+            match n {
+                1 => pad(dot_rows([tok(i)], row, pf)),
+                2 => pad(dot_rows([tok(i), tok(i + 1)], row, pf)),
+                3 => pad(dot_rows([tok(i), tok(i + 1), tok(i + 2)], row, pf)),
+                _ => dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row, pf),
+            }
+        })
+    }
+}
+
+/// The walk of the row-by-row decode drivers for block-quantised weights (`direct` here and
+/// `quantized_i16::rows`): the task's weight rows in memory order, each prefetching ahead
+/// (`prefetch::row_ahead`), and for each row its tokens `group` (at most four) at a time;
+/// `dot(row, first_token, count)` returns the `count` sums in its first lanes.
+///
+/// # Safety
+/// No other thread touches the task's `out` entries.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn by_row<B>(
+    w: &[B],
+    s: Shape,
+    t: Task,
+    group: usize,
+    out: &SharedOut,
+    mut dot: impl FnMut(&[B], usize, usize) -> [f32; 4],
+) {
+    let per_row = s.k / QK;
     let end = w.as_ptr_range().end.cast();
     for r in t.r0..t.r1 {
         let row = &w[r * per_row..(r + 1) * per_row];
         super::prefetch::row_ahead(row.as_ptr().cast(), end);
         let mut i = t.i0;
         while i < t.i1 {
-            // The first group of a multi-token task brings the row in; later ones find it cached.
-            let pf = i == t.i0 && t.i1 - t.i0 >= 2;
-            // SAFETY (every arm): the caller guarantees the CPU features.
-            let (n, sums): (usize, [f32; 4]) = match (t.i1 - i).min(G) {
-                1 => (1, pad(unsafe { dot_rows([tok(i)], row, pf) })),
-                2 => (2, pad(unsafe { dot_rows([tok(i), tok(i + 1)], row, pf) })),
-                3 => (3, pad(unsafe { dot_rows([tok(i), tok(i + 1), tok(i + 2)], row, pf) })),
-                _ => (4, unsafe { dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row, pf) }),
-            };
+            let n = (t.i1 - i).min(group);
+            let sums = dot(row, i, n);
             for (a, v) in sums.iter().take(n).enumerate() {
                 // SAFETY: (i + a, r) lies in this task's rectangle.
                 unsafe { out.write((i + a) * s.n + r, *v) };

@@ -20,8 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use super::prefetch::row_ahead;
-use super::quantized::pad;
+use super::quantized::{by_row, pad};
 use super::{Shape, Task};
 use crate::quant::{BlockQ8_0, QK};
 use crate::simd::SharedOut;
@@ -94,28 +93,14 @@ pub(super) unsafe fn rows(xq: &QuantRows16, w: &[BlockQ8_0], s: Shape, t: Task, 
     let per_row = s.k / QK;
     assert!(xq.scales.len() >= t.i1 * per_row, "token rows quantised for this call");
     let tok = |i: usize| Token { q: &xq.q[i * s.k..(i + 1) * s.k], scales: &xq.scales[i * per_row..(i + 1) * per_row] };
-    let end = w.as_ptr_range().end.cast();
-    for r in t.r0..t.r1 {
-        let row = &w[r * per_row..(r + 1) * per_row];
-        row_ahead(row.as_ptr().cast(), end);
-        let mut i = t.i0;
-        while i < t.i1 {
-            let n = (t.i1 - i).min(4);
-            // SAFETY (every arm): the caller's features; every token row has the row's blocks.
-            let sums: [f32; 4] = unsafe {
-                match n {
-                    1 => pad(dot_rows([tok(i)], row)),
-                    2 => pad(dot_rows([tok(i), tok(i + 1)], row)),
-                    3 => pad(dot_rows([tok(i), tok(i + 1), tok(i + 2)], row)),
-                    _ => dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row),
-                }
-            };
-            for (a, v) in sums.iter().take(n).enumerate() {
-                // SAFETY: (i + a, r) lies in this task's rectangle.
-                unsafe { out.write((i + a) * s.n + r, *v) };
-            }
-            i += n;
-        }
+    // SAFETY: the caller's contract; every token row has the row's blocks (asserted above).
+    unsafe {
+        by_row(w, s, t, 4, out, |row, i, n| match n {
+            1 => pad(dot_rows([tok(i)], row)),
+            2 => pad(dot_rows([tok(i), tok(i + 1)], row)),
+            3 => pad(dot_rows([tok(i), tok(i + 1), tok(i + 2)], row)),
+            _ => dot_rows([tok(i), tok(i + 1), tok(i + 2), tok(i + 3)], row),
+        })
     }
 }
 
