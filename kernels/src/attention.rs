@@ -307,7 +307,7 @@ pub fn paged_attention<E: Elem>(
 /// arithmetic runs: the scores pass brings in each position's V row as it reads its K row, and
 /// the values pass brings in the K rows of the next task. On the test host (SmolLM2's cache:
 /// bf16, context 160, read cold), a layer took about 68 µs at batch 8 and 12.6 µs at batch 1
-/// with only the K look-ahead into L1, and 15–25% less this way into L2 (in-process A/B runs;
+/// with only the K look-ahead into L1, and 13–26% less this way into L2 (in-process A/B runs;
 /// the host drifts too much between processes for absolute figures).
 const PREFETCH_BLOCKS: usize = 2;
 
