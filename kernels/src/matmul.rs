@@ -236,7 +236,7 @@ pub enum InputRounding {
     Exact,
     /// bf16 at most (relative error 2⁻⁹ per value; the AVX-512 BF16 ISA's bf16 dot products).
     /// The default, and what logits always get. Decode-sized token rows against Q8_0 weights are
-    /// quantised to 16 bits per 32-value block instead (on the AVX-512 BF16 ISA only a lone one):
+    /// quantised to 16 bits per 32-value block instead (on the AVX-512 BF16 ISA up to two of them):
     /// each value moves by at most `max|x| / 65534` of its block, less than bf16 moves every
     /// value above 2⁻⁷ of that largest one.
     Bf16,
@@ -246,6 +246,13 @@ pub enum InputRounding {
     /// to 0.5.
     Int8,
 }
+
+/// Most token rows for which Q8_0 weights keep the 16-bit path on the AVX-512 BF16 ISA. The 16-bit
+/// path widens a block's weights once for up to four tokens but pays its integer products, the
+/// conversion and the scales per token; the bf16 path dequantises once and pays one dot product
+/// per token. Streaming SmolLM2-135M's Q8_0 layer matrices on the test host (2 threads,
+/// alternating): 16-bit ÷ bf16 time 0.88 at 2 tokens, 1.00 at 3, 1.11 at 4, 1.56 at 8.
+const INT16_BESIDE_BF16_TOKENS: usize = 2;
 
 /// Which path a call of `m` token rows against `w` takes on `isa` — the one decision both the
 /// input's preparation (`Input::new`) and the per-task dispatch (`run_task`) read.
@@ -263,13 +270,14 @@ enum Path {
 }
 
 /// Under [`InputRounding::Exact`] every call takes the f32 path. Otherwise:
-/// - Q8_0 weights, one token on every SIMD ISA, or up to [`DECODE_MAX_TOKENS`] off the AVX-512
-///   BF16 ISA: 16-bit integer dot products (the f32 path's conversions, multiplies and FMAs would
-///   bind before memory does);
+/// - Q8_0 weights, one token on every SIMD ISA, up to [`INT16_BESIDE_BF16_TOKENS`] on the
+///   AVX-512 BF16 ISA unless 8-bit rows are allowed, or up to [`DECODE_MAX_TOKENS`] off that ISA:
+///   16-bit integer dot products (the f32 path's conversions, multiplies and FMAs would bind
+///   before memory does);
 /// - on the AVX-512 BF16 ISA, up to [`DECODE_MAX_TOKENS`] tokens: bf16 weights always take bf16
 ///   dot products; block-quantised ones from 2 tokens on (with several tokens the f32 path's four
 ///   FMAs per block and token are what bind) take 8-bit integer ones for Q8_0 where `rounding`
-///   allows 8-bit rows, else bf16 ones;
+///   allows 8-bit rows, else bf16 ones (Q8_0 from 3 tokens on);
 /// - everything else (a lone Q4 token, which is bound by memory and which `quantized_avx2`
 ///   dequantises exactly; f32 and f16 weights; prefill) takes the f32 path.
 #[cfg(target_arch = "x86_64")]
@@ -279,7 +287,9 @@ fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> Path {
     }
     if matches!(w, WeightData::Q8_0(_))
         && isa.has_avx2()
-        && (m == 1 || isa != Isa::Avx512Bf16 && m <= DECODE_MAX_TOKENS)
+        && (m == 1
+            || isa != Isa::Avx512Bf16 && m <= DECODE_MAX_TOKENS
+            || m <= INT16_BESIDE_BF16_TOKENS && rounding < InputRounding::Int8)
     {
         return Path::Int16Dot;
     }

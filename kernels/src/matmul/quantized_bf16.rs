@@ -6,10 +6,11 @@
 //! exact and summed in f32, so against the reference each weight and each token value carries
 //! at most 2⁻⁹ relative rounding, as on the bf16-weight path. Decode-sized calls of 2 to 8 token
 //! rows on [`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16) take this path where the call does not
-//! allow 8-bit token rows (Q8_0 otherwise takes `quantized_vnni`): one `vdpbf16ps` per block and
-//! token instead of four f32 FMAs, which keeps batched decode from being bound by arithmetic. A
-//! single token stays on the exact f32 path (`quantized_avx2`), so on this ISA a quantised
-//! model's lone sequence and a batched one round differently.
+//! allow 8-bit token rows (Q8_0 otherwise takes `quantized_vnni`), Q8_0 from 3 rows on (fewer
+//! take `quantized_i16`): one `vdpbf16ps` per block and token instead of four f32 FMAs, which
+//! keeps batched decode from being bound by arithmetic. A single Q4 token stays on the exact f32
+//! path (`quantized_avx2`), so on this ISA a quantised model's lone sequence and a batched one
+//! round differently.
 
 use std::arch::x86_64::*;
 

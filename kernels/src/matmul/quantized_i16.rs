@@ -1,5 +1,5 @@
 //! Decode-sized matmuls against Q8_0 weights with 16-bit integer dot products, on every x86 SIMD
-//! ISA (AVX2 is enough): a lone token everywhere, and 2 to 8 tokens where the ISA has no bf16 dot
+//! ISA (AVX2 is enough): up to two tokens everywhere, and up to 8 where the ISA has no bf16 dot
 //! products (see `path` in `matmul.rs`).
 //!
 //! The token rows are quantised once per call (`quantize`): per 32-value block, `d = max|x| / 32767`

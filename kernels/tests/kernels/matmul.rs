@@ -15,16 +15,35 @@ const REL: f32 = 1e-5;
 /// allowed.
 const REL_BF16_DOT: f32 = 1.0 / 256.0;
 
-/// Whether `matmul` takes the AVX-512 BF16 ISA's VNNI path: 2 to 8 token rows against Q8_0
-/// weights.
-fn vnni_path(isa: Isa, w: &WeightData, m: usize) -> bool {
-    isa == Isa::Avx512Bf16 && matches!(w, WeightData::Q8_0(_)) && (2..=8).contains(&m)
+/// Whether a call rounding its rows at most as `rounding` takes the AVX-512 BF16 ISA's VNNI
+/// path: 2 to 8 token rows against Q8_0 weights, where 8-bit rows are allowed.
+fn vnni_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
+    isa == Isa::Avx512Bf16
+        && matches!(w, WeightData::Q8_0(_))
+        && (2..=8).contains(&m)
+        && rounding == InputRounding::Int8
 }
 
-/// Whether `matmul` takes the 16-bit integer path: a lone token row against Q8_0 weights on any
-/// SIMD ISA, up to 8 on those without bf16 dot products.
-fn int16_path(isa: Isa, w: &WeightData, m: usize) -> bool {
-    isa.has_avx2() && matches!(w, WeightData::Q8_0(_)) && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8)
+/// Whether such a call takes the 16-bit integer path: Q8_0 weights on any SIMD ISA, for a lone
+/// token row, for two where 8-bit rows are not allowed, and for up to 8 on ISAs without bf16 dot
+/// products.
+fn int16_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
+    isa.has_avx2()
+        && matches!(w, WeightData::Q8_0(_))
+        && rounding != InputRounding::Exact
+        && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8 || m == 2 && rounding != InputRounding::Int8)
+}
+
+/// Whether such a call takes the AVX-512 BF16 dot products: bf16 and block-quantised weights,
+/// up to 8 token rows, where neither integer path does.
+fn bf16_dot_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
+    isa == Isa::Avx512Bf16
+        && !matches!(w, WeightData::F32(_) | WeightData::F16(_))
+        && rounding != InputRounding::Exact
+        && m <= 8
+        && !vnni_path(isa, w, m, rounding)
+        && !int16_path(isa, w, m, rounding)
+        && (m >= 2 || matches!(w, WeightData::Bf16(_)))
 }
 
 /// The token rows as the integer paths quantise them to `q_max` (127 for the VNNI path, 32767
@@ -103,13 +122,11 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
         for pool in pools() {
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, w, &mut got).unwrap();
-            let vnni = vnni_path(pool.isa(), &w.data, m);
-            let int16 = int16_path(pool.isa(), &w.data, m);
-            let bf16_dot = pool.isa() == Isa::Avx512Bf16
-                && !matches!(w.data, WeightData::F32(_) | WeightData::F16(_))
-                && m <= 8
-                && !vnni
-                && !int16;
+            // `matmul` allows 8-bit rows; the test pools do too.
+            let rounding = InputRounding::Int8;
+            let vnni = vnni_path(pool.isa(), &w.data, m, rounding);
+            let int16 = int16_path(pool.isa(), &w.data, m, rounding);
+            let bf16_dot = bf16_dot_path(pool.isa(), &w.data, m, rounding);
             let rel = if bf16_dot { REL_BF16_DOT } else { REL };
             let quantization = |idx: usize| {
                 if vnni {
@@ -145,7 +162,8 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
             // Held to bf16 rounding, the same call skips the 8-bit path.
             let mut bf16_only = vec![f32::NAN; m * rows];
             matmul_with(&pool, &x, m, w, &mut bf16_only, InputRounding::Bf16).unwrap();
-            let rel = if bf16_dot || vnni { REL_BF16_DOT } else { REL };
+            let int16 = int16_path(pool.isa(), &w.data, m, InputRounding::Bf16);
+            let rel = if bf16_dot_path(pool.isa(), &w.data, m, InputRounding::Bf16) { REL_BF16_DOT } else { REL };
             for (idx, ((g, e), s)) in bf16_only.iter().zip(&want).zip(&scale).enumerate() {
                 let tol = rel * s + 1e-6 + if int16 { quantized16[idx] } else { 0.0 };
                 assert!(
