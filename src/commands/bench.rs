@@ -88,19 +88,17 @@ fn median(mut xs: Vec<f64>) -> f64 {
 struct Run {
     prefill: f64,
     decode: f64,
-    /// CPU only: read bandwidth, GB/s, and decode tok/s over the roofline at that bandwidth.
-    roofline: Option<RunRoofline>,
+    /// CPU only: the read bandwidth the run's decode is judged against.
+    bandwidth: Option<RunBandwidth>,
 }
 
-/// The read bandwidth of one run, measured two ways, and decode against each.
-struct RunRoofline {
+/// The read bandwidth of one run in GB/s, measured two ways.
+struct RunBandwidth {
     /// Fastest of several large passes right before the run.
     before: f64,
     /// All the passes that alternated with the run's decode steps, as one rate (bytes ÷ time):
     /// the same conditions the steps ran under, aggregated the way decode tok/s is.
     between: f64,
-    ratio_before: f64,
-    ratio_between: f64,
 }
 
 /// Median and range of a set of runs.
@@ -310,15 +308,12 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                     }
                 })?
                 .1;
-            let decode = per_second(stats.decode_tokens, stats.decode_time);
-            let ratio = |gb_s: f64| decode / (gb_s * 1e9 / bytes_per_token);
             runs.push(Run {
                 prefill: per_second(stats.prefill_tokens, stats.prefill_time),
-                decode,
-                roofline: before.filter(|_| read > 0).map(|before| {
-                    let between = gb_per_s(read, reading);
-                    RunRoofline { before, between, ratio_before: ratio(before), ratio_between: ratio(between) }
-                }),
+                decode: per_second(stats.decode_tokens, stats.decode_time),
+                bandwidth: before
+                    .filter(|_| read > 0)
+                    .map(|before| RunBandwidth { before, between: gb_per_s(read, reading) }),
             });
         }
         let classes = match probe {
@@ -327,9 +322,16 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         };
         let prefill = Spread::of(runs.iter().map(|r| r.prefill));
         let decode = Spread::of(runs.iter().map(|r| r.decode));
-        let roofline = |f: fn(&RunRoofline) -> f64| Spread::of(runs.iter().filter_map(|r| r.roofline.as_ref().map(f)));
-        let (bandwidth_before, ratio_before) = (roofline(|r| r.before), roofline(|r| r.ratio_before));
-        let (bandwidth, ratio) = (roofline(|r| r.between), roofline(|r| r.ratio_between));
+        // Each run's bandwidth by one measure, and its decode over the roofline at it.
+        let bandwidths =
+            |f: fn(&RunBandwidth) -> f64| Spread::of(runs.iter().filter_map(|r| r.bandwidth.as_ref().map(f)));
+        let ratios = |f: fn(&RunBandwidth) -> f64| {
+            Spread::of(
+                runs.iter().filter_map(|r| r.bandwidth.as_ref().map(|b| r.decode / (f(b) * 1e9 / bytes_per_token))),
+            )
+        };
+        let (bandwidth_before, ratio_before) = (bandwidths(|b| b.before), ratios(|b| b.before));
+        let (bandwidth, ratio) = (bandwidths(|b| b.between), ratios(|b| b.between));
         let prefill_gflops = prefill.median * flops_per_token / 1e9;
         if args.json {
             let class_json: Vec<serde_json::Value> = classes
