@@ -239,22 +239,24 @@ pub fn paged_attention<E: Elem>(
     let pair =
         |p: usize| (&queries[p / groups_per_query], p % groups_per_query, &q[p * group_len..(p + 1) * group_len]);
     let part_len = chunks::partial_len(g.group, g.head_dim);
+    // Chunk `c` of pair `p` into `part`. Both ways of cutting the work run the chunks in the same
+    // order, pair after pair, and a thread runs its share of them in that order, so the chunk
+    // after this one — whose K rows it prefetches — is most often this thread's next.
+    let run_chunk = |p: usize, c: usize, part: &mut [f32], scratch: &mut ChunkScratch| {
+        let (query, kv_head, qg) = pair(p);
+        let next = if c + 1 < chunks::count(query) {
+            Some((chunks::query(query, c + 1), kv_head))
+        } else {
+            (p + 1 < pairs).then(|| (chunks::query(pair(p + 1).0, 0), pair(p + 1).1))
+        };
+        ctx.chunk(&GroupJob { query: &chunks::query(query, c), kv_head, q: qg }, next, part, scratch);
+    };
     if pairs >= 2 * pool.threads() || queries.iter().all(|qr| chunks::count(qr) == 1) {
         pool.chunks_mut(out, group_len, |p, og| {
-            let (query, kv_head, qg) = pair(p);
-            let n = chunks::count(query);
             SCRATCH.with_borrow_mut(|Scratch { chunk, part, acc }| {
                 part.resize(part_len, 0.0);
-                for c in 0..n {
-                    // This pair's next chunk, else (as a thread runs its share of the pairs in
-                    // order) the next pair's first.
-                    let next = if c + 1 < n {
-                        Some((chunks::query(query, c + 1), kv_head))
-                    } else {
-                        (p + 1 < pairs).then(|| (chunks::query(pair(p + 1).0, 0), pair(p + 1).1))
-                    };
-                    let job = GroupJob { query: &chunks::query(query, c), kv_head, q: qg };
-                    ctx.chunk(&job, next.as_ref().map(|(qr, h)| (qr, *h)), part, chunk);
+                for c in 0..chunks::count(pair(p).0) {
+                    run_chunk(p, c, part, chunk);
                     chunks::fold(acc, part, c, g.group, g.head_dim);
                 }
                 chunks::finish(acc, g.group, g.head_dim, og);
@@ -268,24 +270,12 @@ pub fn paged_attention<E: Elem>(
     for p in 0..pairs {
         first.push(first[p] + chunks::count(pair(p).0));
     }
-    let locate = |t: usize| {
-        let p = first.partition_point(|&f| f <= t) - 1;
-        (p, t - first[p])
-    };
     PARTIALS.with_borrow_mut(|partials| {
         partials.clear();
         partials.resize(first[pairs] * part_len, 0.0);
         pool.chunks_mut(partials, part_len, |t, part| {
-            let (p, c) = locate(t);
-            let (query, kv_head, qg) = pair(p);
-            let next = (t + 1 < first[pairs]).then(|| {
-                let (np, nc) = locate(t + 1);
-                (chunks::query(pair(np).0, nc), pair(np).1)
-            });
-            let job = GroupJob { query: &chunks::query(query, c), kv_head, q: qg };
-            SCRATCH.with_borrow_mut(|scratch| {
-                ctx.chunk(&job, next.as_ref().map(|(qr, h)| (qr, *h)), part, &mut scratch.chunk);
-            });
+            let p = first.partition_point(|&f| f <= t) - 1;
+            SCRATCH.with_borrow_mut(|scratch| run_chunk(p, t - first[p], part, &mut scratch.chunk));
         });
         let mut acc = Vec::with_capacity(part_len);
         for (p, og) in out.chunks_exact_mut(group_len).enumerate() {
@@ -381,7 +371,7 @@ impl<E: Elem> Ctx<'_, '_, E> {
     fn chunk(
         &self,
         job: &GroupJob,
-        next: Option<(&AttentionQuery, usize)>,
+        next: Option<(AttentionQuery, usize)>,
         part: &mut [f32],
         scratch: &mut ChunkScratch,
     ) {
@@ -390,7 +380,7 @@ impl<E: Elem> Ctx<'_, '_, E> {
         g.offsets_into(qr, job.kv_head, &mut scratch.offsets);
         scratch.next_offsets.clear();
         if let Some((next_query, next_head)) = next {
-            g.offsets_into(next_query, next_head, &mut scratch.next_offsets);
+            g.offsets_into(&next_query, next_head, &mut scratch.next_offsets);
         }
         scratch.scores.clear();
         scratch.scores.resize(g.group * scratch.offsets.len(), 0.0);
