@@ -383,6 +383,18 @@ def main():
                 del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    # Informative: batch-1 decode with the L2 prefetch off, after everything the acceptance needs.
+    big = os.path.join(work, f"mistral-{shape_big}")
+    if os.path.isdir(big) and budget.left() > 45:
+        t = time.monotonic()
+        rec = tess.run(["bench", "engine", "--model", big, "--runs", "2", "--json", "--batch", "1", "--prompt-len",
+                        str(bench_prompt), "--gen-len", str(bench_gen), "--cuda-l2-prefetch", "false"], 60,
+                       "bench decode without L2 prefetch")
+        rows = [j for j in json_lines(rec.get("stdout")) if "batch" in j]
+        for j in rows:
+            log(f"  bench row: {json.dumps(j)}")
+        res["tessera_bench_no_prefetch"] = {"row": rows[0] if rows else None, "error": rec.get("error")}
+        step_time("tessera bench without L2 prefetch", t)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ok = finalize(res, args.out, budget)
     if dry:
@@ -400,6 +412,9 @@ def finalize(res, out_dir, budget):
         prow = dict(prow, prompt_len=prow.get("prompt_len", res.get("prefill_len")))
     res["speed"], res["prefill"] = speed_summary(rows, prow, res.get("pytorch"), res.get("ceilings"),
                                                  res.get("n_matmul"), None)
+    off = (res.get("tessera_bench_no_prefetch") or {}).get("row")
+    if off is not None:
+        res["speed_no_prefetch"] = speed_summary([off], None, None, res.get("ceilings"), res.get("n_matmul"), None)[0]
     res["acceptance"] = acceptance(res)
     res["seconds"] = budget.elapsed()
     res["ok"] = all(a["status"] == "PASS" for a in res["acceptance"]) and not res["errors"]

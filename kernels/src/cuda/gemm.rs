@@ -4,6 +4,12 @@
 //! matrices are column-major transposes, so this is cuBLASLt's `D (out × tokens) = Wᵀ · X` with
 //! `A = W` transposed. The heuristic query costs tens of microseconds, so plans are cached per
 //! `(tokens, out, in)`: a decode step runs its GEMMs with no query at all.
+//!
+//! A plan keeps up to [`CANDIDATES`] algorithms from the heuristic, in its order, and runs the
+//! first unless told otherwise ([`Gemm::choose`]): for the small-batch products of a decode
+//! step the heuristic's first pick is not always the fastest, so the backend times the
+//! candidates at load and records its choice by index (stable for one cuBLASLt version, device
+//! and shape; [`Gemm::version`] goes into that record's key).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -19,12 +25,18 @@ use super::{CudaError, guard};
 /// cuBLASLt's recommended workspace on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Most heuristic candidates a plan keeps.
+pub const CANDIDATES: usize = 8;
+
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
     c: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's algorithms, best guess first (never empty).
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    /// Index into `candidates` of the one that runs.
+    chosen: usize,
 }
 
 // SAFETY: the descriptors are plain handles owned by this plan and used only under the `plans`
@@ -94,25 +106,96 @@ impl Gemm {
         let a = lt::create_matrix_layout(bf, inner as u64, out as u64, inner as i64)?;
         let b = lt::create_matrix_layout(bf, inner as u64, tokens as u64, inner as i64)?;
         let c = lt::create_matrix_layout(bf, out as u64, tokens as u64, out as i64)?;
-        let mut plan = Plan { desc, a, b, c, algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] } };
+        let mut plan = Plan { desc, a, b, c, candidates: Vec::new(), chosen: 0 };
         set_transpose(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, true)?;
         set_transpose(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, false)?;
         let pref = lt::create_matmul_pref()?;
         let size = WORKSPACE_BYTES;
-        // SAFETY: `size` outlives the call; the attribute takes a size_t.
-        let heuristic = unsafe {
+        // SAFETY: all-zero bytes are a valid value of this plain C struct (it is only read
+        // where cuBLASLt filled it in).
+        let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = unsafe { std::mem::zeroed() };
+        let mut found = 0i32;
+        // SAFETY: `size` outlives the call (the attribute takes a size_t); `results` has room
+        // for the `CANDIDATES` results asked for and `found` receives how many were written.
+        let queried = unsafe {
             let set = lt::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 (&size as *const usize).cast(),
                 std::mem::size_of::<usize>(),
             );
-            let h = set.and_then(|()| lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref));
+            let q = set.and_then(|()| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    desc,
+                    a,
+                    b,
+                    c,
+                    c,
+                    pref,
+                    CANDIDATES as i32,
+                    results.as_mut_ptr(),
+                    &mut found,
+                )
+                .result()
+            });
             let _ = lt::destroy_matmul_pref(pref);
-            h?
+            q
         };
-        plan.algo = heuristic.algo;
+        queried?;
+        plan.candidates = results
+            .iter()
+            .take(found.clamp(0, CANDIDATES as i32) as usize)
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        if plan.candidates.is_empty() {
+            return Err(CudaError::Blas(format!("no algorithm for a {tokens} x {out} x {inner} bf16 GEMM")));
+        }
         Ok(plan)
+    }
+
+    /// cuBLASLt's version (e.g. 130100 for 13.1.0).
+    pub fn version() -> usize {
+        // SAFETY: a plain query of the loaded library, no arguments.
+        unsafe { sys::cublasLtGetVersion() }
+    }
+
+    /// Runs `f` on the plan of `(tokens, out, inner)`, made now if there is none yet.
+    fn with_plan<T>(
+        &self,
+        tokens: usize,
+        out: usize,
+        inner: usize,
+        f: impl FnOnce(&mut Plan) -> Result<T, CudaError>,
+    ) -> Result<T, CudaError> {
+        guard(|| {
+            let mut plans = self.plans.lock().map_err(|_| CudaError::Blas("plan cache poisoned".into()))?;
+            let plan = match plans.entry((tokens, out, inner)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(tokens, out, inner)?),
+            };
+            f(plan)
+        })
+    }
+
+    /// How many algorithms the plan of `(tokens, out, inner)` can choose from (at least one).
+    pub fn candidates(&self, tokens: usize, out: usize, inner: usize) -> Result<usize, CudaError> {
+        self.with_plan(tokens, out, inner, |plan| Ok(plan.candidates.len()))
+    }
+
+    /// Makes the plan of `(tokens, out, inner)` run its `index`-th candidate from now on.
+    pub fn choose(&self, tokens: usize, out: usize, inner: usize, index: usize) -> Result<(), CudaError> {
+        self.with_plan(tokens, out, inner, |plan| {
+            if index >= plan.candidates.len() {
+                return Err(CudaError::Blas(format!(
+                    "candidate {index} of a {tokens} x {out} x {inner} GEMM: there are {}",
+                    plan.candidates.len()
+                )));
+            }
+            plan.chosen = index;
+            Ok(())
+        })
     }
 
     /// `y (tokens, out) = x (tokens, inner) · w (out, inner)ᵀ`; slices may be longer than needed.
@@ -139,13 +222,7 @@ impl Gemm {
         if tokens == 0 {
             return Ok(());
         }
-        guard(|| {
-            let mut plans = self.plans.lock().map_err(|_| CudaError::Blas("plan cache poisoned".into()))?;
-            let key = (tokens, out, inner);
-            let plan = match plans.entry(key) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(tokens, out, inner)?),
-            };
+        self.with_plan(tokens, out, inner, |plan| {
             let (alpha, beta) = (1.0f32, 0.0f32);
             let (xp, _rx) = x.device_ptr(&self.stream);
             let (wp, _rw) = w.device_ptr(&self.stream);
@@ -167,7 +244,7 @@ impl Gemm {
                     plan.c,
                     yp as *mut c_void,
                     plan.c,
-                    &plan.algo,
+                    &plan.candidates[plan.chosen],
                     ws as *mut c_void,
                     WORKSPACE_BYTES,
                     self.stream.cu_stream() as sys::cudaStream_t,

@@ -78,14 +78,16 @@ pub struct ProductTiming {
     pub inner: usize,
     /// Microseconds per call of [`GpuDevice::gemv`](super::GpuDevice::gemv).
     pub gemv_us: f64,
-    /// Microseconds per call of cuBLASLt.
+    /// Microseconds per call of cuBLASLt, with its fastest candidate algorithm.
     pub cublas_us: f64,
+    /// That candidate's index (see [`Gemm::choose`](super::gemm::Gemm::choose)).
+    pub cublas_algo: usize,
 }
 
 impl ProductTiming {
-    /// One line of a tuning record: `name out inner gemv_us cublas_us`.
+    /// One line of a tuning record: `name out inner gemv_us cublas_us cublas_algo`.
     pub fn to_line(&self) -> String {
-        format!("{} {} {} {} {}", self.name, self.out, self.inner, self.gemv_us, self.cublas_us)
+        format!("{} {} {} {} {} {}", self.name, self.out, self.inner, self.gemv_us, self.cublas_us, self.cublas_algo)
     }
 
     /// Parses [`to_line`](Self::to_line)'s output for one of `names`; `None` if it does not fit.
@@ -95,8 +97,9 @@ impl ProductTiming {
         let name = names.iter().copied().find(|n| *n == first)?;
         let (out, inner) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?);
         let (gemv_us, cublas_us): (f64, f64) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?);
+        let cublas_algo = it.next()?.parse().ok()?;
         let finite = gemv_us.is_finite() && cublas_us.is_finite();
-        (finite && it.next().is_none()).then_some(ProductTiming { name, out, inner, gemv_us, cublas_us })
+        (finite && it.next().is_none()).then_some(ProductTiming { name, out, inner, gemv_us, cublas_us, cublas_algo })
     }
 }
 
@@ -129,17 +132,31 @@ mod tests {
 
     #[test]
     fn timings_round_trip_through_record_lines() {
-        let t = ProductTiming { name: "down", out: 4096, inner: 14336, gemv_us: 52.75, cublas_us: 32.5 };
+        let t =
+            ProductTiming { name: "down", out: 4096, inner: 14336, gemv_us: 52.75, cublas_us: 32.5, cublas_algo: 3 };
         assert_eq!(ProductTiming::from_line(&t.to_line(), &["qkv", "down"]), Some(t.clone()));
         assert_eq!(ProductTiming::from_line(&t.to_line(), &["qkv"]), None, "unknown product");
-        for bad in ["down 4096 14336 52.75", "down 4096 14336 52.75 32.5 9", "down x 14336 1 2", "down 1 2 NaN 3"] {
+        for bad in [
+            "down 4096 14336 52.75 32.5",
+            "down 4096 14336 52.75 32.5 1 9",
+            "down 4096 14336 52.75 32.5 -1",
+            "down x 14336 1 2 0",
+            "down 1 2 NaN 3 0",
+        ] {
             assert_eq!(ProductTiming::from_line(bad, &["down"]), None, "{bad}");
         }
     }
 
     #[test]
     fn gemv_takes_only_the_single_row_products_it_was_timed_faster_on() {
-        let t = |name, out, inner, gemv_us, cublas_us| ProductTiming { name, out, inner, gemv_us, cublas_us };
+        let t = |name, out, inner, gemv_us, cublas_us| ProductTiming {
+            name,
+            out,
+            inner,
+            gemv_us,
+            cublas_us,
+            cublas_algo: 0,
+        };
         let shapes = GemvShapes::from_timings(&[
             t("qkv", 6144, 4096, 20.2, 14.9),
             t("o", 4096, 4096, 13.1, 17.3),

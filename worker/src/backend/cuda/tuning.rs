@@ -1,7 +1,8 @@
 //! Load-time tuning of the CUDA backend: which batch-1 decode products run on the GEMV kernel
-//! rather than cuBLASLt, timed on the device and kept as a record per device, set of kernel
-//! sources and model shape under `<cache>/cuda-tuning/`. Invariant: once a record exists, every
-//! process on that device makes the same choice, so seeded sampling reproduces across runs.
+//! rather than cuBLASLt, and which of cuBLASLt's candidate algorithms each runs, timed on the
+//! device and kept as a record per device, cuBLASLt version, set of kernel sources and model
+//! shape under `<cache>/cuda-tuning/`. Invariant: once a record exists, every process on that
+//! device makes the same choices, so seeded sampling reproduces across runs.
 
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use tessera_kernels::cuda::CudaError;
 use tessera_kernels::cuda::device::kernel_sources_hash;
+use tessera_kernels::cuda::gemm::Gemm;
 use tessera_kernels::cuda::plan::{ProductTiming, gemv_fits};
 
 use super::{CudaBackend, Layer};
@@ -23,7 +25,13 @@ impl CudaBackend {
     pub(super) fn decode_product_timings(&self, cache_dir: &Path) -> Result<(Vec<ProductTiming>, String), CudaError> {
         let products = self.decode_products();
         let shapes: Vec<String> = products.iter().map(|p| format!("{} {} {}", p.name, p.out, p.inner)).collect();
-        let identity = format!("{}\n{:016x}\n{}", self.dev.describe(), kernel_sources_hash(), shapes.join("\n"));
+        let identity = format!(
+            "{}\ncuBLASLt {}\n{:016x}\n{}",
+            self.dev.describe(),
+            Gemm::version(),
+            kernel_sources_hash(),
+            shapes.join("\n")
+        );
         let key = xxhash_rust::xxh3::xxh3_64(identity.as_bytes());
         let path = cache_dir.join("cuda-tuning").join(format!("{key:016x}.txt"));
         let names: Vec<&'static str> = products.iter().map(|p| p.name).collect();
@@ -68,9 +76,17 @@ impl CudaBackend {
         products.into_iter().filter(|p| !p.weights.is_empty() && gemv_fits(1, p.inner)).collect()
     }
 
-    /// Times each of `products` with the GEMV kernel and with cuBLASLt. Each timed pass walks
-    /// every layer's matrix once (the LM head's, several times), so the weights come from memory
-    /// as in a decode step rather than from the L2 cache.
+    /// Makes each product's cuBLASLt plan run the candidate its timing chose.
+    pub(super) fn apply_cublas_choices(&self, timings: &[ProductTiming]) -> Result<(), CudaError> {
+        for t in timings {
+            self.gemm.choose(1, t.out, t.inner, t.cublas_algo)?;
+        }
+        Ok(())
+    }
+
+    /// Times each of `products` with the GEMV kernel and with each of cuBLASLt's candidate
+    /// algorithms. Each timed pass walks every layer's matrix once (the LM head's, several
+    /// times), so the weights come from memory as in a decode step rather than from the L2 cache.
     fn time_decode_products(&self, products: &[DecodeProduct<'_>]) -> Result<Vec<ProductTiming>, CudaError> {
         let stream = self.dev.stream();
         let mut timings = Vec::with_capacity(products.len());
@@ -82,15 +98,28 @@ impl CudaBackend {
                 |y: &mut CudaSlice<bf16>, i: usize| self.dev.gemv(&x, weights[i % weights.len()], y, 1, out, inner);
             let cublas =
                 |y: &mut CudaSlice<bf16>, i: usize| self.gemm.matmul(&x, weights[i % weights.len()], y, 1, out, inner);
-            // A warm-up pass each (plans, module loads), then the best of three alternating passes.
+            let candidates = self.gemm.candidates(1, out, inner)?;
+            // A warm-up pass each (plans, module loads), then the best of three alternating
+            // passes, every kernel and candidate in each.
             self.dev.time_us(calls, |i| gemv(&mut y, i))?;
-            self.dev.time_us(calls, |i| cublas(&mut y, i))?;
-            let (mut gemv_us, mut cublas_us) = (f64::INFINITY, f64::INFINITY);
+            for algo in 0..candidates {
+                self.gemm.choose(1, out, inner, algo)?;
+                self.dev.time_us(calls, |i| cublas(&mut y, i))?;
+            }
+            let mut gemv_us = f64::INFINITY;
+            let mut cublas_us = vec![f64::INFINITY; candidates];
             for _ in 0..3 {
                 gemv_us = gemv_us.min(self.dev.time_us(calls, |i| gemv(&mut y, i))?);
-                cublas_us = cublas_us.min(self.dev.time_us(calls, |i| cublas(&mut y, i))?);
+                for (algo, best) in cublas_us.iter_mut().enumerate() {
+                    self.gemm.choose(1, out, inner, algo)?;
+                    *best = best.min(self.dev.time_us(calls, |i| cublas(&mut y, i))?);
+                }
             }
-            timings.push(ProductTiming { name, out, inner, gemv_us, cublas_us });
+            // The heuristic's own first pick unless another candidate is strictly faster.
+            let (cublas_algo, cublas_us) =
+                cublas_us.iter().copied().enumerate().fold((0, cublas_us[0]), |b, c| if c.1 < b.1 { c } else { b });
+            self.gemm.choose(1, out, inner, cublas_algo)?;
+            timings.push(ProductTiming { name, out, inner, gemv_us, cublas_us, cublas_algo });
         }
         Ok(timings)
     }
