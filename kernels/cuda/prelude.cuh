@@ -198,18 +198,3 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
-
-// Asks the L2 cache to fetch `bytes` (a multiple of 16) from 16-byte aligned global `p`: one
-// bulk prefetch on sm_90+, a line prefetch per 128 bytes on sm_80..89, nothing elsewhere (the
-// CPU emulation has no cache to warm). A hint only: it never faults the kernel or changes data.
-__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#elif TS_SM80
-    for (unsigned off = 0; off < bytes; off += 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}

@@ -202,9 +202,6 @@ def render(res):
                  f"{fmt(r.get('pytorch_e2e_tok_s'), '.1f'):>10} {fmt(r.get('ratio_vs_e2e'), '.2f'):>7} "
                  f"{fmt(r.get('bytes_per_step'), '.3g'):>11} {fmt(r.get('roofline_tok_s'), '.1f'):>10} "
                  f"{fmt(r.get('roofline_fraction'), '.3f'):>8}")
-    for r in res.get("speed_no_prefetch") or []:
-        L.append(f"  batch {r.get('batch')} with --cuda-l2-prefetch false (informative): "
-                 f"{fmt(r.get('tessera_decode_tok_s'), '.1f')} tok/s, roofline fraction {fmt(r.get('roofline_fraction'), '.3f')}")
     p = res.get("prefill") or {}
     L.append(f"  prefill {fmt(p.get('prompt_len'), 'd')} tokens: tessera {fmt(p.get('tessera_prefill_tok_s'), '.0f')} tok/s "
              f"(GEMM fraction {fmt(p.get('tessera_gemm_fraction'), '.3f')}), PyTorch {fmt(p.get('pytorch_prefill_tok_s'), '.0f')} "
@@ -223,11 +220,6 @@ def render(res):
         for b in gemv:
             L.append(f"    {b['case']:16} gemv {b['gemv_us']:8.1f} us ({b['gemv_gb_s']:7.1f} GB/s)   "
                      f"cuBLAS {b['cublas_us']:8.1f} us ({b['cublas_gb_s']:7.1f} GB/s)")
-    warm = [b for b in (res.get("attention_bench") or []) if b.get("kind") == "prefetch"]
-    if warm:
-        L.append("  one product after an L2 flush, without and with l2_prefetch first (test_kernels.py --bench):")
-        for b in warm:
-            L.append(f"    {b['case']:40} {b['median_us']:8.1f} us")
     L.append("")
     L.append("Acceptance")
     for a in res.get("acceptance") or []:

@@ -32,7 +32,6 @@ KERNELS = {
     "gemv_bf16": ("gemv.cu", [P, P, P, I, I, I]),
     "sample_rows": ("sampling.cu", [P, I, P, P]),
     "bf16_rows_to_f32": ("sampling.cu", [P, P, L]),
-    "l2_prefetch": ("prefetch.cu", [P, L, I]),
 }
 PTX_TYPE = {P: ".u64", I: ".u32", F: ".f32", L: ".u64"}
 

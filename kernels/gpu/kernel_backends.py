@@ -18,7 +18,7 @@ CUDA_DIR = os.path.join(os.path.dirname(HERE), "cuda")
 KERNEL_OF_FILE = {"embedding.cu": "embedding_gather", "norm.cu": "add_rmsnorm", "rope.cu": "rope_kv_write",
                   "activation.cu": "silu_mul", "attention.cu": "paged_attention",
                   "flash_attention.cu": "flash_attention", "gemv.cu": "gemv_bf16",
-                  "sampling.cu": "sample_rows", "prefetch.cu": "l2_prefetch"}
+                  "sampling.cu": "sample_rows"}
 
 
 def read_source(fname, cuda_dir=CUDA_DIR):

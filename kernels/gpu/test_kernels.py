@@ -662,53 +662,6 @@ def test_gemv(c):
             c.check_close(f"gemv_bf16 m={m} n={n} k={k}", f32_of_bits(be.to_host(y)), xv @ wv.T)
 
 
-def test_prefetch(c):
-    """l2_prefetch is a hint only: the bytes it covers come back unchanged and nothing faults, for
-    any piece size, grid and a short last piece (on the GPU a piece past the end would fault)."""
-    be = c.be
-    for nbytes, chunk, grid, block in ((16, 16384, 1, 32), (4096 + 48, 1024, 3, 32), ((1 << 20) + 48, 16384, 7, 64)):
-        data = c.randint(0, 256, (nbytes,)).to(torch.uint8).numpy()
-        buf = be.to_dev(data)
-        be.launch("prefetch.cu", "l2_prefetch", (grid,), (block,), [buf, i64(nbytes), i32(chunk)])
-        c.check_exact(f"l2_prefetch leaves data alone bytes={nbytes} chunk={chunk} grid={grid}", be.to_host(buf), data)
-
-
-def bench_prefetch(be):
-    """Timings (not pass/fail) of one batch-1 product (torch.matmul, cuBLAS) on a 4096 x 4096 bf16
-    matrix read from memory after the L2 cache was flushed, without and with an l2_prefetch of up
-    to half the L2 cache first: whether the prefetch lands in L2 at all."""
-    import torch as th
-
-    cp = be.cp
-    l2 = cp.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]
-    n = k = 4096
-    w = th.randn(n, k, device="cuda", dtype=th.bfloat16)
-    x = th.randn(1, k, device="cuda", dtype=th.bfloat16)
-    y = th.empty(1, n, device="cuda", dtype=th.bfloat16)
-    flush = th.empty(4 * l2, device="cuda", dtype=th.uint8)
-    ww = cp.asarray(w.view(th.int16))
-    nbytes = min(n * k * 2, (l2 // 2) & ~16383)
-    rows = []
-    for prefetched in (False, True, False, True):
-        times = []
-        for _ in range(20):
-            flush.fill_(1)
-            if prefetched:
-                be.launch("prefetch.cu", "l2_prefetch", (132,), (32,), [ww, i64(nbytes), i32(16384)], sync=False)
-            th.cuda.synchronize()
-            start, stop = th.cuda.Event(enable_timing=True), th.cuda.Event(enable_timing=True)
-            start.record()
-            th.matmul(x, w.T, out=y)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) * 1e3)
-        times.sort()
-        rows.append({"case": f"o_proj m=1 after flush{' + l2_prefetch' if prefetched else ''}",
-                     "prefetch_bytes": nbytes if prefetched else 0, "median_us": round(times[len(times) // 2], 1)})
-        print(f"bench prefetch {rows[-1]['case']:40} {rows[-1]['median_us']:8.1f} us", flush=True)
-    return rows
-
-
 def bench_gemv(be):
     """Timings (not pass/fail) of gemv_bf16 against torch.matmul (cuBLAS) at batch 1 and 4 for
     the 8B shape's projections, as weight-read bandwidth."""
@@ -824,7 +777,6 @@ TESTS = {
     "attention": test_attention,
     "sampling": test_sampling,
     "gemv": test_gemv,
-    "prefetch": test_prefetch,
 }
 
 
@@ -867,7 +819,6 @@ def main():
         try:
             bench = bench_attention(be)
             bench += [dict(r, kind="gemv") for r in bench_gemv(be)]
-            bench += [dict(r, kind="prefetch") for r in bench_prefetch(be)]
         except Exception as e:  # noqa: BLE001 -- timings are informative only
             traceback.print_exc()
             bench = [{"error": f"{type(e).__name__}: {e}"[:1000]}]

@@ -89,11 +89,6 @@ pub struct ModelArgs {
     /// Index of the GPU to use.
     #[arg(long, default_value_t = 0)]
     pub cuda_device: usize,
-    /// With --device cuda: in decode steps, fetch the start of each weight matrix into the L2
-    /// cache (on a second stream) while the small kernels before its product run. `false` is for
-    /// comparisons.
-    #[arg(long, env = "TESSERA_CUDA_L2_PREFETCH", default_value_t = true, action = clap::ArgAction::Set)]
-    pub cuda_l2_prefetch: bool,
 }
 
 /// How the model is split over devices (commands that run the model).
@@ -212,7 +207,6 @@ impl ModelArgs {
             device: self.cuda_device,
             lib_dirs: self.cuda_lib_dir.clone(),
             cache_dir: self.cache_dir.clone().unwrap_or_else(loader::fetch::default_cache_dir),
-            l2_prefetch: self.cuda_l2_prefetch,
         };
         let backend = tessera_worker::backend::cuda::CudaBackend::new(resolved, &options, kv, |_| bar.inc(1))
             .with_context(|| resolved.id.clone())?;

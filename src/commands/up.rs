@@ -62,7 +62,6 @@ fn worker_args(args: &UpArgs, index: usize, threads: usize) -> Vec<String> {
         v.extend(["--cuda-lib-dir".into(), dir.display().to_string()]);
     }
     v.extend(["--cuda-device".into(), m.cuda_device.to_string()]);
-    v.extend(["--cuda-l2-prefetch".into(), m.cuda_l2_prefetch.to_string()]);
     v.extend(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"].map(String::from));
     v.extend(["--threads".into(), threads.to_string(), "--kv-memory".into(), args.kv_memory.clone()]);
     v.extend([

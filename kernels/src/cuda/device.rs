@@ -13,7 +13,6 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::libs::{self, CudaLibraries};
-use super::prefetch::L2Prefetcher;
 use super::{CudaError, guard};
 
 const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
@@ -28,7 +27,6 @@ const SOURCES: &[(&str, &str)] = &[
     ("flash_attention.cu", include_str!("../../cuda/flash_attention.cu")),
     ("gemv.cu", include_str!("../../cuda/gemv.cu")),
     ("sampling.cu", include_str!("../../cuda/sampling.cu")),
-    ("prefetch.cu", include_str!("../../cuda/prefetch.cu")),
 ];
 
 /// A hash of every kernel source (with the prelude): measurements that depend on the kernels,
@@ -61,7 +59,6 @@ pub struct Kernels {
     pub(crate) gemv_bf16: CudaFunction,
     pub(crate) sample_rows: CudaFunction,
     pub(crate) bf16_rows_to_f32: CudaFunction,
-    pub(crate) l2_prefetch: CudaFunction,
 }
 
 /// An opened GPU.
@@ -72,7 +69,6 @@ pub struct GpuDevice {
     compute_capability: (i32, i32),
     sm_count: usize,
     pub(crate) kernels: Kernels,
-    pub(crate) prefetcher: L2Prefetcher,
     libs: CudaLibraries,
 }
 
@@ -123,20 +119,14 @@ impl GpuDevice {
             let ctx = CudaContext::new(options.device)?;
             // A stream of our own: the legacy default stream cannot be captured into a graph.
             let stream = ctx.new_stream()?;
-            // SAFETY: every operation of this device that writes memory is queued on this one
-            // stream, so stream order alone orders all reads and writes; the L2 prefetcher's side
-            // stream only reads weights and is ordered by its own events (see `prefetch`).
-            // cudarc's cross-stream events are not needed.
+            // SAFETY: every operation of this device is queued on this one stream, so stream
+            // order alone orders all reads and writes; cudarc's cross-stream events are not needed.
             unsafe { ctx.disable_event_tracking() };
             let name = ctx.name()?;
             let compute_capability = ctx.compute_capability()?;
             let sm_count = ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
                 as usize;
-            let l2_bytes = ctx
-                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
-                .max(0) as usize;
-            let prefetcher = L2Prefetcher::new(&stream, l2_bytes)?;
             let arch = arch_option(compute_capability)?;
             let cache = options.cache_dir.join("cuda-kernels");
             let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
@@ -163,9 +153,8 @@ impl GpuDevice {
                 gemv_bf16: f("gemv.cu", "gemv_bf16")?,
                 sample_rows: f("sampling.cu", "sample_rows")?,
                 bf16_rows_to_f32: f("sampling.cu", "bf16_rows_to_f32")?,
-                l2_prefetch: f("prefetch.cu", "l2_prefetch")?,
             };
-            Ok(GpuDevice { stream, name, compute_capability, sm_count, kernels, prefetcher, libs })
+            Ok(GpuDevice { stream, name, compute_capability, sm_count, kernels, libs })
         })
     }
 

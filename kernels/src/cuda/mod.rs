@@ -12,7 +12,6 @@ pub mod libs;
 pub mod nccl;
 pub mod ops;
 pub mod plan;
-pub mod prefetch;
 pub mod selftest;
 
 pub use device::{GpuDevice, GpuOptions};

@@ -43,9 +43,6 @@ pub struct CudaOptions {
     pub lib_dirs: Vec<PathBuf>,
     /// Cache root (compiled kernels go under it).
     pub cache_dir: PathBuf,
-    /// In decode steps, fetch the start of each weight matrix into the L2 cache on a side stream
-    /// while the small kernels before its product run (see `tessera_kernels::cuda::prefetch`).
-    pub l2_prefetch: bool,
 }
 
 struct Layer {
@@ -123,8 +120,6 @@ pub struct CudaBackend {
     product_timings: Vec<ProductTiming>,
     /// Where `product_timings` came from (measured now, or read from the tuning record).
     timings_source: String,
-    /// [`CudaOptions::l2_prefetch`].
-    l2_prefetch: bool,
 }
 
 fn dev_err(e: CudaError) -> LoadError {
@@ -237,7 +232,6 @@ impl CudaBackend {
             gemv_shapes: GemvShapes::default(),
             product_timings: Vec::new(),
             timings_source: String::new(),
-            l2_prefetch: options.l2_prefetch,
         };
         (backend.product_timings, backend.timings_source) =
             backend.decode_product_timings(&options.cache_dir).map_err(dev_err)?;
@@ -349,19 +343,12 @@ impl CudaBackend {
         let dev = &self.dev;
         let gemm = &self.gemm;
         let gemv = &self.gemv_shapes;
-        // Decode steps stream every weight once: warm L2 with the start of each product's weights
-        // while the small kernels before it run.
-        let prefetch = |w: &CudaSlice<bf16>| {
-            if self.l2_prefetch && n == nseq { dev.prefetch_l2(w).map_err(run_err) } else { Ok(()) }
-        };
         dev.embedding(&self.embed_tokens, &ids, &mut ws.x, n, h).map_err(run_err)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            prefetch(&layer.qkv_proj)?;
             let delta = if li == 0 { None } else { Some(&ws.proj) };
             dev.add_rmsnorm(&mut ws.x, delta, &layer.input_layernorm, &mut ws.normed, n, h, c.rms_norm_eps)
                 .map_err(run_err)?;
             project(dev, gemm, gemv, &ws.normed, &layer.qkv_proj, &mut ws.qkv, n, qkv_dim, h).map_err(run_err)?;
-            prefetch(&layer.o_proj)?;
             let rope = RopeKvArgs {
                 positions: &positions,
                 cos: &self.rope_cos,
@@ -392,7 +379,6 @@ impl CudaBackend {
             dev.attention(&ws.qkv, &self.k_cache[li], &self.v_cache[li], &mut ws.attn, &mut self.scratch, &attn)
                 .map_err(run_err)?;
             project(dev, gemm, gemv, &ws.attn, &layer.o_proj, &mut ws.proj, n, h, qd).map_err(run_err)?;
-            prefetch(&layer.gate_up_proj)?;
             dev.add_rmsnorm(
                 &mut ws.x,
                 Some(&ws.proj),
@@ -405,23 +391,21 @@ impl CudaBackend {
             .map_err(run_err)?;
             project(dev, gemm, gemv, &ws.normed, &layer.gate_up_proj, &mut ws.gate_up, n, 2 * ffn, h)
                 .map_err(run_err)?;
-            prefetch(&layer.down_proj)?;
             dev.silu_mul(&ws.gate_up, &mut ws.act, n, ffn).map_err(run_err)?;
             project(dev, gemm, gemv, &ws.act, &layer.down_proj, &mut ws.proj, n, h, ffn).map_err(run_err)?;
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        prefetch(head)?;
         // Final residual add (the norm of every row is a by-product), then the last rows only.
         dev.add_rmsnorm(&mut ws.x, Some(&ws.proj), &self.norm, &mut ws.normed, n, h, c.rms_norm_eps)
             .map_err(run_err)?;
         dev.gather_rows(&ws.x, &last_rows, &mut ws.last_x, nseq, h).map_err(run_err)?;
         dev.add_rmsnorm(&mut ws.last_x, None, &self.norm, &mut ws.last_normed, nseq, h, c.rms_norm_eps)
             .map_err(run_err)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         project(dev, gemm, gemv, &ws.last_normed, head, &mut ws.logits, nseq, c.vocab_size, h).map_err(run_err)?;
         if pick {
             dev.sample(&ws.logits, &pick_rows, nseq, c.vocab_size, &mut ws.next_tokens).map_err(run_err)?;
         }
-        dev.join_prefetches().map_err(run_err)
+        Ok(())
     }
 
     /// Runs one step eagerly (metadata uploaded fresh), picking tokens when `picks` are given.
@@ -558,22 +542,15 @@ impl ModelBackend for CudaBackend {
             weights_dtype: "bf16".into(),
             weight_bytes_per_step: self.weight_bytes_per_step,
             kv_bytes_per_token: self.config.kv_bytes_per_token(super::CUDA_KV_ELEM_BYTES) as usize,
-            tuning: [
-                self.timings_source.clone(),
-                format!(
-                    "L2 prefetch of each product's weights in decode steps: {}",
-                    if self.l2_prefetch { "on" } else { "off" }
-                ),
-            ]
-            .into_iter()
-            .chain(self.product_timings.iter().map(|t| {
-                let kernel = if self.gemv_shapes.preferred(1, t.out, t.inner) { "GEMV" } else { "cuBLASLt" };
-                format!(
-                    "batch-1 {} ({}x{}): {kernel} (GEMV {:.1} us, cuBLASLt {:.1} us with candidate {})",
-                    t.name, t.out, t.inner, t.gemv_us, t.cublas_us, t.cublas_algo
-                )
-            }))
-            .collect(),
+            tuning: std::iter::once(self.timings_source.clone())
+                .chain(self.product_timings.iter().map(|t| {
+                    let kernel = if self.gemv_shapes.preferred(1, t.out, t.inner) { "GEMV" } else { "cuBLASLt" };
+                    format!(
+                        "batch-1 {} ({}x{}): {kernel} (GEMV {:.1} us, cuBLASLt {:.1} us with candidate {})",
+                        t.name, t.out, t.inner, t.gemv_us, t.cublas_us, t.cublas_algo
+                    )
+                }))
+                .collect(),
         }
     }
 
