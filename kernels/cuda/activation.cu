@@ -7,6 +7,7 @@
 __device__ __forceinline__ float silu_f32(float g) { return g / (1.0f + expf(-g)); }
 
 extern "C" __global__ void silu_mul(const bf16_t* __restrict__ gate_up, bf16_t* __restrict__ out, int n, int ffn) {
+    grid_dependents_launch();  // the down projection may start loading its weights now
     const int r = blockIdx.x;
     if (r >= n) return;
     const bf16_t* gate = gate_up + (long long)r * 2 * ffn;

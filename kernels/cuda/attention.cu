@@ -273,6 +273,7 @@ extern "C" __global__ void __launch_bounds__(32, 24)
                     float* __restrict__ part_acc, float* __restrict__ part_max, float* __restrict__ part_sum,
                     unsigned* __restrict__ part_done, int n_rows, int n_heads, int n_kv_heads, int head_dim,
                     int block_size, int partition_size, int n_parts, float scale) {
+    grid_dependents_launch();  // the output projection may start loading its weights now
     // Unsupported shapes are rejected on the host; here they only must not fault.
     if ((int)blockIdx.x >= n_rows || blockDim.x != 32 || (head_dim & 31) != 0) return;
 #define TS_ATTN_CASE(D)                                                                                        \

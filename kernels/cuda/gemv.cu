@@ -7,9 +7,23 @@
 // the host). Each lane streams 16-byte chunks of w's row j, eight loads in flight before the
 // first is used; x's chunks are re-read through the read-only cache (x is small and shared by
 // every warp). The lanes' partial sums are added with a butterfly.
+//
+// Launched with programmatic stream serialization (sm_90+), the kernel starts while the kernel
+// before it (a norm, attention or SiLU, which let it) still runs: the first eight chunks of each
+// row are loaded before grid_dependency_wait(), since weights are never written, and x is read
+// and y written only after it.
 
 #define TS_GEMV_WARPS 4
 #define TS_GEMV_UNROLL 8
+
+// Loads the TS_GEMV_UNROLL chunks of row `wr` that lane-group step `c0` covers (zeros past the end).
+__device__ __forceinline__ void gemv_load(const uint4* __restrict__ wr, int c0, int chunks, uint4* wv) {
+#pragma unroll
+    for (int u = 0; u < TS_GEMV_UNROLL; ++u) {
+        const int c = c0 + 32 * u;
+        wv[u] = c < chunks ? __ldg(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
 
 template <int M>
 __device__ __forceinline__ void gemv_warp(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
@@ -19,13 +33,11 @@ __device__ __forceinline__ void gemv_warp(const bf16_t* __restrict__ x, const bf
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    uint4 wv[TS_GEMV_UNROLL];
+    gemv_load(wr, lane, chunks, wv);
+    grid_dependency_wait();  // x comes from the kernel before
     for (int c0 = lane; c0 < chunks; c0 += 32 * TS_GEMV_UNROLL) {
-        uint4 wv[TS_GEMV_UNROLL];
-#pragma unroll
-        for (int u = 0; u < TS_GEMV_UNROLL; ++u) {
-            const int c = c0 + 32 * u;
-            wv[u] = c < chunks ? __ldg(wr + c) : make_uint4(0u, 0u, 0u, 0u);
-        }
+        if (c0 != lane) gemv_load(wr, c0, chunks, wv);
 #pragma unroll
         for (int u = 0; u < TS_GEMV_UNROLL; ++u) {
             const int c = c0 + 32 * u;

@@ -48,6 +48,7 @@ __device__ __forceinline__ void add_rmsnorm_chunk(float* __restrict__ xr, const 
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const bf16_t* __restrict__ delta,
                                        const bf16_t* __restrict__ weight, bf16_t* __restrict__ out, int n,
                                        int hidden, float eps) {
+    grid_dependents_launch();  // the product after this norm may start loading its weights now
     const int r = blockIdx.x;
     if (r >= n) return;  // uniform over the block, so block_sum below stays collective
     float* xr = x + (long long)r * hidden;

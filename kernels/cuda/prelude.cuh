@@ -198,3 +198,21 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
+
+// ---- Programmatic dependent launch (sm_90+; no-ops elsewhere and in the CPU emulation) ----
+// A kernel launched with programmatic stream serialization (the host does so for gemv_bf16 on
+// sm_90+) may start before the kernel ahead of it in the stream has finished, once every block
+// of that kernel has called grid_dependents_launch() or exited. It must call
+// grid_dependency_wait() before it reads anything the earlier kernel writes or writes anything
+// at all: that waits for the earlier kernel to complete with its memory visible. Without such
+// a launch both are no-ops, so any kernel may call them.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}

@@ -6,10 +6,11 @@
 //! `<cache>/cuda-kernels/<hash>.ptx`, the hash covering the source, the architecture and the
 //! compile options, so an edited kernel or another GPU never reuses a stale build.
 
+use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::libs::{self, CudaLibraries};
@@ -70,6 +71,9 @@ pub struct GpuDevice {
     sm_count: usize,
     pub(crate) kernels: Kernels,
     libs: CudaLibraries,
+    /// Whether kernels that allow it are launched to overlap the kernel before them (see
+    /// [`GpuDevice::launch_overlapping`]), and if not, why.
+    overlap: Result<(), String>,
 }
 
 fn arch_option(cc: (i32, i32)) -> Result<&'static str, CudaError> {
@@ -154,8 +158,41 @@ impl GpuDevice {
                 sample_rows: f("sampling.cu", "sample_rows")?,
                 bf16_rows_to_f32: f("sampling.cu", "bf16_rows_to_f32")?,
             };
-            Ok(GpuDevice { stream, name, compute_capability, sm_count, kernels, libs })
+            let mut dev = GpuDevice { stream, name, compute_capability, sm_count, kernels, libs, overlap: Ok(()) };
+            dev.overlap = if compute_capability.0 < 9 {
+                Err(format!(
+                    "needs compute capability 9.0, this GPU has {}.{}",
+                    compute_capability.0, compute_capability.1
+                ))
+            } else {
+                // Should the driver refuse such launches, eagerly or in a captured graph, run
+                // without them rather than fail every step.
+                dev.probe_overlapping_launches().map_err(|e| format!("probe failed: {e}"))
+            };
+            Ok(dev)
         })
+    }
+
+    /// Runs two overlapping GEMV launches eagerly and the same two captured into a graph.
+    fn probe_overlapping_launches(&self) -> Result<(), CudaError> {
+        let s = &self.stream;
+        let (x, w, mut y) = (s.alloc_zeros::<half::bf16>(8)?, s.alloc_zeros::<half::bf16>(8)?, s.alloc_zeros(1)?);
+        let twice = |y: &mut cudarc::driver::CudaSlice<half::bf16>| -> Result<(), CudaError> {
+            self.gemv(&x, &w, y, 1, 1, 8)?;
+            self.gemv(&x, &w, y, 1, 1, 8)
+        };
+        twice(&mut y)?;
+        let graph = self.capture(|| twice(&mut y))??;
+        graph.launch()?;
+        self.synchronize()
+    }
+
+    /// "on", or why kernels are not launched to overlap the kernel before them.
+    pub fn launch_overlap(&self) -> String {
+        match &self.overlap {
+            Ok(()) => "on".into(),
+            Err(why) => format!("off ({why})"),
+        }
     }
 
     /// The stream every operation is queued on.
@@ -176,6 +213,58 @@ impl GpuDevice {
     /// The loaded libraries.
     pub fn libraries(&self) -> &CudaLibraries {
         &self.libs
+    }
+
+    /// Whether kernels can be launched to overlap the end of the kernel before them
+    /// (programmatic dependent launch, compute capability 9.0 and later).
+    pub(crate) fn overlaps_launches(&self) -> bool {
+        self.overlap.is_ok()
+    }
+
+    /// Queues `function` on this device's stream with programmatic stream serialization: it may
+    /// start before the kernel ahead of it has finished, once that kernel's blocks have all
+    /// called `grid_dependents_launch()` or exited (see `prelude.cuh`).
+    ///
+    /// # Safety
+    /// `params` holds one pointer per kernel parameter, in order, each to a value of exactly the
+    /// parameter's type, alive for the call; the kernel calls `grid_dependency_wait()` before it
+    /// reads what earlier kernels write or writes anything; and [`Self::overlaps_launches`].
+    pub(crate) unsafe fn launch_overlapping(
+        &self,
+        function: &CudaFunction,
+        config: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        use cudarc::driver::sys;
+        // SAFETY: the attribute value is a plain C union; zero is a valid value of every member
+        // and the member set below is the one the attribute id selects.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let launch = sys::CUlaunchConfig {
+            gridDimX: config.grid_dim.0,
+            gridDimY: config.grid_dim.1,
+            gridDimZ: config.grid_dim.2,
+            blockDimX: config.block_dim.0,
+            blockDimY: config.block_dim.1,
+            blockDimZ: config.block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: `launch` and `attribute` outlive the call; the parameters are the caller's
+        // promise; the function belongs to this device's context.
+        unsafe {
+            sys::cuLaunchKernelEx(&launch, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+                .result()?
+        };
+        Ok(())
     }
 
     /// Waits for all queued work.

@@ -4,9 +4,10 @@
 //! kernel on the device's stream. Integer metadata (token ids, positions, slots, block tables)
 //! travels as `i32`/`u32` views into one per-step buffer.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::device::GpuDevice;
@@ -509,11 +510,24 @@ impl GpuDevice {
         need(K, "w", w.len(), out * inner)?;
         need(K, "y", y.len(), rows * out)?;
         let (m, n, k) = (to_i32(K, rows)?, to_i32(K, out)?, to_i32(K, inner)?);
+        let cfg =
+            LaunchConfig { grid_dim: (out.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         guard(|| {
+            if self.overlaps_launches() {
+                // The weights stream in while the kernel before (which lets it) finishes.
+                let stream = self.stream();
+                let ((xp, _x), (wp, _w), (yp, _y)) =
+                    (x.device_ptr(stream), w.device_ptr(stream), y.device_ptr_mut(stream));
+                let pointer = |p: &u64| (p as *const u64).cast_mut().cast::<c_void>();
+                let int = |i: &i32| (i as *const i32).cast_mut().cast::<c_void>();
+                let mut params = [pointer(&xp), pointer(&wp), pointer(&yp), int(&m), int(&n), int(&k)];
+                // SAFETY: as below; `params` point at a CUdeviceptr per pointer parameter and an
+                // i32 per int, in the kernel's order, alive for the call; gemv_bf16 waits on the
+                // kernel before it ahead of reading x or writing y (`gemv.cu`).
+                return unsafe { self.launch_overlapping(&self.kernels.gemv_bf16, cfg, &mut params) };
+            }
             let mut b = self.stream().launch_builder(&self.kernels.gemv_bf16);
             b.arg(x).arg(w).arg(y).arg(&m).arg(&n).arg(&k);
-            let cfg =
-                LaunchConfig { grid_dim: (out.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: lengths checked above; device allocations are 256-byte aligned, as the
             // kernel's 16-byte loads need.
             unsafe { b.launch(cfg) }?;

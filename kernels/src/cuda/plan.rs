@@ -76,9 +76,10 @@ pub struct ProductTiming {
     pub out: usize,
     /// Inner width (columns of the weight matrix).
     pub inner: usize,
-    /// Microseconds per call of [`GpuDevice::gemv`](super::GpuDevice::gemv).
+    /// Microseconds per call of a one-row norm and then [`GpuDevice::gemv`](super::GpuDevice::gemv)
+    /// (which starts under the norm, as under the small kernel before each product of a decode step).
     pub gemv_us: f64,
-    /// Microseconds per call of cuBLASLt, with its fastest candidate algorithm.
+    /// Microseconds per call of the same norm and then cuBLASLt, with its fastest candidate algorithm.
     pub cublas_us: f64,
     /// That candidate's index (see [`Gemm::choose`](super::gemm::Gemm::choose)).
     pub cublas_algo: usize,
@@ -107,8 +108,9 @@ impl ProductTiming {
 /// cuBLASLt: those where the GEMV kernel was timed faster on this device. Which one wins depends
 /// on the matrix, the card and cuBLASLt's plan (on an H200 at the 8B shape the GEMV beat
 /// `torch.matmul` on the 4096 x 4096 output projection by 1.3-2.2x, but the engine's own
-/// cuBLASLt plan beat the GEMV on every product, 13.5 against 15.6 us there;
-/// `kernels/gpu/results`), so it is measured, not fixed. The backend measures once per device
+/// cuBLASLt plan beat the GEMV on every product, 13.5 against 15.6 us there, before the GEMV
+/// started under the kernel ahead of it on sm_90; `kernels/gpu/results`), so it is measured,
+/// not fixed. The backend measures once per device
 /// and model shape and keeps the record, so every later process makes the same choice. Batches
 /// above one row always go to cuBLASLt, which won every measured shape at 2-4 rows.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -542,15 +542,19 @@ impl ModelBackend for CudaBackend {
             weights_dtype: "bf16".into(),
             weight_bytes_per_step: self.weight_bytes_per_step,
             kv_bytes_per_token: self.config.kv_bytes_per_token(super::CUDA_KV_ELEM_BYTES) as usize,
-            tuning: std::iter::once(self.timings_source.clone())
-                .chain(self.product_timings.iter().map(|t| {
-                    let kernel = if self.gemv_shapes.preferred(1, t.out, t.inner) { "GEMV" } else { "cuBLASLt" };
-                    format!(
-                        "batch-1 {} ({}x{}): {kernel} (GEMV {:.1} us, cuBLASLt {:.1} us with candidate {})",
-                        t.name, t.out, t.inner, t.gemv_us, t.cublas_us, t.cublas_algo
-                    )
-                }))
-                .collect(),
+            tuning: [
+                self.timings_source.clone(),
+                format!("GEMV launched under the kernel before it: {}", self.dev.launch_overlap()),
+            ]
+            .into_iter()
+            .chain(self.product_timings.iter().map(|t| {
+                let kernel = if self.gemv_shapes.preferred(1, t.out, t.inner) { "GEMV" } else { "cuBLASLt" };
+                format!(
+                    "batch-1 {} ({}x{}): {kernel} (GEMV {:.1} us, cuBLASLt {:.1} us with candidate {})",
+                    t.name, t.out, t.inner, t.gemv_us, t.cublas_us, t.cublas_algo
+                )
+            }))
+            .collect(),
         }
     }
 

@@ -87,32 +87,44 @@ impl CudaBackend {
     /// Times each of `products` with the GEMV kernel and with each of cuBLASLt's candidate
     /// algorithms. Each timed pass walks every layer's matrix once (the LM head's, several
     /// times), so the weights come from memory as in a decode step rather than from the L2 cache.
+    /// As in a decode step, a small kernel (a one-row norm) runs before every product: the GEMV
+    /// starts under it and loads its first weights early, which a product timed alone would not
+    /// show. Both timings include that norm.
     fn time_decode_products(&self, products: &[DecodeProduct<'_>]) -> Result<Vec<ProductTiming>, CudaError> {
         let stream = self.dev.stream();
+        let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
+        let mut lead = (stream.alloc_zeros::<f32>(h)?, stream.alloc_zeros::<bf16>(h)?);
         let mut timings = Vec::with_capacity(products.len());
         for &DecodeProduct { name, out, inner, ref weights } in products {
             let x = stream.alloc_zeros::<bf16>(inner)?;
             let mut y = stream.alloc_zeros::<bf16>(out)?;
             let calls = weights.len().max(8);
-            let gemv =
-                |y: &mut CudaSlice<bf16>, i: usize| self.dev.gemv(&x, weights[i % weights.len()], y, 1, out, inner);
-            let cublas =
-                |y: &mut CudaSlice<bf16>, i: usize| self.gemm.matmul(&x, weights[i % weights.len()], y, 1, out, inner);
+            // The lead norm, then the product on layer `i`'s matrix by the GEMV or cuBLASLt.
+            let mut run = |gemv: bool, i: usize| {
+                let (lead_x, lead_out) = &mut lead;
+                self.dev.add_rmsnorm(lead_x, None, &self.norm, lead_out, 1, h, eps)?;
+                let w = weights[i % weights.len()];
+                if gemv {
+                    self.dev.gemv(&x, w, &mut y, 1, out, inner)
+                } else {
+                    self.gemm.matmul(&x, w, &mut y, 1, out, inner)
+                }
+            };
             let candidates = self.gemm.candidates(1, out, inner)?;
             // A warm-up pass each (plans, module loads), then the best of three alternating
             // passes, every kernel and candidate in each.
-            self.dev.time_us(calls, |i| gemv(&mut y, i))?;
+            self.dev.time_us(calls, |i| run(true, i))?;
             for algo in 0..candidates {
                 self.gemm.choose(1, out, inner, algo)?;
-                self.dev.time_us(calls, |i| cublas(&mut y, i))?;
+                self.dev.time_us(calls, |i| run(false, i))?;
             }
             let mut gemv_us = f64::INFINITY;
             let mut cublas_us = vec![f64::INFINITY; candidates];
             for _ in 0..3 {
-                gemv_us = gemv_us.min(self.dev.time_us(calls, |i| gemv(&mut y, i))?);
+                gemv_us = gemv_us.min(self.dev.time_us(calls, |i| run(true, i))?);
                 for (algo, best) in cublas_us.iter_mut().enumerate() {
                     self.gemm.choose(1, out, inner, algo)?;
-                    *best = best.min(self.dev.time_us(calls, |i| cublas(&mut y, i))?);
+                    *best = best.min(self.dev.time_us(calls, |i| run(false, i))?);
                 }
             }
             // The heuristic's own first pick unless another candidate is strictly faster.
