@@ -206,7 +206,9 @@ def pytorch_baselines(torch, model, batches, prompt_len, gen_len, prefill_len, s
             log_fn(f"pytorch prefill {prefill_len}: {prefill_len / best:.0f} tok/s")
         else:
             res["skipped"].append("prefill: time budget")
-        for b in batches:
+        # Largest batch first: acceptance compares against it; the smaller ones are context and
+        # are the ones a short budget drops.
+        for b in sorted(batches, reverse=True):
             # rough cost: a warm-up, then 1 and gen_len new tokens; skip when it may not fit
             if budget.left() < reserve_s + 25 + 0.2 * b:
                 res["skipped"].append(f"generate batch {b}: time budget")
