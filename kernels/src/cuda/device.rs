@@ -5,6 +5,11 @@
 //! into `sm_90` code when loading it). The PTX is cached on disk under
 //! `<cache>/cuda-kernels/<hash>.ptx`, the hash covering the source, the architecture and the
 //! compile options, so an edited kernel or another GPU never reuses a stale build.
+//!
+//! On compute capability 9.0 and later, kernels written for it (the GEMV) are launched to
+//! overlap the end of the kernel before them (programmatic dependent launch), once a probe at
+//! open has shown the driver runs such launches eagerly and in captured graphs; otherwise every
+//! launch is a plain one and [`GpuDevice::launch_overlap`] says why.
 
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
