@@ -44,6 +44,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The CUDA backend builds everywhere (libraries are loaded at run time); its device checks run
 # on a GPU machine with kernels/gpu/check.sh.
 cargo clippy --workspace --all-targets --locked --features cuda -- -D warnings
+# API docs build with every intra-doc link resolving (no links to private items).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --features cuda --quiet
 # Its launch policy (attention split, GEMV choice, tuning records) is plain logic: tested here.
 cargo test -p tessera-kernels --locked --features cuda --lib cuda::
 # The Helm chart: lint, render, validate against the Kubernetes schemas, reject bad values.

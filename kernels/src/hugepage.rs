@@ -8,7 +8,7 @@
 //! backs it with huge pages whenever it has them (`/sys/kernel/mm/transparent_hugepage/enabled`
 //! set to `always` or `madvise`); elsewhere it is an ordinary aligned allocation.
 //!
-//! Invariant: `ptr` points to `capacity_bytes` bytes allocated with [`HugePageBuf::layout`], of
+//! Invariant: `ptr` points to `capacity_bytes` bytes allocated with `HugePageBuf::layout`, of
 //! which the first `len` elements are initialised; the buffer owns them.
 
 use std::alloc::Layout;

@@ -3,8 +3,8 @@
 //! A [`CpuPool`] of `threads` runs each parallel kernel on `threads - 1` worker threads plus the
 //! calling thread. A forward pass launches about ten kernels per layer, each a few microseconds
 //! to a few hundred microseconds long, so the cost that matters is the hand-off between them:
-//! workers stay hot between launches — they spin for [`SPIN`], then yield the core for up to
-//! [`YIELD`], and only then sleep on a condition variable — so a launch during a step reaches
+//! workers stay hot between launches — they spin for `SPIN`, then yield the core for up to
+//! `YIELD`, and only then sleep on a condition variable — so a launch during a step reaches
 //! running workers through one atomic store, not a futex wake.
 //!
 //! Invariants:

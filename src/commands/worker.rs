@@ -83,7 +83,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "TESSERA_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
     lease_ttl: Duration,
     /// HOST:PORT that routers dial, as registered in etcd [default: the bound gRPC address;
-    /// required when listening on 0.0.0.0 or [::]].
+    /// required when listening on 0.0.0.0 or ::].
     #[arg(long, env = "TESSERA_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
 }

@@ -1,6 +1,6 @@
 //! `tessera.v1.Generation`: the public gRPC API, served by the router.
 //!
-//! [`prepare`] validates a request and builds the worker request; [`run`] routes it, streams the
+//! `prepare` validates a request and builds the worker request; `run` routes it, streams the
 //! worker's tokens back as text deltas and collects them for unary calls. This module maps the
 //! gRPC methods onto those two steps; the OpenAI-compatible HTTP API maps its routes onto the
 //! same steps.

@@ -1,6 +1,6 @@
 //! The engine on its own thread, driven by commands from async handlers.
 //!
-//! The thread owns the [`Engine`] outright (no lock): handlers send [`Command`]s through a bounded
+//! The thread owns the [`Engine`] outright (no lock): handlers send `Command`s through a bounded
 //! channel and receive each request's events through its own bounded channel whose capacity
 //! covers every event the request can produce, so the engine thread never blocks on a slow client.
 //! Each loop turn it takes new commands (blocking only when idle), aborts requests whose client
