@@ -16,8 +16,8 @@ longer fits and says so):
      the first step whose PyTorch top-2 logit gap is below 1e-2. An f32 PyTorch run of the same
      weights is reported alongside, for context;
   d) speed on 8b: `tessera bench engine --json --runs 5` (medians) at batch 1/32/128 (prompt
-     128, 128 new tokens) and a 2048-token prefill, against transformers `generate` (SDPA, greedy, KV cache) and a
-     2048-token PyTorch forward, and against the ceilings of (a);
+     128, 128 new tokens) and a 2048-token prefill, against transformers `generate` (SDPA,
+     greedy, KV cache) and a 2048-token PyTorch forward, and against the ceilings of (a);
   e) one table on stdout, everything as JSON in --out.
 
     python3 kernels/gpu/check.py --bin .gpu-bin/tessera --out gpu-out [--cuda-lib-dir DIR]...

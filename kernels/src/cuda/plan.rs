@@ -110,9 +110,9 @@ impl ProductTiming {
 /// `torch.matmul` on the 4096 x 4096 output projection by 1.3-2.2x, but the engine's own
 /// cuBLASLt plan beat the GEMV on every product, 13.5 against 15.6 us there, before the GEMV
 /// started under the kernel ahead of it on sm_90; `kernels/gpu/results`), so it is measured,
-/// not fixed. The backend measures once per device
-/// and model shape and keeps the record, so every later process makes the same choice. Batches
-/// above one row always go to cuBLASLt, which won every measured shape at 2-4 rows.
+/// not fixed. The backend measures once per device and model shape and keeps the record, so
+/// every later process makes the same choice. Batches above one row always go to cuBLASLt,
+/// which won every measured shape at 2-4 rows.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GemvShapes(Vec<(usize, usize)>);
 

@@ -127,10 +127,10 @@ impl CudaBackend {
                     *best = best.min(self.dev.time_us(calls, |i| run(false, i))?);
                 }
             }
-            // The heuristic's own first pick unless another candidate is strictly faster.
+            // The heuristic's own first pick unless another candidate is strictly faster (the
+            // backend applies the choice, as for a record read from disk).
             let (cublas_algo, cublas_us) =
                 cublas_us.iter().copied().enumerate().fold((0, cublas_us[0]), |b, c| if c.1 < b.1 { c } else { b });
-            self.gemm.choose(1, out, inner, cublas_algo)?;
             timings.push(ProductTiming { name, out, inner, gemv_us, cublas_us, cublas_algo });
         }
         Ok(timings)
