@@ -1,6 +1,7 @@
 //! Software prefetch of weights: the next sub-block for the tiled matmul tasks (`avx2`,
-//! `avx512`), and a line a few pages ahead of each row for the row-by-row decode drivers
-//! (`bf16_dot`, `quantized`, `quantized_i16`).
+//! `avx512`), the stretch of the weight stream a few KiB past each row tile of the bf16 dot
+//! products (`bf16_dot`), and a line a few pages ahead of each row for the row-by-row decode
+//! drivers (`bf16_dot`, `quantized`, `quantized_i16`).
 
 use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
 
@@ -42,6 +43,13 @@ impl Prefetcher {
         let range = region.as_ptr_range();
         let lines = std::mem::size_of_val(region).div_ceil(Self::LINE);
         Prefetcher { next: range.start.cast(), end: range.end.cast(), lines_per_step: lines.div_ceil(steps.max(1)) }
+    }
+
+    /// Prefetches the `len` bytes from `start` (clipped at `end`, one past the matrix) over
+    /// `steps` calls of [`Prefetcher::step`].
+    pub(crate) fn span(start: *const u8, len: usize, end: *const u8, steps: usize) -> Self {
+        let stop = start.wrapping_add(len).min(end);
+        Prefetcher { next: start, end: stop, lines_per_step: len.div_ceil(Self::LINE).div_ceil(steps.max(1)) }
     }
 
     /// Issues the next share of prefetches (none once the region is covered).
