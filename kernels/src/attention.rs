@@ -10,10 +10,15 @@
 //! index is validated first, so bad input is a [`KernelError`], never a panic.
 //!
 //! Cache entries are f32 or bf16 ([`Elem`]); they are widened to f32 as they are read, and all
-//! arithmetic is in f32.
+//! arithmetic is in f32 — except on the AVX-512 BF16 ISA over a bf16 cache, where a pool whose
+//! input rounding allows bf16 ([`InputRounding::Bf16`], the default) rounds the query and the
+//! softmax weights to bf16 and multiplies them with the cache entries as they are (`bf16_dot`),
+//! still summing in f32.
 
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
+mod bf16_dot;
 mod chunks;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -22,6 +27,7 @@ use crate::profile::{self, KernelClass};
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
+use crate::matmul::InputRounding;
 use crate::pool::CpuPool;
 use crate::simd::Elem;
 use crate::softmax::{exp_shifted_isa, softmax_ref};
@@ -207,7 +213,7 @@ pub fn paged_attention_ref<E: Elem>(
 
 /// Fast paged attention on `pool`, over query heads grouped by the KV head they share (GQA), so
 /// each K and V row is located and loaded once for the whole group; SIMD dot products and value
-/// accumulation; per-thread buffers reused across tasks.
+/// accumulation (bf16 ones where the module docs say); per-thread buffers reused across tasks.
 ///
 /// A query's visible positions are cut into chunks of 256 (`chunks`), each attended to alone and
 /// merged in order. When the (query, KV head) pairs are enough to keep every thread busy — at
@@ -232,7 +238,7 @@ pub fn paged_attention<E: Elem>(
         visible * 2 * kv.n_kv_heads * kv.head_dim * std::mem::size_of::<E>() + 4 * (q.len() + out.len()),
         visible * n_heads * kv.head_dim * 4,
     );
-    let ctx = Ctx { isa: pool.isa(), g, kv };
+    let ctx = Ctx { isa: pool.isa(), bf16_inputs: pool.input_rounding() >= InputRounding::Bf16, g, kv };
     let group_len = g.group * g.head_dim;
     let groups_per_query = g.n_heads / g.group;
     let pairs = queries.len() * groups_per_query;
@@ -345,11 +351,16 @@ struct ChunkScratch {
     next_offsets: Vec<usize>,
     /// One K or V row widened to f32 (portable path, non-f32 caches).
     row: Vec<f32>,
+    /// The bf16 dot products' buffers.
+    #[cfg(target_arch = "x86_64")]
+    bf16: bf16_dot::Scratch,
 }
 
 /// What every task of one fast call shares.
 struct Ctx<'c, 'a, E> {
     isa: Isa,
+    /// Whether the pool lets the query and the softmax weights be rounded to bf16.
+    bf16_inputs: bool,
     g: Geometry,
     kv: &'c PagedKvLayer<'a, E>,
 }
@@ -395,6 +406,22 @@ impl<E: Elem> Ctx<'_, '_, E> {
                 head_dim: g.head_dim,
                 scale: g.scale,
             };
+            if let (Isa::Avx512Bf16, true, Some(k), Some(v)) =
+                (self.isa, self.bf16_inputs, E::as_bf16(self.kv.k), E::as_bf16(self.kv.v))
+                && bf16_dot::takes(g.head_dim)
+            {
+                let rows = x86::Rows {
+                    k,
+                    v,
+                    offsets: rows.offsets,
+                    next_offsets: rows.next_offsets,
+                    head_dim: rows.head_dim,
+                    scale: rows.scale,
+                };
+                // SAFETY: as below; the ISA has AVX-512 BF16, and `takes` holds.
+                unsafe { bf16_dot::group(self.isa, &rows, job.q, &mut scratch.scores, out, stats, &mut scratch.bf16) };
+                return;
+            }
             // SAFETY: pools hold only supported ISAs (every x86 SIMD ISA includes AVX2 and FMA,
             // the AVX-512 ones also F and VL); the offsets were validated to start whole rows;
             // `q`, `out`, `scores` and `stats` are sized for the group's heads.

@@ -8,6 +8,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 
 use half::{bf16, f16};
 
@@ -28,6 +30,11 @@ pub trait Elem: sealed::Sealed + Copy + Send + Sync + 'static {
         buf
     }
 
+    /// `src` as bf16 where the elements are bf16 (for kernels that read them directly).
+    fn as_bf16(src: &[Self]) -> Option<&[bf16]> {
+        let _ = src;
+        None
+    }
     /// Loads 8 consecutive elements widened to f32.
     ///
     /// # Safety
@@ -85,6 +92,10 @@ impl Elem for bf16 {
     fn to_f32(self) -> f32 {
         // bf16 is the upper half of an f32: widening is a 16-bit shift (NaNs stay NaN).
         f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    fn as_bf16(src: &[Self]) -> Option<&[bf16]> {
+        Some(src)
     }
 
     #[cfg(target_arch = "x86_64")]

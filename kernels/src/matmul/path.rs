@@ -17,8 +17,10 @@ pub enum InputRounding {
     /// None: f32 token rows on every path, the reference's arithmetic up to the order of the
     /// sums (for comparisons against it; slower for quantised and bf16 weights).
     Exact,
-    /// bf16 at most (relative error 2⁻⁹ per value; the AVX-512 BF16 ISA's bf16 dot products).
-    /// The default, and what logits always get. Decode-sized token rows against Q8_0 weights are
+    /// bf16 at most (relative error 2⁻⁹ per value; the AVX-512 BF16 ISA's bf16 dot products,
+    /// which attention over a bf16 KV cache also takes for its query and softmax weights, see
+    /// [`paged_attention`](crate::attention::paged_attention)). The default, and what logits always
+    /// get. Decode-sized token rows against Q8_0 weights are
     /// quantised to 16 bits per 32-value block instead (on the AVX-512 BF16 ISA up to two of them):
     /// each value moves by at most `max|x| / 65534` of its block, less than bf16 moves every
     /// value above 2⁻⁷ of that largest one.

@@ -1,6 +1,8 @@
 use half::bf16;
 use rand::seq::SliceRandom;
 use tessera_kernels::attention::{AttentionQuery, PagedKvLayer, paged_attention, paged_attention_ref};
+use tessera_kernels::matmul::InputRounding;
+use tessera_kernels::{CpuPool, Elem};
 
 use crate::{assert_close, pools, rng, uniform};
 
@@ -37,6 +39,22 @@ impl Fixture {
         PagedKvLayer {
             k: &self.k,
             v: &self.v,
+            block_size: self.block_size,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// The cache rounded to bf16 (K, V).
+    fn bf16_cache(&self) -> (Vec<bf16>, Vec<bf16>) {
+        (self.k.iter().map(|&x| bf16::from_f32(x)).collect(), self.v.iter().map(|&x| bf16::from_f32(x)).collect())
+    }
+
+    /// A layer over `cache` with this fixture's geometry.
+    fn layer_of<'a>(&self, cache: &'a (Vec<bf16>, Vec<bf16>)) -> PagedKvLayer<'a, bf16> {
+        PagedKvLayer {
+            k: &cache.0,
+            v: &cache.1,
             block_size: self.block_size,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
@@ -95,30 +113,32 @@ fn run_case(f: &Fixture, n_heads: usize, qs: &[(usize, AttentionQuery)], seed: u
         // Reordered dot products and polynomial exp: 1e-5 relative, 1e-6 absolute.
         assert_close(&format!("fast {} x{}", pool.isa(), pool.threads()), &got, &want, 1e-5, 1e-6);
     }
-    // A bf16 cache: the kernels widen its entries exactly, so they must match the f32 kernels on
-    // the same (rounded) values.
-    let (kb, vb): (Vec<bf16>, Vec<bf16>) =
-        (f.k.iter().map(|&x| bf16::from_f32(x)).collect(), f.v.iter().map(|&x| bf16::from_f32(x)).collect());
+    // A bf16 cache. Pools that keep their inputs exact widen its entries exactly, so they must
+    // match the f32 kernels on the same (rounded) values; those that allow bf16 inputs may round
+    // the query and the softmax weights to bf16 (the AVX-512 BF16 dot products), each moving by
+    // at most 2⁻⁹ of itself: the scores by 2⁻⁹ of `scale · Σ|q k|` (at most 2⁻⁹ here: `|q|, |k| ≤ 1`
+    // and `scale = head_dim^-½` bound it by `√head_dim`), so each weight by about `2⁻⁹ (1 + 2 √hd)`
+    // relative, and the output, a weighted mean of values of at most 1, by twice that.
+    let cache = f.bf16_cache();
+    let layer_b = f.layer_of(&cache);
     let rounded = Fixture {
-        k: kb.iter().map(|x| x.to_f32()).collect(),
-        v: vb.iter().map(|x| x.to_f32()).collect(),
+        k: cache.0.iter().map(|x| x.to_f32()).collect(),
+        v: cache.1.iter().map(|x| x.to_f32()).collect(),
         tables: f.tables.clone(),
         ..*f
-    };
-    let layer_b = PagedKvLayer {
-        k: &kb[..],
-        v: &vb[..],
-        block_size: f.block_size,
-        n_kv_heads: f.n_kv_heads,
-        head_dim: f.head_dim,
     };
     let mut want_b = vec![0.0; q.len()];
     paged_attention_ref(&q, &queries, &layer_b, n_heads, &mut want_b).unwrap();
     assert_close("bf16 ref vs dense", &want_b, &dense(&rounded, &q, qs, n_heads), 1e-4, 1e-5);
-    for pool in pools() {
-        let mut got = vec![f32::NAN; q.len()];
-        paged_attention(&pool, &q, &queries, &layer_b, n_heads, &mut got).unwrap();
-        assert_close(&format!("fast bf16 cache {} x{}", pool.isa(), pool.threads()), &got, &want_b, 1e-5, 1e-6);
+    let rounding_bound = 2.0 * (1.0 + 2.0 * (f.head_dim as f32).sqrt()) / 512.0;
+    for rounding in [InputRounding::Exact, InputRounding::Bf16] {
+        for pool in pools().into_iter().map(|p| p.with_input_rounding(rounding)) {
+            let mut got = vec![f32::NAN; q.len()];
+            paged_attention(&pool, &q, &queries, &layer_b, n_heads, &mut got).unwrap();
+            let what = format!("fast bf16 cache {} x{} {rounding:?}", pool.isa(), pool.threads());
+            let abs = if rounding == InputRounding::Exact { 1e-6 } else { rounding_bound };
+            assert_close(&what, &got, &want_b, 1e-5, abs);
+        }
     }
 }
 
@@ -128,7 +148,9 @@ fn query(table: &[u32], context_len: usize, window_start: usize) -> AttentionQue
 
 #[test]
 fn gqa_shuffled_blocks_and_windows() {
-    for head_dim in [16, 12, 64, 136] {
+    // 32 to 128: the bf16 dot products' one to four chunks per row; 12, 16 and 136 are not whole
+    // chunks (the f32 kernels take them).
+    for head_dim in [16, 12, 32, 64, 96, 128, 136] {
         let f = Fixture::new(21, 3, 6, 4, 2, head_dim);
         let t = &f.tables;
         let qs = [
@@ -181,19 +203,44 @@ fn results_do_not_depend_on_how_the_chunks_are_shared_out() {
     let row = n_heads * 64;
     let others = [query(&t[3], 200, 0), query(&t[3], 90, 0), query(&t[1], 250, 0)];
     let q = uniform(&mut rng(23), 4 * row, 1.0);
+    let cache = f.bf16_cache();
     for pool in pools() {
-        for (i, qr) in lone.iter().enumerate() {
-            // Alone: two pairs, so a pool of two threads cuts them into chunk tasks.
-            let mut alone = vec![0.0f32; row];
-            paged_attention(&pool, &q[..row], &[*qr], &f.layer(), n_heads, &mut alone).unwrap();
-            // First of a batch of four: eight pairs, one task each.
-            let batch = [*qr, others[0], others[1], others[2]];
-            let mut batched = vec![0.0f32; 4 * row];
-            paged_attention(&pool, &q, &batch, &f.layer(), n_heads, &mut batched).unwrap();
-            let same = alone.iter().zip(&batched[..row]).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "query {i} on {} x{}: alone and batched differ", pool.isa(), pool.threads());
+        // An f32 cache, and a bf16 one (on the AVX-512 BF16 ISA, its bf16 dot products).
+        for (cache, ok) in [
+            ("f32", shared_out_agrees(&pool, &f.layer(), &q, &lone, &others)),
+            ("bf16", shared_out_agrees(&pool, &f.layer_of(&cache), &q, &lone, &others)),
+        ] {
+            if let Err(i) = ok {
+                panic!("{cache} cache, query {i} on {} x{}: alone and batched differ", pool.isa(), pool.threads());
+            }
         }
     }
+}
+
+/// Whether each of `lone` gets the same bits alone and as the first of a batch with `others`
+/// (else the first that does not).
+fn shared_out_agrees<E: Elem>(
+    pool: &CpuPool,
+    layer: &PagedKvLayer<E>,
+    q: &[f32],
+    lone: &[AttentionQuery],
+    others: &[AttentionQuery; 3],
+) -> Result<(), usize> {
+    let n_heads = 6;
+    let row = n_heads * layer.head_dim;
+    for (i, qr) in lone.iter().enumerate() {
+        // Alone: two pairs, so a pool of two threads cuts them into chunk tasks.
+        let mut alone = vec![0.0f32; row];
+        paged_attention(pool, &q[..row], &[*qr], layer, n_heads, &mut alone).unwrap();
+        // First of a batch of four: eight pairs, one task each.
+        let batch = [*qr, others[0], others[1], others[2]];
+        let mut batched = vec![0.0f32; 4 * row];
+        paged_attention(pool, q, &batch, layer, n_heads, &mut batched).unwrap();
+        if alone.iter().zip(&batched[..row]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+            return Err(i);
+        }
+    }
+    Ok(())
 }
 
 #[test]

@@ -1,0 +1,39 @@
+//! AVX-512 building blocks shared by the kernels (every function needs AVX-512F; callers reach
+//! them only on the AVX-512 ISAs, which a [`crate::CpuPool`] guarantees the CPU has).
+
+use std::arch::x86_64::*;
+
+/// The lane sums of up to 16 vectors (`out[j]` is the sum of `vs[j]`) through a transposing
+/// tree: each level adds every vector's lanes `j` and `j + width / 2` (512 → 256 → 128 → 64 →
+/// 32 bits), packing two vectors' halves into one register, so 8 vectors cost 8 shuffle pairs
+/// rather than 8 separate reductions. Every input is summed by the same tree whatever the count,
+/// and unpaired partners are zero, so a vector's sum does not depend on its neighbours.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn lane_sums(vs: &[__m512]) -> [f32; 16] {
+    let n = vs.len();
+    assert!((1..=16).contains(&n), "lane_sums takes 1 to 16 vectors");
+    let zero = _mm512_setzero_ps();
+    let pair = |v: &[__m512], i: usize| (v[2 * i], v.get(2 * i + 1).copied().unwrap_or(zero));
+    let mut l1 = [zero; 8];
+    for (i, l) in l1.iter_mut().enumerate().take(n.div_ceil(2)) {
+        let (a, b) = pair(vs, i);
+        *l = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+    }
+    let mut l2 = [zero; 4];
+    for (i, l) in l2.iter_mut().enumerate().take(n.div_ceil(4)) {
+        let (a, b) = pair(&l1[..n.div_ceil(2)], i);
+        *l = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+    }
+    let mut l3 = [zero; 2];
+    for (i, l) in l3.iter_mut().enumerate().take(n.div_ceil(8)) {
+        let (a, b) = pair(&l2[..n.div_ceil(4)], i);
+        *l = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+    }
+    let (a, b) = pair(&l3[..n.div_ceil(8)], 0);
+    let lanes: [f32; 16] =
+        // SAFETY: `__m512` and `[f32; 16]` have the same size and every bit pattern is valid.
+        unsafe { std::mem::transmute(_mm512_add_ps(_mm512_shuffle_ps::<0x88>(a, b), _mm512_shuffle_ps::<0xDD>(a, b))) };
+    // Input `j` ends in lane `4 (j % 4) + j / 4`.
+    std::array::from_fn(|j| lanes[4 * (j % 4) + j / 4])
+}
