@@ -69,9 +69,10 @@ pub struct ModelArgs {
     #[arg(long, env = "TESSERA_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// On CPUs with AVX-512 VNNI, quantise the inputs of batched decode matmuls against Q8_0
-    /// weights to 8 bits per 32-value block, as llama.cpp does: faster batched decode, at the
-    /// cost of accuracy (on SmolLM2-135M, logits move by up to about 0.5). Logits themselves are
-    /// never computed from 8-bit inputs. Off by default (inputs rounded to bf16 at most).
+    /// weights to 8 bits per 32-value block and take 8-bit integer dot products, as llama.cpp
+    /// does, at a cost in accuracy (on SmolLM2-135M, logits move by up to about 0.5). Logits
+    /// themselves are never computed from 8-bit inputs. On an AMD Zen 4 host it is no faster than
+    /// the default. Off by default (inputs rounded to bf16 at most).
     #[arg(long, env = "TESSERA_INT8_ACTIVATIONS")]
     pub int8_activations: bool,
     /// Where fetched models are cached [default: $XDG_CACHE_HOME/tessera or ~/.cache/tessera].

@@ -25,10 +25,11 @@ pub enum InputRounding {
     /// each value moves by at most `max|x| / 65534` of its block, less than bf16 moves every
     /// value above 2⁻⁷ of that largest one.
     Bf16,
-    /// 8 bits per 32-value block where that is fastest (Q8_0 weights, 2 to 8 token rows on the
-    /// AVX-512 BF16 ISA), as llama.cpp does: each value may move by half a quantisation step of
-    /// its block (`max|x| / 254`). Opt-in: on SmolLM2-135M it moves short prompts' logits by up
-    /// to 0.5.
+    /// 8 bits per 32-value block for the VNNI integer dot products (Q8_0 weights, 2 to 8 token
+    /// rows on the AVX-512 BF16 ISA), as llama.cpp does: each value may move by half a
+    /// quantisation step of its block (`max|x| / 254`). Opt-in: on SmolLM2-135M it moves short
+    /// prompts' logits by up to 0.5, and on the test host (AMD Zen 4) it is no faster than the
+    /// bf16 dot products, which share each token chunk's load across a tile of rows.
     Int8,
 }
 
