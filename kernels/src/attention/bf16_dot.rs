@@ -110,13 +110,28 @@ pub(super) unsafe fn group(
     }
     // SAFETY: as above; `weights` is `heads × pairs`, `out` is `heads × hd`.
     unsafe {
-        match hd / 32 {
-            1 => values::<1, 3>(rows, &scratch.weights, out),
-            2 => values::<2, 3>(rows, &scratch.weights, out),
-            3 => values::<3, 2>(rows, &scratch.weights, out),
-            _ => values::<4, 2>(rows, &scratch.weights, out),
+        let w = &scratch.weights;
+        match (hd / 32, heads_per_pass(heads, if hd <= 64 { 3 } else { 2 })) {
+            (1, 1) => values::<1, 1>(rows, w, out),
+            (1, 2) => values::<1, 2>(rows, w, out),
+            (1, _) => values::<1, 3>(rows, w, out),
+            (2, 1) => values::<2, 1>(rows, w, out),
+            (2, 2) => values::<2, 2>(rows, w, out),
+            (2, _) => values::<2, 3>(rows, w, out),
+            (3, 1) => values::<3, 1>(rows, w, out),
+            (3, _) => values::<3, 2>(rows, w, out),
+            (_, 1) => values::<4, 1>(rows, w, out),
+            _ => values::<4, 2>(rows, w, out),
         }
     }
+}
+
+/// Heads per values pass, at most `max` (what the registers hold). A pass loads and interleaves
+/// each pair's V rows once (about the work of two heads' dot products) and then pays every head
+/// slot's dot products, idle ones included, so the count minimising `passes · (2 + per pass)` is
+/// taken, the larger on a tie: 3 for groups of 3, 5 to 8 or 12 heads, 2 for 2 or 4, 1 for one.
+fn heads_per_pass(heads: usize, max: usize) -> usize {
+    (1..=max.min(heads)).rev().min_by_key(|&h| heads.div_ceil(h) * (2 + h)).unwrap_or(1)
 }
 
 /// Loads 32 bf16 values.
@@ -181,8 +196,8 @@ unsafe fn block_scores<const C: usize>(k: &[bf16], qv: &[__m512bh; C], offs: &[u
     acc
 }
 
-/// `out_h = Σ_i w_h[i] · v_i` for every head, `H` heads per pass and `C` chunks of 32 per row;
-/// the first pass prefetches the next task's K rows, spread over the pairs.
+/// `out_h = Σ_i w_h[i] · v_i` for every head, `H` heads per pass ([`heads_per_pass`]) and `C`
+/// chunks of 32 per row; the first pass prefetches the next task's K rows, spread over the pairs.
 ///
 /// # Safety
 /// As for [`group`], with `C == head_dim / 32`; `weights` is `heads × ⌈n / 2⌉` bf16 pairs.
@@ -239,5 +254,18 @@ unsafe fn values<const C: usize, const H: usize>(rows: &Rows<bf16>, weights: &[u
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heads_per_pass;
+
+    #[test]
+    fn passes_take_the_heads_that_waste_least() {
+        let per = |heads| heads_per_pass(heads, 3);
+        assert_eq!([1, 2, 3, 4, 5, 6, 7, 8, 12].map(per), [1, 2, 3, 2, 3, 3, 3, 3, 3]);
+        assert_eq!(heads_per_pass(3, 2), 2);
+        assert_eq!(heads_per_pass(1, 2), 1);
     }
 }

@@ -182,10 +182,9 @@ unsafe fn load32(p: *const u16, mask: u32) -> __m512bh {
 }
 
 /// `out[j][a] = Σ_c xs[a][c] · ws[j][c]` with f32 accumulation of bf16 products: one accumulator
-/// per (row, token) pair, taking the 32-value chunks in order, then [`lane_sums`]; `ahead` steps once
-/// per chunk (from [`PREFETCH_FROM_TOKENS`] tokens on). None of it
-/// depends on `T` or `N`, so a token's sum is the same whatever else is in the batch and
-/// whichever rows share the tile.
+/// per (row, token) pair, taking the 32-value chunks in order, then [`lane_sums`]; `ahead` steps
+/// once per chunk (from [`PREFETCH_FROM_TOKENS`] tokens on). None of it depends on `T` or `N`, so
+/// a token's sum is the same whatever else is in the batch and whichever rows share the tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 #[inline]
 fn dot<R: Bf16Row, const T: usize, const N: usize>(
