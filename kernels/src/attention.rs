@@ -11,9 +11,9 @@
 //!
 //! Cache entries are f32 or bf16 ([`Elem`]); they are widened to f32 as they are read, and all
 //! arithmetic is in f32 — except on the AVX-512 BF16 ISA over a bf16 cache, where a pool whose
-//! input rounding allows bf16 ([`InputRounding::Bf16`], the default) rounds the query and the
-//! softmax weights to bf16 and multiplies them with the cache entries as they are (`bf16_dot`),
-//! still summing in f32.
+//! input rounding allows bf16 (rounding [`Bf16`](crate::matmul::InputRounding::Bf16), the
+//! default) rounds the query and the softmax weights to bf16 and multiplies them with the cache
+//! entries as they are (`bf16_dot`), still summing in f32.
 
 use std::cell::RefCell;
 
@@ -27,6 +27,7 @@ use crate::profile::{self, KernelClass};
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
+#[cfg(target_arch = "x86_64")]
 use crate::matmul::InputRounding;
 use crate::pool::CpuPool;
 use crate::simd::Elem;
@@ -238,7 +239,20 @@ pub fn paged_attention<E: Elem>(
         visible * 2 * kv.n_kv_heads * kv.head_dim * std::mem::size_of::<E>() + 4 * (q.len() + out.len()),
         visible * n_heads * kv.head_dim * 4,
     );
-    let ctx = Ctx { isa: pool.isa(), bf16_inputs: pool.input_rounding() >= InputRounding::Bf16, g, kv };
+    let ctx = Ctx {
+        isa: pool.isa(),
+        #[cfg(target_arch = "x86_64")]
+        bf16_cache: if pool.isa() == Isa::Avx512Bf16
+            && pool.input_rounding() >= InputRounding::Bf16
+            && bf16_dot::takes(g.head_dim)
+        {
+            E::as_bf16(kv.k).zip(E::as_bf16(kv.v))
+        } else {
+            None
+        },
+        g,
+        kv,
+    };
     let group_len = g.group * g.head_dim;
     let groups_per_query = g.n_heads / g.group;
     let pairs = queries.len() * groups_per_query;
@@ -359,8 +373,11 @@ struct ChunkScratch {
 /// What every task of one fast call shares.
 struct Ctx<'c, 'a, E> {
     isa: Isa,
-    /// Whether the pool lets the query and the softmax weights be rounded to bf16.
-    bf16_inputs: bool,
+    /// The cache's K and V, where the tasks take the bf16 dot products (`bf16_dot`): on the
+    /// AVX-512 BF16 ISA, for a bf16 cache of head sizes it takes, when the pool lets the query
+    /// and the softmax weights be rounded to bf16.
+    #[cfg(target_arch = "x86_64")]
+    bf16_cache: Option<(&'c [half::bf16], &'c [half::bf16])>,
     g: Geometry,
     kv: &'c PagedKvLayer<'a, E>,
 }
@@ -406,10 +423,7 @@ impl<E: Elem> Ctx<'_, '_, E> {
                 head_dim: g.head_dim,
                 scale: g.scale,
             };
-            if let (Isa::Avx512Bf16, true, Some(k), Some(v)) =
-                (self.isa, self.bf16_inputs, E::as_bf16(self.kv.k), E::as_bf16(self.kv.v))
-                && bf16_dot::takes(g.head_dim)
-            {
+            if let Some((k, v)) = self.bf16_cache {
                 let rows = x86::Rows {
                     k,
                     v,

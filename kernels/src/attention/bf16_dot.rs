@@ -29,7 +29,7 @@ use half::bf16;
 use super::prefetch_rows;
 use super::x86::Rows;
 use crate::isa::Isa;
-use crate::simd::avx512::lane_sums;
+use crate::simd::avx512::{lane_sums, round_bf16_into};
 use crate::softmax::exp_shifted_isa;
 
 /// Positions whose scores one tree reduces.
@@ -46,8 +46,8 @@ pub(super) fn takes(head_dim: usize) -> bool {
 /// Per-thread buffers of the path.
 #[derive(Default)]
 pub(super) struct Scratch {
-    /// The group's query heads rounded to bf16.
-    q: Vec<bf16>,
+    /// The group's query heads rounded to bf16 (raw bits).
+    q: Vec<u16>,
     /// Per head, its weights rounded to bf16 in pairs of positions (the last padded with zero).
     weights: Vec<u32>,
 }
@@ -71,17 +71,9 @@ pub(super) unsafe fn group(
     let (hd, n) = (rows.head_dim, rows.offsets.len());
     let heads = q.len() / hd;
     scratch.q.clear();
-    scratch.q.resize(q.len(), bf16::ZERO);
-    for (dst, src) in scratch.q.chunks_exact_mut(32).zip(q.chunks_exact(32)) {
-        // SAFETY: 32 values each side (`q` is whole heads of whole 32-value chunks).
-        unsafe {
-            let (lo, hi) = (_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16)));
-            _mm512_storeu_si512(
-                dst.as_mut_ptr().cast(),
-                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
-            );
-        }
-    }
+    scratch.q.resize(q.len(), 0);
+    // SAFETY: the caller's contract.
+    unsafe { round_bf16_into(q, &mut scratch.q) };
     // SAFETY (both passes): the caller's contract; `scores` is `heads × n`.
     unsafe {
         match hd / 32 {
@@ -96,17 +88,14 @@ pub(super) unsafe fn group(
     scratch.weights.resize(heads * pairs, 0);
     for (h, head_scores) in scores.chunks_exact_mut(n).enumerate() {
         (stats[h], stats[heads + h]) = exp_shifted_isa(isa, head_scores);
-        // The head's weights as bf16, two to a pair, the last pair's missing second zero.
-        let dst = scratch.weights[h * pairs..(h + 1) * pairs].as_mut_ptr().cast::<u16>();
-        for (c, src) in head_scores.chunks(16).enumerate() {
-            let mask = (1u32 << src.len()).wrapping_sub(1) as u16;
-            // SAFETY: the masked-in lanes are `0..src.len()`, inside `src`, and 16 c + that
-            // inside the head's `2 · pairs` bf16 slots.
-            unsafe {
-                let b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.as_ptr()));
-                _mm256_mask_storeu_epi16(dst.add(16 * c).cast(), mask, std::mem::transmute::<__m256bh, __m256i>(b));
-            }
-        }
+        // The head's weights as bf16, two to a pair, the last pair's missing second zero
+        // (little-endian: a pair's first position is its low half).
+        let slots = &mut scratch.weights[h * pairs..(h + 1) * pairs];
+        // SAFETY: `pairs` u32 slots are `2 · pairs ≥ n` u16 ones (same memory, no padding, and
+        // u16's alignment divides u32's).
+        let halves = unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast::<u16>(), 2 * pairs) };
+        // SAFETY: the caller's contract.
+        unsafe { round_bf16_into(head_scores, &mut halves[..n]) };
     }
     // SAFETY: as above; `weights` is `heads × pairs`, `out` is `heads × hd`.
     unsafe {
@@ -149,15 +138,15 @@ unsafe fn load32(p: *const bf16) -> __m512bh {
 /// prefetches the K rows [`K_AHEAD`] positions on and each block's V rows.
 ///
 /// # Safety
-/// As for [`group`], with `C == head_dim / 32`; `q` is `heads × head_dim`.
+/// As for [`group`], with `C == head_dim / 32`; `q` is `heads × head_dim` bf16 bits.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn scores_pass<const C: usize>(rows: &Rows<bf16>, q: &[bf16], scores: &mut [f32]) {
+unsafe fn scores_pass<const C: usize>(rows: &Rows<bf16>, q: &[u16], scores: &mut [f32]) {
     let (k, offsets, hd) = (rows.k, rows.offsets, rows.head_dim);
     let n = offsets.len();
     let scale = _mm512_set1_ps(rows.scale);
     for (h, qh) in q.chunks_exact(hd).enumerate() {
         // SAFETY: `qh` is `C` chunks of 32.
-        let qv: [__m512bh; C] = std::array::from_fn(|c| unsafe { load32(qh.as_ptr().add(32 * c)) });
+        let qv: [__m512bh; C] = std::array::from_fn(|c| unsafe { load32(qh.as_ptr().add(32 * c).cast()) });
         for (b, offs) in offsets.chunks(POS).enumerate() {
             if h == 0 {
                 prefetch_rows(k, offsets, b * POS + K_AHEAD, POS, hd);

@@ -20,7 +20,7 @@ use half::bf16;
 use super::prefetch::{Prefetcher, row_ahead};
 use super::{Shape, Task};
 use crate::simd::SharedOut;
-use crate::simd::avx512::lane_sums;
+use crate::simd::avx512::{lane_sums, round_bf16_into};
 
 /// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
 /// `rows` dispatches on each count up to 8.
@@ -43,15 +43,8 @@ const PREFETCH_FROM_TOKENS: usize = 2;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 pub(super) unsafe fn round(x: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; x.len()];
-    for (o, c) in out.chunks_mut(16).zip(x.chunks(16)) {
-        let mask: u16 = if c.len() == 16 { u16::MAX } else { (1u16 << c.len()) - 1 };
-        // SAFETY: the masked-in lanes are `0..c.len()`, inside both chunks.
-        unsafe {
-            let v = _mm512_maskz_loadu_ps(mask, c.as_ptr());
-            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-            _mm256_mask_storeu_epi16(o.as_mut_ptr().cast(), mask, b);
-        }
-    }
+    // SAFETY: the caller's contract.
+    unsafe { round_bf16_into(x, &mut out) };
     out
 }
 

@@ -41,8 +41,7 @@ impl Prefetcher {
     /// Prefetches all of `region` over `steps` calls of [`Prefetcher::step`].
     pub(crate) fn new<E>(region: &[E], steps: usize) -> Self {
         let range = region.as_ptr_range();
-        let lines = std::mem::size_of_val(region).div_ceil(Self::LINE);
-        Prefetcher { next: range.start.cast(), end: range.end.cast(), lines_per_step: lines.div_ceil(steps.max(1)) }
+        Self::span(range.start.cast(), std::mem::size_of_val(region), range.end.cast(), steps)
     }
 
     /// Prefetches the `len` bytes from `start` (clipped at `end`, one past the matrix) over

@@ -3,6 +3,24 @@
 
 use std::arch::x86_64::*;
 
+/// `out[i] = x[i]` rounded to bf16 (nearest even), as raw bits; `out` is as long as `x`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(crate) unsafe fn round_bf16_into(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len(), "one bf16 per value");
+    for (o, c) in out.chunks_mut(16).zip(x.chunks(16)) {
+        let mask: u16 = if c.len() == 16 { u16::MAX } else { (1u16 << c.len()) - 1 };
+        // SAFETY: the masked-in lanes are `0..c.len()`, inside both chunks.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, c.as_ptr());
+            let b = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(o.as_mut_ptr().cast(), mask, b);
+        }
+    }
+}
+
 /// The lane sums of up to 16 vectors (`out[j]` is the sum of `vs[j]`) through a transposing
 /// tree: each level adds every vector's lanes `j` and `j + width / 2` (512 → 256 → 128 → 64 →
 /// 32 bits), packing two vectors' halves into one register, so 8 vectors cost 8 shuffle pairs
