@@ -8,17 +8,18 @@
 //! "arguments"}}` with `arguments` an object, tool turns `tool_call_id` and `name`), `tools` (as
 //! `{"type": "function", "function": {"name", "description", "parameters"}}`, or `none` when there
 //! are none), `documents` (`none`), `add_generation_prompt`, `bos_token` and `eos_token`.
-//! `tojson` is transformers' own: Python's `json.dumps` with `ensure_ascii=False` (`", "` and
-//! `": "` separators, no HTML escaping, Python float repr; `indent`, `separators`, `sort_keys`
-//! and `ensure_ascii` work), so tool schemas reach the model byte for byte as with transformers.
+//! `tojson` is transformers' own (`pyjson`), so tool schemas reach the model byte for byte as
+//! with transformers; `strftime_now` is Python's `strftime` in UTC (`strftime`).
 //! Invariant: a template that compiled once renders without touching the environment again (the
 //! compiled form is shared, rendering is `&self`).
 
-use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 use serde::{Serialize, Serializer};
 
 use crate::text::tools::{ParsedToolCall, ToolSpec};
+
+mod pyjson;
+mod strftime;
 
 /// Template compilation or rendering failure.
 #[derive(Debug, thiserror::Error)]
@@ -131,282 +132,6 @@ fn raise_exception(msg: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, msg))
 }
 
-/// Python's `datetime.now().strftime(format)` for the directives templates use, in UTC.
-fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    strftime(&format, secs)
-}
-
-fn strftime(format: &str, unix_secs: u64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
-    let days = (unix_secs / 86_400) as i64;
-    let secs_of_day = unix_secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    let (hour, minute, second) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60);
-    let month = MONTHS[(m - 1) as usize];
-    // 1970-01-01 was a Thursday.
-    let weekday = DAYS[(days + 3).rem_euclid(7) as usize];
-    let mut out = String::with_capacity(format.len() + 16);
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let Some(directive) = chars.next() else {
-            out.push('%');
-            break;
-        };
-        match directive {
-            'Y' => out.push_str(&y.to_string()),
-            'y' => out.push_str(&format!("{:02}", y.rem_euclid(100))),
-            'm' => out.push_str(&format!("{m:02}")),
-            'd' => out.push_str(&format!("{d:02}")),
-            'e' => out.push_str(&format!("{d:2}")),
-            'B' => out.push_str(month),
-            'b' | 'h' => out.push_str(&month[..3]),
-            'A' => out.push_str(weekday),
-            'a' => out.push_str(&weekday[..3]),
-            'H' => out.push_str(&format!("{hour:02}")),
-            'I' => out.push_str(&format!("{:02}", (hour + 11) % 12 + 1)),
-            'p' => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            'M' => out.push_str(&format!("{minute:02}")),
-            'S' => out.push_str(&format!("{second:02}")),
-            'j' => out.push_str(&format!("{:03}", days - days_from_civil(y, 1, 1) + 1)),
-            '%' => out.push('%'),
-            other => {
-                out.push('%');
-                out.push(other);
-            }
-        }
-    }
-    out
-}
-
-/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// (year, month, day) to days since 1970-01-01; the inverse of [`civil_from_days`].
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
-fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<Value, Error> {
-    let ensure_ascii = match ensure_ascii {
-        Some(b) => b,
-        None => kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
-    };
-    let indent = match kwargs.get::<Option<Value>>("indent")? {
-        Some(v) if v.is_none() => None,
-        Some(v) => Some(match v.as_str() {
-            Some(s) => s.to_string(),
-            None => " ".repeat(usize::try_from(i64::try_from(v)?.max(0)).unwrap_or(0)),
-        }),
-        None => None,
-    };
-    let (item_sep, key_sep) = match kwargs.get::<Option<Value>>("separators")? {
-        Some(v) if !v.is_none() => {
-            let a = v.get_item_by_index(0)?;
-            let b = v.get_item_by_index(1)?;
-            match (a.as_str(), b.as_str()) {
-                (Some(a), Some(b)) => (a.to_string(), b.to_string()),
-                _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
-            }
-        }
-        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
-    };
-    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
-    kwargs.assert_all_used()?;
-    let dumper = PyJson { ensure_ascii, indent, item_sep, key_sep, sort_keys };
-    let mut out = String::new();
-    dumper.write(&mut out, value, 0)?;
-    Ok(Value::from_safe_string(out))
-}
-
-/// Python's `json.dumps` over template values.
-struct PyJson {
-    ensure_ascii: bool,
-    indent: Option<String>,
-    item_sep: String,
-    key_sep: String,
-    sort_keys: bool,
-}
-
-impl PyJson {
-    fn write(&self, out: &mut String, value: &Value, depth: usize) -> Result<(), Error> {
-        match value.kind() {
-            ValueKind::None => out.push_str("null"),
-            ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-            ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
-            ValueKind::Number => out.push_str(&py_float(f64::try_from(value.clone())?)),
-            ValueKind::String => self.write_str(out, value.as_str().unwrap_or_default()),
-            ValueKind::Seq | ValueKind::Iterable => {
-                let items: Vec<Value> = value.try_iter()?.collect();
-                self.write_container(out, ('[', ']'), items.len(), depth, |out, i| {
-                    self.write(out, &items[i], depth + 1)
-                })?;
-            }
-            ValueKind::Map => {
-                let mut entries = Vec::new();
-                for key in value.try_iter()? {
-                    let item = value.get_item(&key)?;
-                    entries.push((py_key(&key)?, item));
-                }
-                if self.sort_keys {
-                    entries.sort_by(|a, b| a.0.cmp(&b.0));
-                }
-                self.write_container(out, ('{', '}'), entries.len(), depth, |out, i| {
-                    self.write_str(out, &entries[i].0);
-                    out.push_str(&self.key_sep);
-                    self.write(out, &entries[i].1, depth + 1)
-                })?;
-            }
-            kind => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("tojson: a value of type {kind} is not JSON serializable"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn write_container(
-        &self,
-        out: &mut String,
-        (open, close): (char, char),
-        len: usize,
-        depth: usize,
-        mut item: impl FnMut(&mut String, usize) -> Result<(), Error>,
-    ) -> Result<(), Error> {
-        out.push(open);
-        if len == 0 {
-            out.push(close);
-            return Ok(());
-        }
-        let newline = |out: &mut String, depth: usize| {
-            if let Some(indent) = &self.indent {
-                out.push('\n');
-                for _ in 0..depth {
-                    out.push_str(indent);
-                }
-            }
-        };
-        for i in 0..len {
-            if i > 0 {
-                out.push_str(&self.item_sep);
-            }
-            newline(out, depth + 1);
-            item(out, i)?;
-        }
-        newline(out, depth);
-        out.push(close);
-        Ok(())
-    }
-
-    fn write_str(&self, out: &mut String, s: &str) {
-        out.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                '\u{8}' => out.push_str("\\b"),
-                '\u{c}' => out.push_str("\\f"),
-                c if c < ' ' || (self.ensure_ascii && !(' '..='~').contains(&c)) => {
-                    let mut units = [0u16; 2];
-                    for unit in c.encode_utf16(&mut units) {
-                        out.push_str(&format!("\\u{unit:04x}"));
-                    }
-                }
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-    }
-}
-
-/// A map key as Python's `json.dumps` writes it.
-fn py_key(key: &Value) -> Result<String, Error> {
-    Ok(match key.kind() {
-        ValueKind::String => key.as_str().unwrap_or_default().to_string(),
-        ValueKind::None => "null".to_string(),
-        ValueKind::Bool => if key.is_true() { "true" } else { "false" }.to_string(),
-        ValueKind::Number if key.is_integer() => key.to_string(),
-        ValueKind::Number => py_float(f64::try_from(key.clone())?),
-        kind => {
-            return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: keys must be str, not {kind}")));
-        }
-    })
-}
-
-/// Python's `repr(float)`: the shortest round-trip digits, positional for exponents -5 < e < 16.
-fn py_float(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    let sign = if x.is_sign_negative() { "-" } else { "" };
-    // `{:e}` gives the shortest round-trip digits: "1.2345e2", "1e-5", "0e0".
-    let sci = format!("{:e}", x.abs());
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    if (-4..16).contains(&exp) {
-        let point = exp + 1;
-        if point <= 0 {
-            format!("{sign}0.{}{digits}", "0".repeat(point.unsigned_abs() as usize))
-        } else {
-            let point = point as usize;
-            if digits.len() <= point {
-                format!("{sign}{digits}{}.0", "0".repeat(point - digits.len()))
-            } else {
-                format!("{sign}{}.{}", &digits[..point], &digits[point..])
-            }
-        }
-    } else {
-        let (first, rest) = digits.split_at(1.min(digits.len()));
-        let mantissa = if rest.is_empty() { first.to_string() } else { format!("{first}.{rest}") };
-        let exp_sign = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{mantissa}e{exp_sign}{:02}", exp.unsigned_abs())
-    }
-}
-
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the strings templates may insert.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
@@ -419,8 +144,8 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
-        env.add_filter("tojson", tojson);
+        env.add_function("strftime_now", strftime::strftime_now);
+        env.add_filter("tojson", pyjson::tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| TemplateError::Compile(e.to_string()))?;
         Ok(ChatTemplate { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
     }
@@ -764,13 +489,6 @@ mod tests {
         assert_eq!(text, TOJSON_OUT);
         let err = ChatTemplate::new("{{ nothing|tojson }}", None, None).unwrap().render(&[], false).unwrap_err();
         assert!(err.to_string().contains("not JSON serializable"), "{err}");
-        assert_eq!(py_float(f64::NAN), "NaN");
-        assert_eq!(py_float(f64::NEG_INFINITY), "-Infinity");
-        assert_eq!(py_float(0.0), "0.0");
-        assert_eq!(py_float(123.456), "123.456");
-        assert_eq!(py_float(0.0001), "0.0001");
-        assert_eq!(py_float(-2.5e-300), "-2.5e-300");
-        assert_eq!(py_float(1.7976931348623157e308), "1.7976931348623157e+308");
     }
 
     #[test]
@@ -782,27 +500,8 @@ mod tests {
         let err = t.render(&[ChatMessage::new("assistant", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first message must be from the user"), "{err}");
         assert!(ChatTemplate::new("{% if %}", None, None).is_err());
-    }
-
-    #[test]
-    fn strftime_matches_python() {
-        // Python: datetime.fromtimestamp(ts, timezone.utc).strftime(fmt).
-        let fmt = "%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %e %% %d %b %Y";
-        assert_eq!(strftime(fmt, 1_727_997_296), STRFTIME);
-        assert_eq!(strftime("%Y-%m-%d %a %j %I%p", 951_782_400), STRFTIME2);
-        assert_eq!(strftime("trailing %", 0), "trailing %");
         let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
         assert_eq!(t.render(&[], false).unwrap().len(), 4);
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_000), (2024, 10, 4));
-        for days in [-800_000, -1, 0, 59, 11_016, 20_000, 2_000_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
     }
 
     const SMOL0: &str = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n{\"temp\": \"21°C\"}<|im_end|>\n<|im_start|>tool\n12:00<|im_end|>\n<|im_start|>assistant\n21°C at noon.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n";
@@ -812,6 +511,4 @@ mod tests {
     const HERMES0: &str = "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions. Function signatures are within <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the user's weather <now> & later\", \"parameters\": {\"properties\": {\"city\": {\"description\": \"City, e.g. Zürich\", \"type\": \"string\"}, \"days\": {\"maximum\": 1.5e+16, \"minimum\": 0.5, \"type\": \"integer\"}}, \"required\": [\"city\"], \"type\": \"object\"}}}\n{\"type\": \"function\", \"function\": {\"name\": \"get_time\", \"parameters\": {\"properties\": {}, \"type\": \"object\"}}}\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"days\": 2}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": \"21°C\"}\n</tool_response>\n<tool_response>\n12:00\n</tool_response><|im_end|>\n<|im_start|>assistant\n21°C at noon.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n";
     const HERMES1: &str = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n";
     const TOJSON_OUT: &str = "{\"b\": [1, 2.0, 0.1, 1e-05, 1e+16, 123456789012345678, -0.0, 1.5e-07, 100.0, 1000000000000000.0, true, null], \"a\": \"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\", \"c\": {}, \"d\": [], \"e\": {\"z\": {\"y\": [[]]}}}|{\n  \"b\": [\n    1,\n    2.0,\n    0.1,\n    1e-05,\n    1e+16,\n    123456789012345678,\n    -0.0,\n    1.5e-07,\n    100.0,\n    1000000000000000.0,\n    true,\n    null\n  ],\n  \"a\": \"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\",\n  \"c\": {},\n  \"d\": [],\n  \"e\": {\n    \"z\": {\n      \"y\": [\n        []\n      ]\n    }\n  }\n}|{\"a\":\"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\",\"b\":[1,2.0,0.1,1e-05,1e+16,123456789012345678,-0.0,1.5e-07,100.0,1000000000000000.0,true,null],\"c\":{},\"d\":[],\"e\":{\"z\":{\"y\":[[]]}}}|{\"b\": [1, 2.0, 0.1, 1e-05, 1e+16, 123456789012345678, -0.0, 1.5e-07, 100.0, 1000000000000000.0, true, null], \"a\": \"q\\\"\\\\/\\n\\t\\u0001\\u007f \\u00e9 \\ud83d\\ude00 <'&>\", \"c\": {}, \"d\": [], \"e\": {\"z\": {\"y\": [[]]}}}|{\n\t\"b\": [\n\t\t1,\n\t\t2.0,\n\t\t0.1,\n\t\t1e-05,\n\t\t1e+16,\n\t\t123456789012345678,\n\t\t-0.0,\n\t\t1.5e-07,\n\t\t100.0,\n\t\t1000000000000000.0,\n\t\ttrue,\n\t\tnull\n\t],\n\t\"a\": \"q\\\"\\\\/\\n\\t\\u0001\u{7f} é 😀 <'&>\",\n\t\"c\": {},\n\t\"d\": [],\n\t\"e\": {\n\t\t\"z\": {\n\t\t\t\"y\": [\n\t\t\t\t[]\n\t\t\t]\n\t\t}\n\t}\n}";
-    const STRFTIME: &str = "2024-10-03 23:14:56 Thu Thursday Oct October 277 24 11PM  3 % 03 Oct 2024";
-    const STRFTIME2: &str = "2000-02-29 Tue 060 12AM";
 }

@@ -36,6 +36,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+use json_scan::{JsonScan, ScanEnd, scan_json};
+
+mod json_scan;
+
 /// A tool the model may call (the OpenAI `function` tool).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolSpec {
@@ -510,75 +514,6 @@ fn arguments(name: &str, args: Value) -> Result<Value, String> {
         },
         other => Err(format!("tool call {name:?}: arguments are not a JSON object: {}", quote(&other.to_string()))),
     }
-}
-
-/// How far a bracket scan of one JSON value got.
-#[derive(Debug, Clone, Copy)]
-enum ScanEnd {
-    /// The value closes just before this offset.
-    Balanced(usize),
-    /// A closing bracket that does not match, just before this offset.
-    Mismatched(usize),
-}
-
-/// A resumable, string-aware bracket scan of one JSON value starting with `{` or `[`.
-#[derive(Debug, Clone)]
-struct JsonScan {
-    start: usize,
-    pos: usize,
-    closers: Vec<u8>,
-    in_string: bool,
-    escaped: bool,
-    end: Option<ScanEnd>,
-}
-
-impl JsonScan {
-    fn advance(&mut self, bytes: &[u8]) -> Option<ScanEnd> {
-        while self.end.is_none() && self.pos < bytes.len() {
-            let b = bytes[self.pos];
-            self.pos += 1;
-            if self.in_string {
-                if self.escaped {
-                    self.escaped = false;
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == b'"' {
-                    self.in_string = false;
-                }
-                continue;
-            }
-            match b {
-                b'"' => self.in_string = true,
-                b'{' => self.closers.push(b'}'),
-                b'[' => self.closers.push(b']'),
-                b'}' | b']' => {
-                    if self.closers.pop() != Some(b) {
-                        self.end = Some(ScanEnd::Mismatched(self.pos));
-                    } else if self.closers.is_empty() {
-                        self.end = Some(ScanEnd::Balanced(self.pos));
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.end
-    }
-}
-
-/// Scans the JSON value at `start` in `buf`, resuming `cache` when it is the same scan.
-fn scan_json(cache: &mut Option<JsonScan>, buf: &str, start: usize) -> Option<ScanEnd> {
-    let scan = match cache {
-        Some(scan) if scan.start == start => scan,
-        _ => cache.insert(JsonScan {
-            start,
-            pos: start,
-            closers: Vec::new(),
-            in_string: false,
-            escaped: false,
-            end: None,
-        }),
-    };
-    scan.advance(buf.as_bytes())
 }
 
 /// Where `marker` starts in `buf`, or where a suffix of `buf` could start it; the earliest.
