@@ -122,7 +122,7 @@ fn pull_prints_cached_path() {
 
 #[test]
 fn bench_engine_reports_roofline() {
-    let text = stdout_of(&[
+    let args = [
         "bench",
         "engine",
         "--model",
@@ -135,18 +135,15 @@ fn bench_engine_reports_roofline() {
         "8",
         "--runs",
         "1",
-        "--bandwidth-mib",
-        "64",
-    ]);
-    for needle in [
-        "prefill",
-        "decode",
-        "weights read per step",
-        "read bandwidth",
-        "between decode steps",
-        "before each run",
-        "decode / roofline",
-    ] {
+    ];
+    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64"]].concat());
+    for needle in
+        ["prefill", "decode", "weights read per step", "read bandwidth", "around each run", "decode / roofline"]
+    {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
+    assert!(!text.contains("between decode steps"), "{text}");
+    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--probe-between-steps"]].concat());
+    assert_eq!(text.matches("between its steps").count(), 1, "{text}");
+    assert!(text.contains("between decode steps"), "{text}");
 }
