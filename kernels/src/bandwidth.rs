@@ -2,11 +2,12 @@
 //!
 //! A [`ReadProbe`] holds a buffer of f32s on huge pages (as model weights are held, see
 //! [`crate::hugepage`]), filled once; each [`ReadProbe::pass`] sums the whole buffer, split across
-//! the pool's threads in 1 MiB tasks, with SIMD loads, and returns its wall time.
-//! [`measure_read_bandwidth`] times several passes of a fresh probe. GB/s uses 1e9 bytes.
+//! the pool's threads in 1 MiB tasks, with SIMD loads, and returns its wall time;
+//! [`ReadProbe::report`] times several passes. [`measure_read_bandwidth`] does so on a fresh
+//! probe. GB/s uses 1e9 bytes.
 //!
-//! A probe can also run between the steps of a decode on the engine's own pool (`tessera bench
-//! engine` does): the passes then sample the same host conditions as the steps they alternate with.
+//! A probe is kept to be read again and again on the engine's own pool (`tessera bench engine`
+//! reads one around every timed run, and optionally between its decode steps).
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use crate::isa::Isa;
 use crate::pool::CpuPool;
 use crate::simd;
 
-/// Result of [`measure_read_bandwidth`].
+/// Result of [`ReadProbe::report`] and [`measure_read_bandwidth`].
 #[derive(Clone, Copy, Debug)]
 pub struct BandwidthReport {
     /// Bytes read per pass (the requested size rounded down to whole f32s).
@@ -46,6 +47,17 @@ impl ReadProbe {
         self.buf.len() * std::mem::size_of::<f32>()
     }
 
+    /// `iters` timed passes (at least one) on `pool`: the fastest and the median.
+    pub fn report(&self, pool: &CpuPool, iters: usize) -> BandwidthReport {
+        let mut rates: Vec<f64> = (0..iters.max(1)).map(|_| gb_per_s(self.bytes(), self.pass(pool))).collect();
+        rates.sort_by(f64::total_cmp);
+        BandwidthReport {
+            bytes: self.bytes(),
+            best_gb_per_s: rates.last().copied().unwrap_or(0.0),
+            median_gb_per_s: rates[rates.len() / 2],
+        }
+    }
+
     /// Reads the whole buffer once on `pool`; returns the wall time.
     pub fn pass(&self, pool: &CpuPool) -> Duration {
         let (isa, len) = (pool.isa(), self.buf.len());
@@ -64,16 +76,10 @@ pub fn gb_per_s(bytes: usize, time: Duration) -> f64 {
     bytes as f64 / time.as_secs_f64().max(1e-9) / 1e9
 }
 
-/// Measures read bandwidth over a `bytes`-sized buffer, `iters` timed passes (at least one).
+/// Measures read bandwidth over a fresh `bytes`-sized buffer, `iters` timed passes (at least
+/// one).
 pub fn measure_read_bandwidth(pool: &CpuPool, bytes: usize, iters: usize) -> BandwidthReport {
-    let probe = ReadProbe::new(bytes);
-    let mut rates: Vec<f64> = (0..iters.max(1)).map(|_| gb_per_s(probe.bytes(), probe.pass(pool))).collect();
-    rates.sort_by(f64::total_cmp);
-    BandwidthReport {
-        bytes: probe.bytes(),
-        best_gb_per_s: rates.last().copied().unwrap_or(0.0),
-        median_gb_per_s: rates[rates.len() / 2],
-    }
+    ReadProbe::new(bytes).report(pool, iters)
 }
 
 fn sum(isa: Isa, s: &[f32]) -> f32 {

@@ -119,13 +119,8 @@ impl RunBandwidth {
     }
 }
 
-/// Passes of fastest-of-this-many make one bandwidth reading.
+/// Passes per bandwidth reading around a run; the fastest is the reading.
 const PASSES_PER_READING: usize = 5;
-
-/// The fastest of [`PASSES_PER_READING`] passes of `probe`, in GB/s.
-fn fastest_pass(pool: &CpuPool, probe: &ReadProbe) -> f64 {
-    (0..PASSES_PER_READING).map(|_| gb_per_s(probe.bytes(), probe.pass(pool))).fold(0.0, f64::max)
-}
 
 /// Median and range of a set of runs.
 struct Spread {
@@ -322,7 +317,8 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         let mut runs: Vec<Run> = Vec::with_capacity(args.runs);
         // One reading between consecutive runs serves as the after of one and the before of the
         // next.
-        let mut reading_before = around_runs.as_ref().map(|(pool, big)| fastest_pass(pool, big));
+        let read_around = || around_runs.as_ref().map(|(pool, big)| big.report(pool, PASSES_PER_READING).best_gb_per_s);
+        let mut reading_before = read_around();
         for _ in 0..args.runs {
             let (mut read, mut reading) = (0usize, Duration::ZERO);
             let mut first_token_seen = false;
@@ -339,7 +335,7 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                     }
                 })?
                 .1;
-            let after = around_runs.as_ref().map(|(pool, big)| fastest_pass(pool, big));
+            let after = read_around();
             let before = std::mem::replace(&mut reading_before, after);
             runs.push(Run {
                 prefill: per_second(stats.prefill_tokens, stats.prefill_time),
