@@ -29,7 +29,7 @@ use half::bf16;
 use super::prefetch_rows;
 use super::x86::Rows;
 use crate::isa::Isa;
-use crate::simd::avx512::{lane_sums, round_bf16_into};
+use crate::simd::avx512::{lane_sums, load_bf16, round_bf16_into};
 use crate::softmax::exp_shifted_isa;
 
 /// Positions whose scores one tree reduces.
@@ -123,17 +123,6 @@ fn heads_per_pass(heads: usize, max: usize) -> usize {
     (1..=max.min(heads)).rev().min_by_key(|&h| heads.div_ceil(h) * (2 + h)).unwrap_or(1)
 }
 
-/// Loads 32 bf16 values.
-///
-/// # Safety
-/// `p` must be readable for 32 values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-#[inline]
-unsafe fn load32(p: *const bf16) -> __m512bh {
-    // SAFETY: the caller's contract; bf16 pairs and 16-bit integers have the same layout.
-    unsafe { std::mem::transmute(_mm512_loadu_si512(p.cast())) }
-}
-
 /// `scores[h·n + i] = scale · q_h · k_i` for every head, `C` chunks of 32 per row; the first head
 /// prefetches the K rows [`K_AHEAD`] positions on and each block's V rows.
 ///
@@ -146,7 +135,7 @@ unsafe fn scores_pass<const C: usize>(rows: &Rows<bf16>, q: &[u16], scores: &mut
     let scale = _mm512_set1_ps(rows.scale);
     for (h, qh) in q.chunks_exact(hd).enumerate() {
         // SAFETY: `qh` is `C` chunks of 32.
-        let qv: [__m512bh; C] = std::array::from_fn(|c| unsafe { load32(qh.as_ptr().add(32 * c).cast()) });
+        let qv: [__m512bh; C] = std::array::from_fn(|c| unsafe { load_bf16(qh.as_ptr().add(32 * c), u32::MAX) });
         for (b, offs) in offsets.chunks(POS).enumerate() {
             if h == 0 {
                 prefetch_rows(k, offsets, b * POS + K_AHEAD, POS, hd);
@@ -179,7 +168,7 @@ unsafe fn block_scores<const C: usize>(k: &[bf16], qv: &[__m512bh; C], offs: &[u
     for (a, &off) in acc.iter_mut().zip(offs) {
         for (c, qc) in qv.iter().enumerate() {
             // SAFETY: the caller's contract.
-            *a = _mm512_dpbf16_ps(*a, *qc, unsafe { load32(k.as_ptr().add(off + 32 * c)) });
+            *a = _mm512_dpbf16_ps(*a, *qc, unsafe { load_bf16(k.as_ptr().add(off + 32 * c).cast(), u32::MAX) });
         }
     }
     acc

@@ -20,7 +20,7 @@ use half::bf16;
 use super::prefetch::{Prefetcher, row_ahead};
 use super::{Shape, Task};
 use crate::simd::SharedOut;
-use crate::simd::avx512::{lane_sums, round_bf16_into};
+use crate::simd::avx512::{lane_sums, load_bf16, round_bf16_into};
 
 /// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
 /// `rows` dispatches on each count up to 8.
@@ -72,7 +72,7 @@ impl Bf16Row for &[bf16] {
     unsafe fn chunk(self, c: usize, mask: u32) -> __m512bh {
         // SAFETY: the masked-in values are `c..min(c + 32, len)`, inside the row; the caller
         // guarantees the features.
-        unsafe { load32(self.as_ptr().cast::<u16>().add(c), mask) }
+        unsafe { load_bf16(self.as_ptr().cast::<u16>().add(c), mask) }
     }
 
     fn addr(self, c: usize) -> *const u8 {
@@ -162,18 +162,6 @@ unsafe fn rows_of<R: Bf16Row, const T: usize, const N: usize>(
     }
 }
 
-/// Loads the 32 bf16 values at `p` whose bits are set in `mask` (others are zero).
-///
-/// # Safety
-/// Every masked-in element must be readable.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
-#[inline]
-unsafe fn load32(p: *const u16, mask: u32) -> __m512bh {
-    // SAFETY: the caller guarantees the masked-in elements are readable; bf16 pairs and 16-bit
-    // integers have the same layout.
-    unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p.cast())) }
-}
-
 /// `out[j][a] = Σ_c xs[a][c] · ws[j][c]` with f32 accumulation of bf16 products: one accumulator
 /// per (row, token) pair, taking the 32-value chunks in order, then [`lane_sums`]; `ahead` steps
 /// once per chunk (from [`PREFETCH_FROM_TOKENS`] tokens on). None of it depends on `T` or `N`, so
@@ -196,7 +184,7 @@ fn dot<R: Bf16Row, const T: usize, const N: usize>(
         // inside the rows.
         let wv: [__m512bh; N] = std::array::from_fn(|j| unsafe { ws[j].chunk(c, mask) });
         for (a, x) in xs.iter().enumerate() {
-            let xv = unsafe { load32(x.as_ptr().add(c), mask) };
+            let xv = unsafe { load_bf16(x.as_ptr().add(c), mask) };
             for (acc, w) in acc.iter_mut().zip(wv) {
                 acc[a] = _mm512_dpbf16_ps(acc[a], xv, w);
             }

@@ -3,6 +3,19 @@
 
 use std::arch::x86_64::*;
 
+/// Loads the 32 bf16 values (raw bits) at `p` whose bits are set in `mask`; the others are zero.
+/// A constant all-ones mask compiles to a plain load.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16; every masked-in element must be readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+pub(crate) unsafe fn load_bf16(p: *const u16, mask: u32) -> __m512bh {
+    // SAFETY: the caller guarantees the masked-in elements are readable; bf16 pairs and 16-bit
+    // integers have the same layout.
+    unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p.cast())) }
+}
+
 /// `out[i] = x[i]` rounded to bf16 (nearest even), as raw bits; `out` is as long as `x`.
 ///
 /// # Safety
