@@ -22,7 +22,9 @@ pub enum Isa {
     /// are rounded to bf16 (nearest even) and each `vdpbf16ps` multiplies 32 pairs, twice the f32
     /// FMA rate; against Q8_0 weights, from two token rows on and where the call allows it
     /// (`matmul::InputRounding`), they are quantised to 8 bits per 32-value block, as ggml does,
-    /// and each `vpdpbusd` multiplies 32 byte pairs. Everything else runs the AVX2 code, so
+    /// and each `vpdpbusd` multiplies 32 byte pairs; against Q8_0 weights in row panels
+    /// ([`crate::quant::panels`]), at any size, they are quantised to 16 bits per block and each
+    /// `vpdpwssd` multiplies 32 pairs of 16-bit values. Everything else runs the AVX2 code, so
     /// results differ from [`Isa::Avx2Fma`] only in those matmuls, by the rounding of their inputs
     /// (relative error at most 2⁻⁸ of `Σ|x·w|` for bf16; at most half a quantisation step per
     /// token value for Q8_0). Every CPU with AVX-512 BF16 so far also has VNNI; both are required.

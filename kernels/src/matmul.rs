@@ -17,7 +17,9 @@
 //! the pool allows 8-bit inputs ([`InputRounding`]), integer ones (`quantized_vnni.rs`); Q8_0
 //! against one token on every SIMD ISA, two on that one unless 8-bit inputs are allowed, and up
 //! to 8 where there are no bf16 dot products takes 16-bit integer dot products
-//! (`quantized_i16.rs`). Which path a call takes is decided in one place (`path.rs`). The AVX-512 path
+//! (`quantized_i16.rs`). Q8_0 in row panels ([`crate::quant::panels`], how the CPU backend holds
+//! Q8_0 on that ISA) takes 16-bit integer dot products there for any number of tokens, 16 rows
+//! per vector (`quantized_panels.rs`). Which path a call takes is decided in one place (`path.rs`). The AVX-512 path
 //! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
 //! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
 //! AVX2. [`matmul_many`] runs several weights that share an input as one launch.
@@ -175,6 +177,8 @@ mod quantized_bf16;
 #[cfg(target_arch = "x86_64")]
 mod quantized_i16;
 #[cfg(target_arch = "x86_64")]
+mod quantized_panels;
+#[cfg(target_arch = "x86_64")]
 mod quantized_vnni;
 
 pub use path::InputRounding;
@@ -199,6 +203,13 @@ pub(crate) const NR: usize = 3;
 pub(crate) const DECODE_MAX_TOKENS: usize = 8;
 /// Row blocks are multiples of this (a multiple of every ISA's `NR`).
 pub(crate) const ROW_ALIGN: usize = 24;
+/// Tasks' row blocks are multiples of this: of [`ROW_ALIGN`], and of the Q8_0 panel height
+/// ([`crate::quant::panels::PANEL`]), so that tasks split panelled matrices between panels.
+const TASK_ROW_ALIGN: usize = 48;
+const _: () = assert!(
+    TASK_ROW_ALIGN.is_multiple_of(ROW_ALIGN) && TASK_ROW_ALIGN.is_multiple_of(crate::quant::panels::PANEL),
+    "task rows align with both"
+);
 /// Tokens per parallel task; a multiple of [`MR`]. Larger `m` is split into more tasks.
 const TOKENS_PER_TASK: usize = 128;
 /// Lower bound on weight rows per task, so that scheduling overhead stays small.
@@ -355,7 +366,7 @@ impl<'a> Input<'a> {
                 match path(isa, &w.data, m, rounding) {
                     Path::Bf16Dot => needs_bf16 = true,
                     Path::Int8Dot => needs_int8 = true,
-                    Path::Int16Dot => needs_int16 = true,
+                    Path::Int16Dot | Path::Int16Panels => needs_int16 = true,
                     Path::F32 => {}
                 }
             }
@@ -398,6 +409,9 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         (Path::Bf16Dot, WeightData::Q4_1(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
         (Path::Int8Dot, WeightData::Q8_0(b)) => return unsafe { quantized_vnni::rows(&input.int8, b, s, t, out) },
         (Path::Int16Dot, WeightData::Q8_0(b)) => return unsafe { quantized_i16::rows(&input.int16, b, s, t, out) },
+        (Path::Int16Panels, WeightData::Q8_0Panels(b)) => {
+            return unsafe { quantized_panels::task(&input.int16, b, s, t, out) };
+        }
         // `path` gives f32 and f16 weights neither dot path, and the 8-bit one only Q8_0.
         _ => {}
     }
@@ -408,6 +422,7 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
             WeightData::Bf16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::F16(d) => elem_task(isa, x, d, s, t, out),
             WeightData::Q8_0(b) => quantized::task(isa, x, b, s, t, out),
+            WeightData::Q8_0Panels(b) => quantized::panels_task(isa, x, b, s, t, out),
             WeightData::Q4_0(b) => quantized::task(isa, x, b, s, t, out),
             WeightData::Q4_1(b) => quantized::task(isa, x, b, s, t, out),
         }
@@ -450,7 +465,7 @@ impl Plan {
     /// Row block size for `rows` weight rows cut into about [`TASKS_PER_THREAD`] blocks per
     /// thread.
     fn rows_per_task(rows: usize, threads: usize) -> usize {
-        rows.div_ceil(threads.max(1) * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK).next_multiple_of(ROW_ALIGN)
+        rows.div_ceil(threads.max(1) * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK).next_multiple_of(TASK_ROW_ALIGN)
     }
 
     /// Row blocks of `rows` (> 0) weight rows.

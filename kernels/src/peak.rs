@@ -1,5 +1,6 @@
-//! A compute-rate probe: the f32 fused-multiply-add rate the pool's threads reach on register
-//! data, to compare matmul speed against what the machine can do.
+//! Compute-rate probes: the f32 fused-multiply-add rate the pool's threads reach on register
+//! data, and on CPUs with AVX-512 VNNI the 16-bit integer dot-product rate (what matmuls against
+//! Q8_0 weights in row panels run on), to compare matmul speed against what the machine can do.
 //!
 //! [`measure_fma_peak`] runs, on every pool thread at once, a loop of independent FMA chains
 //! (enough of them to cover the FMA latency on current x86 cores) that never touches memory, and
@@ -57,6 +58,65 @@ pub fn measure_fma_peak(pool: &CpuPool, iters: usize) -> PeakReport {
         .fold(PeakReport { best_gflop_per_s: 0.0, median_gflop_per_s: 0.0 }, |a, b| {
             if b.best_gflop_per_s > a.best_gflop_per_s { b } else { a }
         })
+}
+
+/// Measures the 16-bit integer dot-product rate (`vpdpwssd` on 512-bit vectors: 32 multiply-adds
+/// each, counted as 2 operations apiece like FMAs) of all of `pool`'s threads together, `iters`
+/// timed passes; `None` unless the pool's ISA is [`Isa::Avx512Bf16`] (which has VNNI).
+pub fn measure_int16_dot_peak(pool: &CpuPool, iters: usize) -> Option<PeakReport> {
+    if pool.isa() != Isa::Avx512Bf16 {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ops = (pool.threads() * CHAINS * ROUNDS * 32 * 2) as f64;
+        let mut rates: Vec<f64> = (0..iters.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                let mut partial = vec![0i32; pool.threads()];
+                // SAFETY: the pool's ISA is supported, and it includes AVX-512F and VNNI.
+                pool.chunks_mut(&mut partial, 1, |_, p| p[0] = unsafe { int16_dot_chains() });
+                std::hint::black_box(partial);
+                ops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
+            })
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        Some(PeakReport { best_gflop_per_s: rates[rates.len() - 1], median_gflop_per_s: rates[rates.len() / 2] })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = iters;
+        None
+    }
+}
+
+/// One thread's chains of `vpdpwssd`, in assembly: LLVM may otherwise split each into
+/// `vpmaddwd` and `vpaddd`, which would time something else.
+///
+/// # Safety
+/// The CPU must have AVX-512F and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn int16_dot_chains() -> i32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_epi16(std::hint::black_box(3));
+    let b = _mm512_set1_epi16(std::hint::black_box(-2));
+    let mut acc = [_mm512_setzero_si512(); CHAINS];
+    for _ in 0..ROUNDS {
+        for v in acc.iter_mut() {
+            // SAFETY: register operands only; the caller guarantees the features.
+            unsafe {
+                std::arch::asm!(
+                    "vpdpwssd {acc}, {a}, {b}",
+                    acc = inout(zmm_reg) *v,
+                    a = in(zmm_reg) a,
+                    b = in(zmm_reg) b,
+                    options(pure, nomem, nostack, preserves_flags),
+                );
+            }
+        }
+    }
+    _mm512_reduce_add_epi32(acc.iter().fold(_mm512_setzero_si512(), |s, v| _mm512_add_epi32(s, *v)))
 }
 
 /// One thread's chains, `lanes` wide (8 or 16 on x86 SIMD paths, else scalar).
@@ -123,6 +183,11 @@ mod tests {
             let r = measure_fma_peak(&pool, 1);
             assert!(r.best_gflop_per_s > 0.0 && r.best_gflop_per_s.is_finite());
             assert!(r.median_gflop_per_s <= r.best_gflop_per_s);
+            let dot = measure_int16_dot_peak(&pool, 1);
+            assert_eq!(dot.is_some(), isa == Isa::Avx512Bf16);
+            if let Some(d) = dot {
+                assert!(d.best_gflop_per_s > 0.0 && d.best_gflop_per_s.is_finite());
+            }
         }
     }
 }

@@ -14,6 +14,8 @@
 
 use half::f16;
 
+pub mod panels;
+
 /// Values per block.
 pub const QK: usize = 32;
 

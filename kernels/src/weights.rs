@@ -8,7 +8,7 @@
 use half::{bf16, f16};
 
 use crate::error::{KernelError, check_len, mul};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock, dequantize_into};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock, dequantize_into, panels};
 
 /// The element storage of a weight matrix.
 #[derive(Clone, Copy, Debug)]
@@ -21,6 +21,10 @@ pub enum WeightData<'a> {
     F16(&'a [f16]),
     /// ggml Q8_0 blocks (see [`crate::quant`]); rows are whole blocks.
     Q8_0(&'a [BlockQ8_0]),
+    /// ggml Q8_0 blocks regrouped in row panels ([`crate::quant::panels`]), as raw bytes (as many
+    /// as the plain blocks); rows are whole blocks. What the CPU backend holds Q8_0 matrices in
+    /// where decode reads them fastest that way ([`crate::quant::panels::pays_off`]).
+    Q8_0Panels(&'a [u8]),
     /// ggml Q4_0 blocks; rows are whole blocks.
     Q4_0(&'a [BlockQ4_0]),
     /// ggml Q4_1 blocks; rows are whole blocks.
@@ -35,6 +39,7 @@ impl WeightData<'_> {
             WeightData::Bf16(d) => d.len(),
             WeightData::F16(d) => d.len(),
             WeightData::Q8_0(d) => d.len() * QK,
+            WeightData::Q8_0Panels(d) => d.len() / panels::BLOCK_BYTES * QK,
             WeightData::Q4_0(d) => d.len() * QK,
             WeightData::Q4_1(d) => d.len() * QK,
         }
@@ -52,6 +57,7 @@ impl WeightData<'_> {
             WeightData::Bf16(d) => std::mem::size_of_val(*d),
             WeightData::F16(d) => std::mem::size_of_val(*d),
             WeightData::Q8_0(d) => std::mem::size_of_val(*d),
+            WeightData::Q8_0Panels(d) => d.len(),
             WeightData::Q4_0(d) => std::mem::size_of_val(*d),
             WeightData::Q4_1(d) => std::mem::size_of_val(*d),
         }
@@ -61,7 +67,7 @@ impl WeightData<'_> {
     pub fn block_len(&self) -> usize {
         match self {
             WeightData::F32(_) | WeightData::Bf16(_) | WeightData::F16(_) => 1,
-            WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => QK,
+            WeightData::Q8_0(_) | WeightData::Q8_0Panels(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) => QK,
         }
     }
 
@@ -71,7 +77,7 @@ impl WeightData<'_> {
             WeightData::F32(_) => "f32",
             WeightData::Bf16(_) => "bf16",
             WeightData::F16(_) => "f16",
-            WeightData::Q8_0(_) => BlockQ8_0::NAME,
+            WeightData::Q8_0(_) | WeightData::Q8_0Panels(_) => BlockQ8_0::NAME,
             WeightData::Q4_0(_) => BlockQ4_0::NAME,
             WeightData::Q4_1(_) => BlockQ4_1::NAME,
         }
@@ -100,6 +106,14 @@ impl<'a> WeightMatrix<'a> {
     /// Checks the type's invariants (the fields are public, so a kernel re-checks a matrix it is
     /// given); errors name `kernel`.
     pub(crate) fn check(&self, kernel: &'static str) -> Result<(), KernelError> {
+        if let WeightData::Q8_0Panels(d) = self.data
+            && !d.len().is_multiple_of(panels::BLOCK_BYTES)
+        {
+            return Err(KernelError::shape(
+                kernel,
+                format!("{} bytes are not whole Q8_0 blocks of {}", d.len(), panels::BLOCK_BYTES),
+            ));
+        }
         check_len(kernel, "weight data", self.data.len(), mul(kernel, self.rows, self.cols)?)?;
         if !self.cols.is_multiple_of(self.data.block_len()) {
             return Err(KernelError::shape(
@@ -134,6 +148,7 @@ impl<'a> WeightMatrix<'a> {
             WeightData::Bf16(d) => out.iter_mut().zip(&d[span]).for_each(|(o, v)| *o = v.to_f32()),
             WeightData::F16(d) => out.iter_mut().zip(&d[span]).for_each(|(o, v)| *o = v.to_f32()),
             WeightData::Q8_0(d) => dequantize_into(&d[blocks], out),
+            WeightData::Q8_0Panels(d) => panels::dequantize_rows(d, self.rows, self.cols, r, out),
             WeightData::Q4_0(d) => dequantize_into(&d[blocks], out),
             WeightData::Q4_1(d) => dequantize_into(&d[blocks], out),
         }

@@ -8,8 +8,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tessera_kernels::CpuPool;
 use tessera_kernels::bandwidth::{ReadProbe, gb_per_s};
-use tessera_kernels::peak::measure_fma_peak;
+use tessera_kernels::peak::{measure_fma_peak, measure_int16_dot_peak};
 use tessera_kernels::profile::{self, ClassTotals, KernelClass};
+use tessera_kernels::quant::panels;
 use tessera_worker::engine::{Engine, EngineOptions, GenerationRequest};
 use tessera_worker::kv_cache::KvCacheConfig;
 use tessera_worker::plan::human_bytes;
@@ -283,6 +284,13 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         Device::Cuda => None,
     };
     let fma_peak = probe.as_deref().map(|pool| measure_fma_peak(pool, 10).best_gflop_per_s);
+    // Q8_0 matrices in row panels multiply on 16-bit integer dot products, which outrun f32 FMAs:
+    // their prefill is judged against that rate too.
+    let dot_peak = probe
+        .as_deref()
+        .filter(|pool| info.weights_dtype.contains("Q8_0") && panels::pays_off(pool.isa(), pool.input_rounding()))
+        .and_then(|pool| measure_int16_dot_peak(pool, 10))
+        .map(|p| p.best_gflop_per_s);
     let flops_per_token = config.matmul_flops_per_token() as f64;
 
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -386,7 +394,7 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 "read_bandwidth_gb_s": bandwidth.json(), "decode_over_roofline": ratio.json(),
                 "read_bandwidth_between_steps_gb_s": bandwidth_between.json(),
                 "decode_over_roofline_between_steps": ratio_between.json(),
-                "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak,
+                "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak, "int16_dot_peak_gop_s": dot_peak,
                 "kernel_classes": class_json, "phase_seconds": phase_json, "tuning": info.tuning,
             });
             println!("{line}");
@@ -403,6 +411,12 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         println!("prefill               {} tok/s ({prefill_gflops:.1} GFLOP/s in matmuls)", prefill.show(1));
         if let Some(peak) = fma_peak {
             println!("f32 FMA peak          {peak:.1} GFLOP/s (same run); prefill / peak {:.3}", prefill_gflops / peak);
+        }
+        if let Some(peak) = dot_peak {
+            println!(
+                "int16 dot peak        {peak:.1} GOP/s (same run; Q8_0 matmuls run on it); prefill / dot peak {:.3}",
+                prefill_gflops / peak
+            );
         }
         println!("decode                {} tok/s (output tokens, all sequences)", decode.show(1));
         println!("weights read per step {} ({weights_per_step:.0} bytes)", human_bytes(weights_per_step as u64));

@@ -71,8 +71,9 @@ pub struct ModelArgs {
     /// On CPUs with AVX-512 VNNI, quantise the inputs of batched decode matmuls against Q8_0
     /// weights to 8 bits per 32-value block and take 8-bit integer dot products, as llama.cpp
     /// does, at a cost in accuracy (on SmolLM2-135M, logits move by up to about 0.5). Logits
-    /// themselves are never computed from 8-bit inputs. On an AMD Zen 4 host it is no faster than
-    /// the default. Off by default (inputs rounded to bf16 at most).
+    /// themselves are never computed from 8-bit inputs. Q8_0 then stays in plain blocks rather
+    /// than row panels; on an AMD Zen 4 host it is slower than the default. Off by default (inputs
+    /// rounded to bf16 at most, 16 bits per block against Q8_0).
     #[arg(long, env = "TESSERA_INT8_ACTIVATIONS")]
     pub int8_activations: bool,
     /// Where fetched models are cached [default: $XDG_CACHE_HOME/tessera or ~/.cache/tessera].

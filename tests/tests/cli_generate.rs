@@ -143,7 +143,18 @@ fn bench_engine_reports_roofline() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     assert!(!text.contains("between decode steps"), "{text}");
+    // f32 weights are judged against the FMA peak only.
+    assert!(text.contains("f32 FMA peak") && !text.contains("int16 dot peak"), "{text}");
     let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--probe-between-steps"]].concat());
     assert_eq!(text.matches("between its steps").count(), 1, "{text}");
     assert!(text.contains("between decode steps"), "{text}");
+    // Q8_0 weights sit in row panels and multiply on 16-bit integer dot products where the CPU
+    // has AVX-512 BF16 and VNNI, and prefill is then judged against that rate too.
+    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--weights-dtype", "q8_0"]].concat());
+    #[cfg(target_arch = "x86_64")]
+    let vnni = is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    assert_eq!(text.contains("int16 dot peak"), vnni, "{text}");
+    assert_eq!(text.contains("prefill / dot peak"), vnni, "{text}");
 }

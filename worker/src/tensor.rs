@@ -7,7 +7,9 @@
 //! (bf16 and f16 to nearest even); Q8_0 is quantised as ggml's reference code does.
 
 use half::{bf16, f16};
-use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock};
+use tessera_kernels::Isa;
+use tessera_kernels::matmul::InputRounding;
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, QuantBlock, panels};
 use tessera_kernels::{HugePageBuf, WeightData, WeightMatrix};
 
 use crate::error::LoadError;
@@ -52,6 +54,8 @@ pub enum TensorData {
     F16(HugePageBuf<f16>),
     /// Q8_0 blocks.
     Q8_0(HugePageBuf<BlockQ8_0>),
+    /// Q8_0 blocks in row panels ([`tessera_kernels::quant::panels`]), as raw bytes.
+    Q8_0Panels(HugePageBuf<u8>),
     /// Q4_0 blocks.
     Q4_0(HugePageBuf<BlockQ4_0>),
     /// Q4_1 blocks.
@@ -66,6 +70,7 @@ impl TensorData {
             TensorData::Bf16(v) => WeightData::Bf16(v),
             TensorData::F16(v) => WeightData::F16(v),
             TensorData::Q8_0(v) => WeightData::Q8_0(v),
+            TensorData::Q8_0Panels(v) => WeightData::Q8_0Panels(v),
             TensorData::Q4_0(v) => WeightData::Q4_0(v),
             TensorData::Q4_1(v) => WeightData::Q4_1(v),
         }
@@ -115,6 +120,17 @@ impl Tensor {
         Tensor::new(shape, data)
     }
 
+    /// Lays the tensor out as the CPU kernels read it fastest on `isa` with inputs rounded at most
+    /// as `rounding` allows: a Q8_0 matrix in row panels where [`panels::pays_off`]. The values
+    /// stay the same.
+    pub fn lay_out_for(&mut self, isa: Isa, rounding: InputRounding) {
+        if let (TensorData::Q8_0(blocks), &[rows, cols]) = (&self.data, &self.shape[..])
+            && panels::pays_off(isa, rounding)
+        {
+            self.data = TensorData::Q8_0Panels(HugePageBuf::from_slice(&panels::from_blocks(blocks, rows, cols)));
+        }
+    }
+
     /// The row-major shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -136,7 +152,7 @@ impl Tensor {
             TensorData::F32(v) => v.to_vec(),
             TensorData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
             TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            TensorData::Q8_0(_) | TensorData::Q4_0(_) | TensorData::Q4_1(_) => {
+            TensorData::Q8_0(_) | TensorData::Q8_0Panels(_) | TensorData::Q4_0(_) | TensorData::Q4_1(_) => {
                 // Block formats are always matrices (checked in `new`).
                 let (rows, cols) = (self.shape[0], self.shape[1]);
                 let w = WeightMatrix { data: self.data.view(), rows, cols };
@@ -188,5 +204,28 @@ mod tests {
         assert!(Tensor::new(vec![32], TensorData::Q8_0(blocks.clone())).is_err());
         assert!(Tensor::new(vec![2, 16], TensorData::Q8_0(blocks.clone())).is_err());
         assert!(Tensor::new(vec![1, 32], TensorData::Q8_0(blocks)).is_ok());
+    }
+
+    /// Only a Q8_0 matrix is laid out anew, and only where panels pay off; its values and size
+    /// stay the same.
+    #[test]
+    fn lay_out_for_panels_q8_0_matrices_without_changing_their_values() {
+        let values: Vec<f32> = (0..40 * 96).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let q = Tensor::from_f32(vec![40, 96], values.clone(), WeightsDtype::Q8_0).unwrap();
+        let want = q.to_f32_vec();
+        for isa in [Isa::Avx512Bf16, Isa::Avx2Fma, Isa::Scalar] {
+            for rounding in [InputRounding::Exact, InputRounding::Bf16, InputRounding::Int8] {
+                let mut t = q.clone();
+                t.lay_out_for(isa, rounding);
+                let panelled = matches!(t.data, TensorData::Q8_0Panels(_));
+                assert_eq!(panelled, panels::pays_off(isa, rounding), "{isa} {rounding:?}");
+                assert_eq!((t.shape(), t.bytes(), t.format_name()), (q.shape(), q.bytes(), "Q8_0"));
+                assert_eq!(t.to_f32_vec(), want, "{isa}");
+                assert_eq!(t.matrix().unwrap().rows, 40);
+            }
+        }
+        let mut bf16 = Tensor::from_f32(vec![40, 96], values, WeightsDtype::Bf16).unwrap();
+        bf16.lay_out_for(Isa::Avx512Bf16, InputRounding::Bf16);
+        assert_eq!(bf16.format_name(), "bf16");
     }
 }

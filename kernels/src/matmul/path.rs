@@ -9,8 +9,8 @@ use crate::isa::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::weights::WeightData;
 
-/// The coarsest rounding a decode-sized call may give its token rows (only the SIMD ISAs round
-/// them at all). A pool carries one ([`CpuPool::with_input_rounding`](crate::CpuPool::with_input_rounding)), and a call may ask for
+/// The coarsest rounding a call may give its token rows (only the SIMD ISAs round them at all,
+/// and only in decode-sized calls except against Q8_0 weights in row panels). A pool carries one ([`CpuPool::with_input_rounding`](crate::CpuPool::with_input_rounding)), and a call may ask for
 /// finer ([`matmul_with`](super::matmul_with)). Declared from finest to coarsest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum InputRounding {
@@ -20,10 +20,11 @@ pub enum InputRounding {
     /// bf16 at most (relative error 2⁻⁹ per value; the AVX-512 BF16 ISA's bf16 dot products,
     /// which attention over a bf16 KV cache also takes for its query and softmax weights, see
     /// [`paged_attention`](crate::attention::paged_attention)). The default, and what logits always
-    /// get. Decode-sized token rows against Q8_0 weights are
-    /// quantised to 16 bits per 32-value block instead (on the AVX-512 BF16 ISA up to two of them):
-    /// each value moves by at most `max|x| / 65534` of its block, less than bf16 moves every
-    /// value above 2⁻⁷ of that largest one.
+    /// get. Token rows against Q8_0 weights are quantised to 16 bits per 32-value block instead —
+    /// in decode-sized calls (on the AVX-512 BF16 ISA up to two of them) against plain blocks, in
+    /// every call against row panels ([`crate::quant::panels`]) on that ISA: each value moves by
+    /// at most `max|x| / 65534` of its block, less than bf16 moves every value above 2⁻⁷ of that
+    /// largest one.
     Bf16,
     /// 8 bits per 32-value block for the VNNI integer dot products (Q8_0 weights, 2 to 8 token
     /// rows on the AVX-512 BF16 ISA), as llama.cpp does: each value may move by half a
@@ -52,25 +53,34 @@ pub(super) enum Path {
     Int8Dot,
     /// Integer dot products against 16-bit-quantised token rows (`quantized_i16`).
     Int16Dot,
+    /// Integer dot products of Q8_0 weights in row panels against 16-bit-quantised token rows
+    /// (`quantized_panels`).
+    Int16Panels,
     /// f32 token rows: the tile kernels, or the quantised formats' own (`quantized`).
     F32,
 }
 
 /// Under [`InputRounding::Exact`] every call takes the f32 path. Otherwise:
-/// - Q8_0 weights, one token on every SIMD ISA, up to [`INT16_BESIDE_BF16_TOKENS`] on the
+/// - Q8_0 weights in row panels, on the AVX-512 BF16 ISA (which has VNNI), any number of tokens:
+///   16-bit integer dot products (`quantized_panels`; prefill too, as they outrun the f32 tiles);
+///   on the other ISAs the f32 path over widened rows;
+/// - plain Q8_0 weights, one token on every SIMD ISA, up to [`INT16_BESIDE_BF16_TOKENS`] on the
 ///   AVX-512 BF16 ISA unless 8-bit rows are allowed, or up to [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) off that ISA:
 ///   16-bit integer dot products (the f32 path's conversions, multiplies and FMAs would bind
 ///   before memory does);
 /// - on the AVX-512 BF16 ISA, up to [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) tokens: bf16 weights always take bf16
 ///   dot products; block-quantised ones from 2 tokens on (with several tokens the f32 path's four
 ///   FMAs per block and token are what bind) take 8-bit integer ones for Q8_0 where `rounding`
-///   allows 8-bit rows, else bf16 ones (Q8_0 from 3 tokens on);
+///   allows 8-bit rows, else bf16 ones (plain Q8_0 from 3 tokens on);
 /// - everything else (a lone Q4 token, which is bound by memory and which `quantized_avx2`
 ///   dequantises exactly; f32 and f16 weights; prefill) takes the f32 path.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> Path {
     if rounding == InputRounding::Exact {
         return Path::F32;
+    }
+    if let WeightData::Q8_0Panels(_) = w {
+        return if isa == Isa::Avx512Bf16 { Path::Int16Panels } else { Path::F32 };
     }
     if matches!(w, WeightData::Q8_0(_))
         && isa.has_avx2()

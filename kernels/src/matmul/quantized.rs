@@ -9,6 +9,9 @@
 //! - more tokens (prefill): an L2-sized group of rows is widened into this thread's buffer, then
 //!   the f32 tile kernels run over it, so widening costs one pass per [`TOKENS_PER_TASK`] tokens.
 //!
+//! Q8_0 in row panels ([`crate::quant::panels`]) comes here only off its integer dot path
+//! (`quantized_panels`: exact calls, ISAs without VNNI), and is always widened.
+//!
 //! No matrix is ever expanded whole: the buffer holds at most [`W_BLOCK_BYTES`] of f32 rows.
 //!
 //! [`TOKENS_PER_TASK`]: super::TOKENS_PER_TASK
@@ -20,7 +23,7 @@ use std::cell::RefCell;
 use super::DECODE_MAX_TOKENS;
 use super::{ROW_ALIGN, Shape, Task, f32_rows};
 use crate::isa::Isa;
-use crate::quant::{QK, QuantBlock, dequantize_into};
+use crate::quant::{QK, QuantBlock, dequantize_into, panels};
 use crate::simd::SharedOut;
 
 /// Bytes of widened f32 rows a task works on at a time.
@@ -156,13 +159,41 @@ pub(super) fn pad<const M: usize>(v: [f32; M]) -> [f32; 4] {
 /// `isa` must be supported; no other thread touches the task's `out` entries.
 unsafe fn widened<B: QuantBlock>(isa: Isa, x: &[f32], w: &[B], s: Shape, t: Task, out: &SharedOut) {
     let per_row = s.k / QK;
+    // SAFETY: the caller's contract.
+    unsafe { widened_with(isa, x, s, t, out, |r0, r1, buf| dequantize_into(&w[r0 * per_row..r1 * per_row], buf)) }
+}
+
+/// One task against the whole Q8_0 matrix `w` in row panels ([`crate::quant::panels`]) off its
+/// integer dot path (prefill, exact calls, ISAs without VNNI): rows widened as for plain blocks.
+///
+/// # Safety
+/// `isa` must be supported; no other thread touches the task's `out` entries.
+pub(super) unsafe fn panels_task(isa: Isa, x: &[f32], w: &[u8], s: Shape, t: Task, out: &SharedOut) {
+    let dequantize = |r0: usize, _r1: usize, buf: &mut [f32]| panels::dequantize_rows(w, s.n, s.k, r0, buf);
+    // SAFETY: the caller's contract.
+    unsafe { widened_with(isa, x, s, t, out, dequantize) }
+}
+
+/// Widens groups of the task's rows (`dequantize(r0, r1, buf)` writes rows `r0..r1` into `buf`)
+/// into this thread's buffer and runs the f32 tiles on them.
+///
+/// # Safety
+/// `isa` must be supported; no other thread touches the task's `out` entries.
+unsafe fn widened_with(
+    isa: Isa,
+    x: &[f32],
+    s: Shape,
+    t: Task,
+    out: &SharedOut,
+    dequantize: impl Fn(usize, usize, &mut [f32]),
+) {
     let group = (WIDEN_BYTES / (s.k * std::mem::size_of::<f32>())).max(1).next_multiple_of(ROW_ALIGN);
     WIDENED.with_borrow_mut(|buf| {
         let mut r0 = t.r0;
         while r0 < t.r1 {
             let r1 = (r0 + group).min(t.r1);
             buf.resize((r1 - r0) * s.k, 0.0);
-            dequantize_into(&w[r0 * per_row..r1 * per_row], buf);
+            dequantize(r0, r1, buf);
             // SAFETY: the caller's contract; `buf` holds rows `r0..r1`, counted from `r0`.
             unsafe { f32_rows(isa, x, buf, r0, s, Task { r0, r1, ..t }, out) };
             r0 = r1;

@@ -34,9 +34,9 @@ const Q_MAX: f32 = 32767.0;
 #[derive(Default)]
 pub(super) struct QuantRows16 {
     /// The quantised values, row after row.
-    q: Vec<i16>,
+    pub(super) q: Vec<i16>,
     /// Per row and block, its scale `d` (NaN where the block holds a non-finite value).
-    scales: Vec<f32>,
+    pub(super) scales: Vec<f32>,
 }
 
 /// Quantises the token rows `x` (each `k` values, a multiple of 32).

@@ -1,7 +1,7 @@
 use half::{bf16, f16};
 use rand::Rng;
 use tessera_kernels::matmul::{InputRounding, matmul, matmul_many, matmul_ref, matmul_with};
-use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
+use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, panels};
 use tessera_kernels::{CpuPool, Isa, KernelError, WeightData, WeightMatrix};
 
 use crate::{pools, rng, uniform};
@@ -24,21 +24,27 @@ fn vnni_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> boo
         && rounding == InputRounding::Int8
 }
 
-/// Whether such a call takes the 16-bit integer path: Q8_0 weights on any SIMD ISA, for a lone
+/// Whether such a call takes a 16-bit integer path: Q8_0 weights on any SIMD ISA, for a lone
 /// token row, for two where 8-bit rows are not allowed, and for up to 8 on ISAs without bf16 dot
-/// products.
+/// products; Q8_0 weights in row panels on the AVX-512 BF16 ISA (which has VNNI), for any number.
 fn int16_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
-    isa.has_avx2()
-        && matches!(w, WeightData::Q8_0(_))
-        && rounding != InputRounding::Exact
-        && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8 || m == 2 && rounding != InputRounding::Int8)
+    if rounding == InputRounding::Exact {
+        return false;
+    }
+    match w {
+        WeightData::Q8_0(_) => {
+            isa.has_avx2() && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8 || m == 2 && rounding != InputRounding::Int8)
+        }
+        WeightData::Q8_0Panels(_) => isa == Isa::Avx512Bf16,
+        _ => false,
+    }
 }
 
 /// Whether such a call takes the AVX-512 BF16 dot products: bf16 and block-quantised weights,
 /// up to 8 token rows, where neither integer path does.
 fn bf16_dot_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
     isa == Isa::Avx512Bf16
-        && !matches!(w, WeightData::F32(_) | WeightData::F16(_))
+        && !matches!(w, WeightData::F32(_) | WeightData::F16(_) | WeightData::Q8_0Panels(_))
         && rounding != InputRounding::Exact
         && m <= 8
         && !vnni_path(isa, w, m, rounding)
@@ -95,8 +101,10 @@ fn check_one(m: usize, rows: usize, cols: usize, seed: u64) {
     let q4_1: Vec<BlockQ4_1> = (0..blocks)
         .map(|_| BlockQ4_1 { d: scale(&mut r), m: scale(&mut r), qs: std::array::from_fn(|_| r.random()) })
         .collect();
+    let q8_panels = if cols.is_multiple_of(QK) { panels::from_blocks(&q8, rows, cols) } else { Vec::new() };
     if cols.is_multiple_of(QK) {
         mats.push(WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap());
+        mats.push(WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, cols).unwrap());
         mats.push(WeightMatrix::new(WeightData::Q4_0(&q4_0), rows, cols).unwrap());
         mats.push(WeightMatrix::new(WeightData::Q4_1(&q4_1), rows, cols).unwrap());
     }
@@ -201,10 +209,12 @@ fn fast_matches_reference_on_model_shapes() {
 
 /// On the paths that promise it, a decode step's token gets the same bits whether it is alone
 /// or batched with up to seven others, so a sequence's greedy output does not depend on its
-/// neighbours: bf16 weights through AVX-512 BF16 dot products, and Q8_0 weights (16-bit integer
-/// dot products) on the other SIMD ISAs. On AVX-512 BF16, Q8_0 weights take other dot products
-/// from two tokens on, so there batches of 2 to 8 agree with each other but not with a lone token.
-/// (The f32 tiles sum a lone token and a tile's tokens in different orders.)
+/// neighbours: bf16 weights through AVX-512 BF16 dot products, Q8_0 weights in row panels there
+/// (16-bit integer dot products, and the same bits again in prefill-sized calls), and plain Q8_0
+/// weights (16-bit integer dot products) on the other SIMD ISAs. On AVX-512 BF16, plain Q8_0
+/// weights take other dot products from two tokens on, so there batches of 2 to 8 agree with each
+/// other but not with a lone token. (The f32 tiles sum a lone token and a tile's tokens in
+/// different orders.)
 #[test]
 fn decode_sized_results_do_not_depend_on_the_batch() {
     let (rows, cols) = (37, 577);
@@ -217,11 +227,14 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
     let wq_f = uniform(&mut r, rows * qcols, 1.0);
     let q8 = q8_0(&wq_f);
     let wq = WeightMatrix::new(WeightData::Q8_0(&q8), rows, qcols).unwrap();
+    let q8_panels = panels::from_blocks(&q8, rows, qcols);
+    let wp = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, qcols).unwrap();
     for pool in pools().into_iter().filter(|p| p.isa().has_avx2()) {
         let bf16_dot = pool.isa() == Isa::Avx512Bf16;
         let mut cases = vec![(&wq, qcols, &qf, if bf16_dot { 2 } else { 1 })];
         if bf16_dot {
             cases.push((&w, cols, &x, 1));
+            cases.push((&wp, qcols, &qf, 1));
         }
         for (w, cols, x, smallest) in cases {
             // Each token's result in the smallest batch the promise covers (the token first).
@@ -289,6 +302,45 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
     }
 }
 
+/// The panelled Q8_0 path computes exactly what its module promises, for decode and prefill
+/// sizes alike, bit for bit: per block in order, the exact integer dot product of the weight's
+/// bytes and the token's values quantised to 16 bits, converted to f32, times `d_w · d_x` (an f32
+/// product), added to the row's f32 sum by one fused multiply-add. 29 rows end in a partial panel.
+#[test]
+fn panelled_q8_0_is_the_integer_dot_product_of_quantised_rows() {
+    let Some(pool) = pools().into_iter().find(|p| p.isa() == Isa::Avx512Bf16) else {
+        eprintln!("skipped: this CPU has no AVX-512 BF16 and VNNI");
+        return;
+    };
+    let mut r = rng(19);
+    for (rows, cols) in [(29, 1536), (29, 576), (16, 64)] {
+        let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
+        let q8_panels = panels::from_blocks(&q8, rows, cols);
+        let w = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, cols).unwrap();
+        for m in [1, 3, 8, 11] {
+            // Random values, an all-zero block, and a block of exact ties: its maximum is 32767,
+            // so `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
+            let mut x = uniform(&mut r, m * cols, 4.0);
+            x[..QK].fill(0.0);
+            x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
+            x[2 * QK - 1] = 32767.0;
+            let mut got = vec![f32::NAN; m * rows];
+            matmul(&pool, &x, m, &w, &mut got).unwrap();
+            for i in 0..m {
+                let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 32767.0);
+                for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
+                    let want = row.iter().zip(&xq).fold(0.0f32, |acc, (b, (dx, q))| {
+                        let dot: i32 = b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum();
+                        (dot as f32).mul_add(b.d.to_f32() * dx, acc)
+                    });
+                    let g = got[i * rows + j];
+                    assert_eq!(g.to_bits(), want.to_bits(), "{rows}x{cols} m={m} token {i} row {j}: {g} vs {want}");
+                }
+            }
+        }
+    }
+}
+
 /// A NaN in a lone token row makes every output of it NaN on every path, including the 16-bit one,
 /// which quantises the row (where a NaN would otherwise become a finite integer).
 #[test]
@@ -296,14 +348,17 @@ fn a_nan_in_a_lone_token_row_reaches_every_output() {
     let (rows, cols) = (37, 576);
     let mut r = rng(17);
     let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
-    let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+    let q8_panels = panels::from_blocks(&q8, rows, cols);
+    let plain = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+    let panelled = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, cols).unwrap();
     for at in [0, 100, cols - 1] {
         let mut x = uniform(&mut r, cols, 1.0);
         x[at] = f32::NAN;
-        for pool in pools() {
+        for (w, pool) in [&plain, &panelled].into_iter().flat_map(|w| pools().into_iter().map(move |p| (w, p))) {
             let mut y = vec![0.0; rows];
-            matmul(&pool, &x, 1, &w, &mut y).unwrap();
-            assert!(y.iter().all(|v| v.is_nan()), "NaN at {at}, {} x{}: {y:?}", pool.isa(), pool.threads());
+            matmul(&pool, &x, 1, w, &mut y).unwrap();
+            let (format, isa) = (w.data.format_name(), pool.isa());
+            assert!(y.iter().all(|v| v.is_nan()), "NaN at {at}, {format} {isa} x{}: {y:?}", pool.threads());
         }
     }
 }
@@ -317,10 +372,12 @@ fn matmul_many_matches_one_matmul_per_weight() {
     let wf = uniform(&mut r, 77 * cols, 1.0);
     let wb: Vec<bf16> = uniform(&mut r, 130 * cols, 1.0).iter().map(|&v| bf16::from_f32(v)).collect();
     let q8 = q8_0(&uniform(&mut r, 5 * cols, 1.0));
+    let q8_panels = panels::from_blocks(&q8_0(&uniform(&mut r, 70 * cols, 1.0)), 70, cols);
     let weights = [
         WeightMatrix::new(WeightData::F32(&wf), 77, cols).unwrap(),
         WeightMatrix::new(WeightData::Bf16(&wb), 130, cols).unwrap(),
         WeightMatrix::new(WeightData::Q8_0(&q8), 5, cols).unwrap(),
+        WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), 70, cols).unwrap(),
     ];
     for m in [1, 3, 8, 9] {
         let x = uniform(&mut r, m * cols, 1.0);
@@ -398,6 +455,10 @@ fn bad_shapes_are_errors() {
     let (x, mut y) = (vec![0.0f32; 48], vec![0.0f32; 2]);
     assert!(matmul(pool, &x, 1, &bad, &mut y).is_err());
     assert!(matmul_ref(&x, 1, &bad, &mut y).is_err());
+    // Panelled Q8_0 bytes must be whole blocks (here 2 blocks' worth plus one byte).
+    let bytes = [0u8; 69];
+    assert!(WeightMatrix::new(WeightData::Q8_0Panels(&bytes), 1, 64).is_err());
+    assert!(WeightMatrix::new(WeightData::Q8_0Panels(&bytes[..68]), 1, 64).is_ok());
 }
 
 /// A pool rounds matmul inputs to bf16 at most unless it is told otherwise: a default pool gives

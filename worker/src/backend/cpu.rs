@@ -225,23 +225,26 @@ impl CpuBackend {
     /// [`CpuBackend::new`] with `kv_elem_bytes` (4: f32, 2: bf16) per KV entry instead of the
     /// weights' default ([`cpu_kv_elem_bytes`]): for checking the kernels on an f32 cache.
     pub fn with_kv_elem_bytes(
-        model: LlamaModel,
+        mut model: LlamaModel,
         pool: CpuPool,
         kv_config: KvCacheConfig,
         kv_elem_bytes: usize,
     ) -> Result<Self, EngineError> {
+        model.lay_out_for(&pool);
         let comm = host_group(1, Duration::MAX, None).remove(0);
         let kv = CpuKvStorage::new(model.config(), model.shard().kv_heads.len(), kv_config, kv_elem_bytes)?;
         Ok(CpuBackend { model, pool: Arc::new(pool), kv, comm })
     }
 
-    /// One rank of a group: `model` is its shard, `comm` its handle on the group.
+    /// One rank of a group: `model` is its shard, `comm` its handle on the group. The model's
+    /// matrices are laid out as `pool`'s kernels read them fastest ([`LlamaModel::lay_out_for`]).
     pub fn rank(
-        model: LlamaModel,
+        mut model: LlamaModel,
         pool: CpuPool,
         kv_config: KvCacheConfig,
         comm: HostComm,
     ) -> Result<Self, EngineError> {
+        model.lay_out_for(&pool);
         let elem_bytes = cpu_kv_elem_bytes(model.weights_dtype());
         let kv = CpuKvStorage::new(model.config(), model.shard().kv_heads.len(), kv_config, elem_bytes)?;
         Ok(CpuBackend { model, pool: Arc::new(pool), kv, comm })

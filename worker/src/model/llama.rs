@@ -178,6 +178,25 @@ impl LlamaModel {
             .chain(&self.lm_head)
     }
 
+    /// Lays every matrix out as `pool`'s kernels read it fastest ([`Tensor::lay_out_for`]); the
+    /// values stay the same.
+    pub fn lay_out_for(&mut self, pool: &CpuPool) {
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ]
+        });
+        for t in layers.chain([&mut self.embed_tokens]).chain(&mut self.lm_head) {
+            t.lay_out_for(pool.isa(), pool.input_rounding());
+        }
+    }
+
     /// Bytes of weights read to decode one token: every matrix of this shard once, plus one embedding row
     /// (the LM head is read whole; a tied embedding counts once as the LM head).
     pub fn weight_bytes_per_token(&self) -> usize {
