@@ -268,18 +268,25 @@ pub fn matmul_with(
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
-    let shape = Shape { m, n: w.rows, k: w.cols };
+    let input = Input::new(pool.isa(), x, m, [w], rounding.min(pool.input_rounding()));
+    run_planned(pool, &input, w, y);
+    Ok(())
+}
+
+/// `y = input · wᵀ` in the tasks of `w`'s own plan, for a checked call of at least one token, one
+/// weight row and one column; `input` was made by [`Input::new`] on `pool`'s ISA with `w` among its
+/// weights.
+fn run_planned(pool: &CpuPool, input: &Input, w: &WeightMatrix, y: &mut [f32]) {
+    let shape = Shape { m: input.x.len() / w.cols, n: w.rows, k: w.cols };
     let plan = Plan::new(shape, pool.threads());
     let isa = pool.isa();
-    let input = Input::new(isa, x, m, [w], rounding.min(pool.input_rounding()));
     let out = SharedOut::new(y);
     pool.run(plan.tasks(), |t| {
         // SAFETY: a pool only holds an ISA the CPU supports; tasks cover disjoint (token, weight
         // row) rectangles, so their writes through `out` never overlap, and nothing reads `y`
-        // until `run` returns; `input` was made for this `x` and ISA.
-        unsafe { run_task(isa, &input, &w.data, shape, plan.task(t, shape), &out) };
+        // until `run` returns; `input` was made for this `x`, ISA and weight.
+        unsafe { run_task(isa, input, &w.data, shape, plan.task(t, shape), &out) };
     });
-    Ok(())
 }
 
 /// `ys[j] = x · w_jᵀ` for weights that share their input `x` (`m` rows), such as a layer's Q, K
@@ -289,7 +296,8 @@ pub fn matmul_with(
 /// are cut across all the weights in order: each thread streams one stretch of them, and the
 /// launch and its closing wait are paid once instead of once per weight. Every output gets the
 /// same values as from [`matmul`] with the same weight. Larger calls are compute-bound and run one
-/// [`matmul`] per weight.
+/// launch per weight as [`matmul`] does, but share one preparation of the input (the 16-bit
+/// quantisation for Q8_0 in row panels is serial, and about as long as a small weight's matmul).
 pub fn matmul_many(
     pool: &CpuPool,
     x: &[f32],
@@ -299,9 +307,24 @@ pub fn matmul_many(
     for (w, y) in targets.iter() {
         check("matmul_many", x, m, w, y)?;
     }
-    if m == 0 || m > DECODE_MAX_TOKENS || x.is_empty() {
+    if m == 0 || x.is_empty() {
         for (w, y) in targets.iter_mut() {
             matmul(pool, x, m, w, y)?;
+        }
+        return Ok(());
+    }
+    if m > DECODE_MAX_TOKENS {
+        let weights: Vec<&WeightMatrix> = targets.iter().map(|(w, _)| *w).collect();
+        let mut input = None;
+        for (w, y) in targets.iter_mut() {
+            // Each weight is one profiled call, as from `matmul`; the first also prepares the input.
+            let bytes = w.bytes() + 4 * (x.len() + y.len());
+            let _timed = profile::scope(KernelClass::MatmulPrefill, bytes, 2 * m * w.rows * w.cols);
+            let input = input
+                .get_or_insert_with(|| Input::new(pool.isa(), x, m, weights.iter().copied(), pool.input_rounding()));
+            if w.rows > 0 {
+                run_planned(pool, input, w, y);
+            }
         }
         return Ok(());
     }

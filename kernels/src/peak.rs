@@ -39,25 +39,29 @@ pub fn measure_fma_peak(pool: &CpuPool, iters: usize) -> PeakReport {
         .into_iter()
         .map(|lanes| {
             let flops = (threads * CHAINS * ROUNDS * lanes * 2) as f64;
-            let mut rates: Vec<f64> = (0..iters.max(1))
-                .map(|_| {
-                    let start = Instant::now();
-                    let mut partial = vec![0.0f32; threads];
-                    pool.chunks_mut(&mut partial, 1, |_, p| p[0] = chains(isa, lanes));
-                    let total: f32 = partial.iter().sum();
-                    std::hint::black_box(total);
-                    flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
-                })
-                .collect();
-            rates.sort_by(f64::total_cmp);
-            PeakReport {
-                best_gflop_per_s: rates.last().copied().unwrap_or(0.0),
-                median_gflop_per_s: rates[rates.len() / 2],
-            }
+            timed_passes(pool, iters, flops, || chains(isa, lanes))
         })
         .fold(PeakReport { best_gflop_per_s: 0.0, median_gflop_per_s: 0.0 }, |a, b| {
             if b.best_gflop_per_s > a.best_gflop_per_s { b } else { a }
         })
+}
+
+/// Times `iters` passes (at least one) of `pass` run on every thread of `pool` at once, each pass
+/// doing `ops` operations in all; the result of each thread's pass is kept from being optimised
+/// away.
+fn timed_passes(pool: &CpuPool, iters: usize, ops: f64, pass: impl Fn() -> f32 + Sync) -> PeakReport {
+    let mut rates: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let mut partial = vec![0.0f32; pool.threads()];
+            pool.chunks_mut(&mut partial, 1, |_, p| p[0] = pass());
+            let total: f32 = partial.iter().sum();
+            std::hint::black_box(total);
+            ops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    PeakReport { best_gflop_per_s: rates[rates.len() - 1], median_gflop_per_s: rates[rates.len() / 2] }
 }
 
 /// Measures the 16-bit integer dot-product rate (`vpdpwssd` on 512-bit vectors: 32 multiply-adds
@@ -70,18 +74,8 @@ pub fn measure_int16_dot_peak(pool: &CpuPool, iters: usize) -> Option<PeakReport
     #[cfg(target_arch = "x86_64")]
     {
         let ops = (pool.threads() * CHAINS * ROUNDS * 32 * 2) as f64;
-        let mut rates: Vec<f64> = (0..iters.max(1))
-            .map(|_| {
-                let start = Instant::now();
-                let mut partial = vec![0i32; pool.threads()];
-                // SAFETY: the pool's ISA is supported, and it includes AVX-512F and VNNI.
-                pool.chunks_mut(&mut partial, 1, |_, p| p[0] = unsafe { int16_dot_chains() });
-                std::hint::black_box(partial);
-                ops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
-            })
-            .collect();
-        rates.sort_by(f64::total_cmp);
-        Some(PeakReport { best_gflop_per_s: rates[rates.len() - 1], median_gflop_per_s: rates[rates.len() / 2] })
+        // SAFETY: the pool's ISA is supported, and it includes AVX-512F and VNNI.
+        Some(timed_passes(pool, iters, ops, || unsafe { int16_dot_chains() } as f32))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

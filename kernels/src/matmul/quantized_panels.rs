@@ -121,16 +121,16 @@ unsafe fn panels<const T: usize>(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, 
     let end = w.as_ptr_range().end;
     for p in t.r0 / PANEL..t.r1.div_ceil(PANEL) {
         let panel = Panel::of(p, s.n, per_row);
-        let bytes = &w[panel.start..panel.start + panel.height * per_row * BLOCK_BYTES];
+        let bytes = &w[panel.start..][..panel.column(per_row)];
         let prefetched = if T >= PREFETCH_FROM_TOKENS { bytes.len() } else { 0 };
         let mut ahead = Prefetcher::span(bytes.as_ptr().wrapping_add(AHEAD_BYTES), prefetched, end, per_row);
         // SAFETY: the caller's contract; `bytes` is the panel's `per_row` block columns and every
         // token row has `per_row` blocks.
         let sums = unsafe {
             if panel.height == PANEL {
-                dot::<T, true>(&xs, bytes, PANEL, &mut ahead)
+                dot::<T, true>(&xs, bytes, Panel { height: PANEL, ..panel }, &mut ahead)
             } else {
-                dot::<T, false>(&xs, bytes, panel.height, &mut ahead)
+                dot::<T, false>(&xs, bytes, panel, &mut ahead)
             }
         };
         for (a, v) in sums.iter().enumerate() {
@@ -171,35 +171,35 @@ unsafe fn dot_pair(acc: __m512i, w: __m512i, row: *const i16, offset: usize) -> 
     acc
 }
 
-/// Each token's dot products with the panel's rows (`height` of them, [`PANEL`] when `FULL`), in
-/// the rows' lanes (the others zero).
+/// Each token's dot products with the rows of `panel` (whose bytes are `bytes`; [`PANEL`] rows
+/// when `FULL`), in the rows' lanes (the others zero).
 ///
 /// # Safety
-/// The CPU must have the module's features; `bytes` is a panel of `height` rows of as many blocks
-/// as each token row has.
+/// The CPU must have the module's features; `bytes` is `panel`, of as many blocks per row as each
+/// token row has.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 #[inline]
 unsafe fn dot<const T: usize, const FULL: bool>(
     xs: &[Token; T],
     bytes: &[u8],
-    height: usize,
+    panel: Panel,
     ahead: &mut Prefetcher,
 ) -> [__m512; T] {
-    let blocks = xs[0].scales.len();
+    let (blocks, height) = (xs[0].scales.len(), panel.height);
     assert!(bytes.len() == blocks * height * BLOCK_BYTES && (1..=PANEL).contains(&height), "panel length");
     // The masks of a partial panel's steps (2 bytes per row) and scales (one f16 per row).
     let step_mask = (u32::MAX as u64 >> (32 - 2 * height)) as u32;
     let scale_mask = (u16::MAX as u32 >> (PANEL - height)) as u16;
     let mut acc = [_mm512_setzero_ps(); T];
     for c in 0..blocks {
-        let column = bytes[c * height * BLOCK_BYTES..].as_ptr();
+        let column = bytes[panel.column(c)..].as_ptr();
         ahead.step();
         let mut ints = [_mm512_setzero_si512(); T];
         for st in 0..STEPS {
             // SAFETY: step `st` of block column `c` is `2 · height` bytes inside the panel (masked
             // to them when the panel is partial); masked-out bytes are not read.
             let raw = unsafe {
-                let p = column.add(2 * height * (1 + st));
+                let p = column.add(panel.step(st));
                 if FULL { _mm256_loadu_si256(p.cast()) } else { _mm256_maskz_loadu_epi8(step_mask, p.cast()) }
             };
             let wv = _mm512_cvtepi8_epi16(raw);

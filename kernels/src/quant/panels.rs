@@ -17,14 +17,14 @@
 
 use half::f16;
 
-use super::{BlockQ8_0, QK};
+use super::{BlockQ8_0, QK, QuantBlock};
 use crate::isa::Isa;
 use crate::matmul::InputRounding;
 
 /// Rows per panel: one per 32-bit lane of a 512-bit vector.
 pub const PANEL: usize = 16;
 /// Bytes per block, as in plain Q8_0: a 2-byte scale and 32 one-byte values.
-pub const BLOCK_BYTES: usize = 2 + QK;
+pub const BLOCK_BYTES: usize = <BlockQ8_0 as QuantBlock>::BYTES;
 /// Value pairs per block: the steps of a block column.
 pub const STEPS: usize = QK / 2;
 
@@ -57,6 +57,12 @@ impl Panel {
     pub fn column(self, c: usize) -> usize {
         c * self.height * BLOCK_BYTES
     }
+
+    /// Byte offset, from a block column's start, of step `s`: past the `height` scales and the
+    /// `s` steps before it, `2 · height` bytes each. Row `l`'s pair lies `2l` bytes into it.
+    pub fn step(self, s: usize) -> usize {
+        2 * self.height * (1 + s)
+    }
 }
 
 /// Plain Q8_0 rows (`rows` of `cols` values, whole blocks) in row panels: as many bytes as
@@ -74,14 +80,13 @@ pub fn from_blocks(blocks: &[BlockQ8_0], rows: usize, cols: usize) -> Vec<u8> {
         let panel = Panel::of(p, rows, per_row);
         for c in 0..per_row {
             let column = &mut out[panel.start + panel.column(c)..][..panel.height * BLOCK_BYTES];
-            let (scales, steps) = column.split_at_mut(2 * panel.height);
             for l in 0..panel.height {
                 let block = &blocks[(p * PANEL + l) * per_row + c];
-                scales[2 * l..2 * l + 2].copy_from_slice(&block.d.to_le_bytes());
+                column[2 * l..2 * l + 2].copy_from_slice(&block.d.to_le_bytes());
                 for s in 0..STEPS {
-                    let at = 2 * (s * panel.height + l);
-                    steps[at] = block.qs[2 * s].to_le_bytes()[0];
-                    steps[at + 1] = block.qs[2 * s + 1].to_le_bytes()[0];
+                    let at = panel.step(s) + 2 * l;
+                    column[at] = block.qs[2 * s].to_le_bytes()[0];
+                    column[at + 1] = block.qs[2 * s + 1].to_le_bytes()[0];
                 }
             }
         }
@@ -110,11 +115,10 @@ pub fn dequantize_rows(bytes: &[u8], rows: usize, cols: usize, first: usize, out
         for (c, block) in values.chunks_exact_mut(QK).enumerate() {
             let column = &bytes[panel.start + panel.column(c)..][..panel.height * BLOCK_BYTES];
             let d = f16::from_le_bytes([column[2 * l], column[2 * l + 1]]).to_f32();
-            let steps = &column[2 * panel.height..];
             for (s, pair) in block.chunks_exact_mut(2).enumerate() {
-                let at = 2 * (s * panel.height + l);
-                pair[0] = d * f32::from(i8::from_le_bytes([steps[at]]));
-                pair[1] = d * f32::from(i8::from_le_bytes([steps[at + 1]]));
+                let at = panel.step(s) + 2 * l;
+                pair[0] = d * f32::from(i8::from_le_bytes([column[at]]));
+                pair[1] = d * f32::from(i8::from_le_bytes([column[at + 1]]));
             }
         }
     }
@@ -123,7 +127,7 @@ pub fn dequantize_rows(bytes: &[u8], rows: usize, cols: usize, first: usize, out
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{QuantBlock, dequantize_into};
+    use crate::quant::dequantize_into;
 
     fn blocks(rows: usize, per_row: usize) -> Vec<BlockQ8_0> {
         (0..rows * per_row)
@@ -139,6 +143,8 @@ mod tests {
         assert_eq!(Panel::of(0, 40, 3), Panel { start: 0, height: 16 });
         assert_eq!(Panel::of(2, 40, 3), Panel { start: 2 * 16 * 3 * 34, height: 8 });
         assert_eq!(Panel::of(2, 40, 3).column(1), 8 * 34);
+        assert_eq!(Panel::of(2, 40, 3).step(0), 16);
+        assert_eq!(Panel::of(2, 40, 3).step(15), 16 * 16);
     }
 
     #[test]
