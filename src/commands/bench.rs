@@ -100,12 +100,15 @@ struct Run {
     bandwidth: Option<RunBandwidth>,
 }
 
-/// The read bandwidth of one run in GB/s.
+/// The read bandwidth of one run in GB/s, and how far apart its threads sat.
 struct RunBandwidth {
     /// Fastest of several large passes right before the run.
     before: f64,
     /// Fastest of several large passes right after it.
     after: f64,
+    /// The pool's thread round trip in ns ([`CpuPool::round_trip`]), the higher of right before
+    /// and right after the run; none on one thread.
+    round_trip_ns: Option<f64>,
     /// With `--probe-between-steps`: all the passes that alternated with the run's decode steps,
     /// as one rate (bytes ÷ time), aggregated the way decode tok/s is.
     between: Option<f64>,
@@ -122,6 +125,39 @@ impl RunBandwidth {
 
 /// Passes per bandwidth reading around a run; the fastest is the reading.
 const PASSES_PER_READING: usize = 5;
+/// Round trips per reading of the pool's thread round trip (a few milliseconds).
+const ROUND_TRIPS_PER_READING: usize = 20_000;
+/// How long a round-trip reading waits for a worker before it reports none.
+const ROUND_TRIP_PATIENCE: Duration = Duration::from_secs(1);
+
+/// What is read right before and right after each timed run.
+#[derive(Clone, Copy)]
+struct Reading {
+    /// Read bandwidth, GB/s.
+    bandwidth: f64,
+    /// The pool's thread round trip, ns.
+    round_trip_ns: Option<f64>,
+}
+
+/// One timed run's decode against its own readings.
+struct RunSummary {
+    decode: f64,
+    bandwidth: f64,
+    round_trip_ns: Option<f64>,
+    ratio: f64,
+}
+
+impl RunSummary {
+    fn show(&self) -> String {
+        let round_trip = self.round_trip_ns.map(|ns| format!(", round trip {ns:.0} ns")).unwrap_or_default();
+        format!("{:.1} tok/s at {:.1} GB/s{round_trip}: {:.3} of roofline", self.decode, self.bandwidth, self.ratio)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "decode_tok_s": self.decode, "read_bandwidth_gb_s": self.bandwidth,
+            "thread_round_trip_ns": self.round_trip_ns, "decode_over_roofline": self.ratio })
+    }
+}
 
 /// Median and range of a set of runs.
 struct Spread {
@@ -325,7 +361,14 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         let mut runs: Vec<Run> = Vec::with_capacity(args.runs);
         // One reading between consecutive runs serves as the after of one and the before of the
         // next.
-        let read_around = || around_runs.as_ref().map(|(pool, big)| big.report(pool, PASSES_PER_READING).best_gb_per_s);
+        let read_around = || {
+            around_runs.as_ref().map(|(pool, big)| Reading {
+                bandwidth: big.report(pool, PASSES_PER_READING).best_gb_per_s,
+                round_trip_ns: pool
+                    .round_trip(ROUND_TRIPS_PER_READING, ROUND_TRIP_PATIENCE)
+                    .map(|t| t.as_secs_f64() * 1e9),
+            })
+        };
         let mut reading_before = read_around();
         for _ in 0..args.runs {
             let (mut read, mut reading) = (0usize, Duration::ZERO);
@@ -349,8 +392,12 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 prefill: per_second(stats.prefill_tokens, stats.prefill_time),
                 decode: per_second(stats.decode_tokens, stats.decode_time),
                 bandwidth: before.zip(after).map(|(before, after)| RunBandwidth {
-                    before,
-                    after,
+                    before: before.bandwidth,
+                    after: after.bandwidth,
+                    round_trip_ns: match (before.round_trip_ns, after.round_trip_ns) {
+                        (Some(b), Some(a)) => Some(b.max(a)),
+                        (b, a) => b.or(a),
+                    },
                     between: (read > 0).then(|| gb_per_s(read, reading)),
                 }),
             });
@@ -373,6 +420,16 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         };
         let (bandwidth, ratio) = (bandwidths(|b| Some(b.around())), ratios(|b| Some(b.around())));
         let (bandwidth_between, ratio_between) = (bandwidths(|b| b.between), ratios(|b| b.between));
+        let round_trip = bandwidths(|b| b.round_trip_ns);
+        // Each run on its own: its regime shows in its bandwidth and round trip together.
+        let each_run: Vec<RunSummary> = runs
+            .iter()
+            .filter_map(|r| {
+                let b = r.bandwidth.as_ref()?;
+                let ratio = r.decode / (b.around() * 1e9 / bytes_per_token);
+                Some(RunSummary { decode: r.decode, bandwidth: b.around(), round_trip_ns: b.round_trip_ns, ratio })
+            })
+            .collect();
         let prefill_gflops = prefill.median * flops_per_token / 1e9;
         if args.json {
             let class_json: Vec<serde_json::Value> = classes
@@ -394,6 +451,8 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 "read_bandwidth_gb_s": bandwidth.json(), "decode_over_roofline": ratio.json(),
                 "read_bandwidth_between_steps_gb_s": bandwidth_between.json(),
                 "decode_over_roofline_between_steps": ratio_between.json(),
+                "thread_round_trip_ns": round_trip.json(),
+                "each_run": each_run.iter().map(RunSummary::json).collect::<Vec<_>>(),
                 "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak, "int16_dot_peak_gop_s": dot_peak,
                 "kernel_classes": class_json, "phase_seconds": phase_json, "tuning": info.tuning,
             });
@@ -438,9 +497,19 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                     human_bytes(pass_bytes as u64)
                 );
             }
+            if !round_trip.is_empty() {
+                println!(
+                    "thread round trip     {} ns around each run (launching thread to a worker and back, the \
+                     higher of right before and right after; higher where the threads share no cache)",
+                    round_trip.show(0)
+                );
+            }
             let roofline = bandwidth.median * 1e9 / bytes_per_token;
             println!("roofline decode       {roofline:.1} tok/s at the median bandwidth (bandwidth ÷ bytes per token)");
             println!("decode / roofline     {} (each run against the bandwidth around it)", ratio.show(3));
+            for (i, run) in each_run.iter().enumerate() {
+                println!("{:<22}{}", if i == 0 { "each run" } else { "" }, run.show());
+            }
             if !ratio_between.is_empty() {
                 println!(
                     "                      {} (each run against the bandwidth between its steps)",

@@ -134,20 +134,32 @@ fn bench_engine_reports_roofline() {
         "--gen-len",
         "8",
         "--runs",
-        "1",
+        "2",
     ];
-    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64"]].concat());
-    for needle in
-        ["prefill", "decode", "weights read per step", "read bandwidth", "around each run", "decode / roofline"]
-    {
+    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--threads", "2"]].concat());
+    for needle in [
+        "prefill",
+        "decode",
+        "weights read per step",
+        "read bandwidth",
+        "around each run",
+        "decode / roofline",
+        "thread round trip",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     assert!(!text.contains("between decode steps"), "{text}");
+    // Each run on a line of its own, with its own readings.
+    assert_eq!(text.matches(" ns: ").count(), 2, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("each run ")).count(), 1, "{text}");
     // f32 weights are judged against the FMA peak only.
     assert!(text.contains("f32 FMA peak") && !text.contains("int16 dot peak"), "{text}");
-    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--probe-between-steps"]].concat());
+    let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--probe-between-steps", "--threads", "1"]].concat());
     assert_eq!(text.matches("between its steps").count(), 1, "{text}");
     assert!(text.contains("between decode steps"), "{text}");
+    // One thread has no round trip to read.
+    assert!(!text.contains("round trip"), "{text}");
+    assert_eq!(text.matches(" of roofline").count(), 2, "{text}");
     // Q8_0 weights sit in row panels and multiply on 16-bit integer dot products where the CPU
     // has AVX-512 BF16 and VNNI, and prefill is then judged against that rate too.
     let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--weights-dtype", "q8_0"]].concat());
