@@ -290,16 +290,16 @@ impl CpuPool {
     /// inside a task, or when a wait for the other side outlasts `patience` (counted from the
     /// call).
     ///
-    /// This is what a launch's hand-offs cost: on one machine it reads a few tens of nanoseconds
-    /// between cores that share a cache, and several times more between cores that do not (on
-    /// an AMD EPYC host, about 90 ns within one core complex and about 330 ns across two), and
-    /// a virtual machine's vCPUs may move between such placements while it runs.
+    /// This is what each hand-off of a launch costs. It is shortest between cores that share a
+    /// cache and several times longer between cores that do not (on the AMD EPYC test host,
+    /// about 90 ns within one core complex and about 330 ns across two), and a virtual
+    /// machine's vCPUs may move between such placements while it runs.
     pub fn round_trip(&self, iters: usize, patience: Duration) -> Option<Duration> {
         if self.workers.is_empty() || iters == 0 || IN_TASK.with(Cell::get) {
             return None;
         }
-        // Even values from the launching thread (task 0), odd ones from the worker (task 1):
-        // task 0 serves `2i + 1`, the worker answers `2i + 2`; 1 means the worker has joined.
+        // 1 means the worker (task 1) has joined; then for i = 1, 2, … the launching thread
+        // (task 0) serves 2i and the worker answers 2i + 1.
         let ball = CachePadded(AtomicU64::new(0));
         let elapsed = Mutex::new(None);
         let deadline = Instant::now() + patience;
