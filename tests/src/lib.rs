@@ -1,13 +1,47 @@
 //! Helpers for black-box tests: locate (and build, if needed) the `tessera` binary and run it
 //! as a user would; run the services it talks to (etcd) on free loopback ports.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A fresh directory under the system's temporary directory (`tessera-test-<pid>-<n>`), removed
+/// with everything in it when dropped, so a test leaves nothing behind, failed or not.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates the directory.
+    ///
+    /// # Panics
+    /// If it cannot be created.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tessera-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The shared small models beside the checkout.

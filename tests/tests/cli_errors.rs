@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use tessera_tests::{shared_models, tessera};
+use tessera_tests::{TempDir, shared_models, tessera};
 
 /// Runs generate on `model` and checks the failure shape; returns stderr.
 fn expect_clean_failure(args: &[&str], must_mention: &str) -> String {
@@ -21,44 +21,13 @@ fn expect_clean_failure(args: &[&str], must_mention: &str) -> String {
 }
 
 /// A copy of stories260K's directory in a temp dir, with `edit` applied.
-fn stories_copy(edit: impl FnOnce(&Path)) -> tempdir::TempDir {
-    let dir = tempdir::TempDir::new();
+fn stories_copy(edit: impl FnOnce(&Path)) -> TempDir {
+    let dir = TempDir::new();
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
         std::fs::copy(shared_models().join("stories260K").join(f), dir.path().join(f)).unwrap();
     }
     edit(dir.path());
     dir
-}
-
-mod tempdir {
-    //! A self-deleting temporary directory.
-    use std::path::{Path, PathBuf};
-
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "tessera-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn generate_args(model: &Path) -> Vec<String> {
@@ -80,7 +49,7 @@ fn nonexistent_model_path() {
 
 #[test]
 fn unknown_file_kind() {
-    let dir = tempdir::TempDir::new();
+    let dir = TempDir::new();
     let f = dir.path().join("weights.bin");
     std::fs::write(&f, b"hello").unwrap();
     run_generate(&f, "unknown model");
@@ -137,7 +106,7 @@ fn unknown_architecture() {
 
 #[test]
 fn truncated_gguf() {
-    let dir = tempdir::TempDir::new();
+    let dir = TempDir::new();
     let gguf = default_gguf_path();
     let bytes = std::fs::read(&gguf).unwrap();
     for len in [0usize, 3, 4096, bytes.len() / 3] {

@@ -2,7 +2,7 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers: a failed unwrap is a failed test")]
 
-use tessera_tests::{shared_models, tessera};
+use tessera_tests::{TempDir, shared_models, tessera};
 
 fn stdout_of(args: &[&str]) -> String {
     let out = tessera(args);
@@ -69,8 +69,8 @@ fn seeded_sampling_is_reproducible() {
 /// them through the backend's `forward_pick`), another seed other tokens, bad values an error.
 #[test]
 fn batch_samples_reproducibly_and_rejects_bad_sampling() {
-    let dir = std::env::temp_dir().join(format!("tessera-batch-sampling-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = TempDir::new();
+    let dir = temp.path();
     let run = |name: &str, sampling: &str| {
         let (input, output) = (dir.join(format!("{name}-in.json")), dir.join(format!("{name}-out.json")));
         let body = format!(r#"{{"prompts": [[1, 5, 9], [7]], "max_new_tokens": 24, "sampling": {sampling}}}"#);
@@ -100,7 +100,6 @@ fn batch_samples_reproducibly_and_rejects_bad_sampling() {
     let (bad, tokens) = run("bad", r#"{"temperature": 0.9, "top_p": 1.5}"#);
     assert!(!bad.status.success() && tokens.is_none());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("top_p"), "{}", String::from_utf8_lossy(&bad.stderr));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tessera_tests::RouterProcess;
+use tessera_tests::{RouterProcess, TempDir};
 
 /// Sends one raw request; returns (status, lower-cased header block, body).
 fn send(addr: &str, request: &str) -> (u16, String, String) {
@@ -28,7 +28,8 @@ fn get(addr: &str, path: &str, extra: &str) -> (u16, String, String) {
 
 #[test]
 fn keys_cors_errors_and_header_timeouts() {
-    let keys = std::env::temp_dir().join(format!("tessera-http-keys-{}", std::process::id()));
+    let temp = TempDir::new();
+    let keys = temp.path().join("keys");
     std::fs::write(&keys, "sk-one\n").unwrap();
     let keys = keys.to_str().unwrap();
     let origin = "https://app.example";

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::{RouterProcess, WorkerProcess, workspace_root};
+use tessera_tests::{RouterProcess, TempDir, WorkerProcess, workspace_root};
 
 const MAX_IN_FLIGHT: &str = "4";
 const MAX_BODY_BYTES: &str = "262144";
@@ -23,9 +23,10 @@ fn python() -> Option<PathBuf> {
     ok.then_some(python)
 }
 
-/// A key file holding [`API_KEY`] (and a comment and a second key, as operators write them).
-fn key_file() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("tessera-openai-keys-{}", std::process::id()));
+/// A key file in `dir` holding [`API_KEY`] (and a comment and a second key, as operators write
+/// them).
+fn key_file(dir: &TempDir) -> PathBuf {
+    let path = dir.path().join("keys");
     std::fs::write(&path, format!("# test keys\nsk-another-key\n{API_KEY}\n")).unwrap();
     path
 }
@@ -59,7 +60,8 @@ fn the_official_openai_sdk_works_against_the_router_and_through_tessera_up() {
         tessera_tests::missing_tool("python3 with openai and pytest");
         return;
     };
-    let keys = key_file();
+    let temp = TempDir::new();
+    let keys = key_file(&temp);
     let keys = keys.to_str().unwrap();
     let model = "smollm2-135m-instruct";
     let mut dead_args = vec!["--worker", "127.0.0.1:1"];
