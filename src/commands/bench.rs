@@ -96,47 +96,54 @@ fn median(mut xs: Vec<f64>) -> f64 {
 struct Run {
     prefill: f64,
     decode: f64,
-    /// CPU only: the read bandwidth the run's decode is judged against.
-    bandwidth: Option<RunBandwidth>,
-}
-
-/// The read bandwidth of one run in GB/s, and how far apart its threads sat.
-struct RunBandwidth {
-    /// Fastest of several large passes right before the run.
-    before: f64,
-    /// Fastest of several large passes right after it.
-    after: f64,
-    /// The pool's thread round trip in ns ([`CpuPool::round_trip`]), the higher of right before
-    /// and right after the run; none on one thread.
-    round_trip_ns: Option<f64>,
+    /// CPU only: what the machine could do around the run, the higher of the readings right
+    /// before and right after it, each limit on its own (a run lasts well under a second; where
+    /// the host drifts during it, the higher reading is the stricter side).
+    limits: Option<Reading>,
     /// With `--probe-between-steps`: all the passes that alternated with the run's decode steps,
-    /// as one rate (bytes ÷ time), aggregated the way decode tok/s is.
+    /// as one rate (bytes ÷ time, GB/s), aggregated the way decode tok/s is.
     between: Option<f64>,
-}
-
-impl RunBandwidth {
-    /// The bandwidth the run is judged against: the higher of the readings on either side of it
-    /// (a run lasts well under a second; where the host's memory drifts during it, this takes
-    /// the stricter side).
-    fn around(&self) -> f64 {
-        self.before.max(self.after)
-    }
 }
 
 /// Passes per bandwidth reading around a run; the fastest is the reading.
 const PASSES_PER_READING: usize = 5;
+/// Passes per compute-peak reading around a run (each some milliseconds); the fastest is the
+/// reading.
+const PEAK_PASSES_PER_READING: usize = 3;
 /// Round trips per reading of the pool's thread round trip (a few milliseconds).
 const ROUND_TRIPS_PER_READING: usize = 20_000;
 /// How long a round-trip reading waits for a worker before it reports none.
 const ROUND_TRIP_PATIENCE: Duration = Duration::from_secs(1);
 
-/// What is read right before and right after each timed run.
+/// The machine's limits, read right before and right after each timed run on the engine's own
+/// threads: they drift with what else the host runs, and with where it runs the vCPUs.
 #[derive(Clone, Copy)]
 struct Reading {
     /// Read bandwidth, GB/s.
     bandwidth: f64,
-    /// The pool's thread round trip, ns.
+    /// The pool's thread round trip ([`CpuPool::round_trip`]), ns; none on one thread.
     round_trip_ns: Option<f64>,
+    /// f32 FMA peak, GFLOP/s.
+    fma_peak: f64,
+    /// 16-bit integer dot-product peak, GOP/s, where Q8_0 matrices sit in row panels (their
+    /// matmuls run on it).
+    dot_peak: Option<f64>,
+}
+
+impl Reading {
+    /// Each limit the higher of `self`'s and `other`'s.
+    fn higher(self, other: Reading) -> Reading {
+        let higher = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Reading {
+            bandwidth: self.bandwidth.max(other.bandwidth),
+            round_trip_ns: higher(self.round_trip_ns, other.round_trip_ns),
+            fma_peak: self.fma_peak.max(other.fma_peak),
+            dot_peak: higher(self.dot_peak, other.dot_peak),
+        }
+    }
 }
 
 /// One timed run's decode against its own readings.
@@ -235,7 +242,8 @@ fn profile_phases(engine: &mut Engine, requests: &[GenerationRequest]) -> anyhow
 /// the phase's wall time; the phase's time outside the kernels closes it.
 fn print_classes(phases: &[PhaseProfile], bandwidth: f64, fma_peak: f64) {
     println!(
-        "per kernel class (one more run with accounting on; peaks: {bandwidth:.1} GB/s read, {fma_peak:.1} GFLOP/s f32 FMA)"
+        "per kernel class (one more run with accounting on; against the median readings: {bandwidth:.1} GB/s read, \
+         {fma_peak:.1} GFLOP/s f32 FMA)"
     );
     println!("  phase    class          calls   time ms  share    GB/s  of bw   GFLOP/s  of peak");
     for p in phases {
@@ -308,10 +316,9 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     )?;
     let info = engine.backend().info();
     // The CPU ceilings, measured in this run on the engine's own threads (a separate pool of as
-    // many threads for a tensor-parallel group): the FMA peak once; the read bandwidth right
-    // before and right after every timed run (it drifts with what else the host's memory is
-    // doing, so each run gets its own roofline), and with `--probe-between-steps` between its
-    // decode steps too.
+    // many threads for a tensor-parallel group) right before and right after every timed run
+    // (`Reading`: they drift with what else the host runs, so each run gets its own roofline and
+    // peaks), and with `--probe-between-steps` the bandwidth between its decode steps too.
     let probe: Option<Arc<CpuPool>> = match args.model.device {
         Device::Cpu => match engine.backend().cpu_pool() {
             Some(pool) => Some(pool),
@@ -319,14 +326,10 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         },
         Device::Cuda => None,
     };
-    let fma_peak = probe.as_deref().map(|pool| measure_fma_peak(pool, 10).best_gflop_per_s);
     // Q8_0 matrices in row panels multiply on 16-bit integer dot products, which outrun f32 FMAs:
     // their prefill is judged against that rate too.
-    let dot_peak = probe
-        .as_deref()
-        .filter(|pool| info.weights_dtype.contains("Q8_0") && panels::pays_off(pool.isa(), pool.input_rounding()))
-        .and_then(|pool| measure_int16_dot_peak(pool, 10))
-        .map(|p| p.best_gflop_per_s);
+    let panelled =
+        |pool: &CpuPool| info.weights_dtype.contains("Q8_0") && panels::pays_off(pool.isa(), pool.input_rounding());
     let flops_per_token = config.matmul_flops_per_token() as f64;
 
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -367,6 +370,11 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 round_trip_ns: pool
                     .round_trip(ROUND_TRIPS_PER_READING, ROUND_TRIP_PATIENCE)
                     .map(|t| t.as_secs_f64() * 1e9),
+                fma_peak: measure_fma_peak(pool, PEAK_PASSES_PER_READING).best_gflop_per_s,
+                dot_peak: Some(pool)
+                    .filter(|pool| panelled(pool))
+                    .and_then(|pool| measure_int16_dot_peak(pool, PEAK_PASSES_PER_READING))
+                    .map(|p| p.best_gflop_per_s),
             })
         };
         let mut reading_before = read_around();
@@ -391,15 +399,8 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
             runs.push(Run {
                 prefill: per_second(stats.prefill_tokens, stats.prefill_time),
                 decode: per_second(stats.decode_tokens, stats.decode_time),
-                bandwidth: before.zip(after).map(|(before, after)| RunBandwidth {
-                    before: before.bandwidth,
-                    after: after.bandwidth,
-                    round_trip_ns: match (before.round_trip_ns, after.round_trip_ns) {
-                        (Some(b), Some(a)) => Some(b.max(a)),
-                        (b, a) => b.or(a),
-                    },
-                    between: (read > 0).then(|| gb_per_s(read, reading)),
-                }),
+                limits: before.zip(after).map(|(before, after)| before.higher(after)),
+                between: (read > 0).then(|| gb_per_s(read, reading)),
             });
         }
         let classes = match probe {
@@ -408,29 +409,32 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         };
         let prefill = Spread::of(runs.iter().map(|r| r.prefill));
         let decode = Spread::of(runs.iter().map(|r| r.decode));
-        // Each run's bandwidth by one measure, and its decode over the roofline at it.
-        let bandwidths = |f: fn(&RunBandwidth) -> Option<f64>| {
-            Spread::of(runs.iter().filter_map(|r| r.bandwidth.as_ref().and_then(f)))
+        // Each run's reading of one limit, and the run's speed over it, in the limit's units:
+        // decode as the bytes it read per second (its ratio to the roofline), prefill as GFLOP/s.
+        let decode_gb_s = |r: &Run| r.decode * bytes_per_token / 1e9;
+        let prefill_gflop_s = |r: &Run| r.prefill * flops_per_token / 1e9;
+        let limits = |limit: &dyn Fn(&Run) -> Option<f64>| Spread::of(runs.iter().filter_map(limit));
+        let over = |limit: &dyn Fn(&Run) -> Option<f64>, speed: &dyn Fn(&Run) -> f64| {
+            Spread::of(runs.iter().filter_map(|r| limit(r).map(|l| speed(r) / l)))
         };
-        let ratios = |f: fn(&RunBandwidth) -> Option<f64>| {
-            Spread::of(
-                runs.iter()
-                    .filter_map(|r| r.bandwidth.as_ref().and_then(f).map(|bw| r.decode / (bw * 1e9 / bytes_per_token))),
-            )
-        };
-        let (bandwidth, ratio) = (bandwidths(|b| Some(b.around())), ratios(|b| Some(b.around())));
-        let (bandwidth_between, ratio_between) = (bandwidths(|b| b.between), ratios(|b| b.between));
-        let round_trip = bandwidths(|b| b.round_trip_ns);
+        let bandwidth_of = |r: &Run| r.limits.map(|l| l.bandwidth);
+        let fma_peak_of = |r: &Run| r.limits.map(|l| l.fma_peak);
+        let dot_peak_of = |r: &Run| r.limits.and_then(|l| l.dot_peak);
+        let (bandwidth, ratio) = (limits(&bandwidth_of), over(&bandwidth_of, &decode_gb_s));
+        let (bandwidth_between, ratio_between) = (limits(&|r| r.between), over(&|r| r.between, &decode_gb_s));
+        let round_trip = limits(&|r| r.limits.and_then(|l| l.round_trip_ns));
+        let (fma_peak, prefill_over_fma) = (limits(&fma_peak_of), over(&fma_peak_of, &prefill_gflop_s));
+        let (dot_peak, prefill_over_dot) = (limits(&dot_peak_of), over(&dot_peak_of, &prefill_gflop_s));
+        let prefill_gflops = prefill.median * flops_per_token / 1e9;
         // Each run on its own: its regime shows in its bandwidth and round trip together.
         let each_run: Vec<RunSummary> = runs
             .iter()
             .filter_map(|r| {
-                let b = r.bandwidth.as_ref()?;
-                let ratio = r.decode / (b.around() * 1e9 / bytes_per_token);
-                Some(RunSummary { decode: r.decode, bandwidth: b.around(), round_trip_ns: b.round_trip_ns, ratio })
+                let l = r.limits?;
+                let ratio = decode_gb_s(r) / l.bandwidth;
+                Some(RunSummary { decode: r.decode, bandwidth: l.bandwidth, round_trip_ns: l.round_trip_ns, ratio })
             })
             .collect();
-        let prefill_gflops = prefill.median * flops_per_token / 1e9;
         if args.json {
             let class_json: Vec<serde_json::Value> = classes
                 .iter()
@@ -453,7 +457,9 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                 "decode_over_roofline_between_steps": ratio_between.json(),
                 "thread_round_trip_ns": round_trip.json(),
                 "each_run": each_run.iter().map(RunSummary::json).collect::<Vec<_>>(),
-                "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak, "int16_dot_peak_gop_s": dot_peak,
+                "prefill_gflop_s": prefill_gflops, "fma_peak_gflop_s": fma_peak.json(),
+                "prefill_over_fma_peak": prefill_over_fma.json(), "int16_dot_peak_gop_s": dot_peak.json(),
+                "prefill_over_int16_dot_peak": prefill_over_dot.json(),
                 "kernel_classes": class_json, "phase_seconds": phase_json, "tuning": info.tuning,
             });
             println!("{line}");
@@ -468,13 +474,19 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
             args.prompt_len, args.gen_len, args.runs
         );
         println!("prefill               {} tok/s ({prefill_gflops:.1} GFLOP/s in matmuls)", prefill.show(1));
-        if let Some(peak) = fma_peak {
-            println!("f32 FMA peak          {peak:.1} GFLOP/s (same run); prefill / peak {:.3}", prefill_gflops / peak);
-        }
-        if let Some(peak) = dot_peak {
+        if !fma_peak.is_empty() {
             println!(
-                "int16 dot peak        {peak:.1} GOP/s (same run; Q8_0 matmuls run on it); prefill / dot peak {:.3}",
-                prefill_gflops / peak
+                "f32 FMA peak          {} GFLOP/s around each run (fastest of {PEAK_PASSES_PER_READING} passes right \
+                 before it and right after it, the higher); prefill / peak {} (each run against its own)",
+                fma_peak.show(1),
+                prefill_over_fma.show(3)
+            );
+        }
+        if !dot_peak.is_empty() {
+            println!(
+                "int16 dot peak        {} GOP/s around each run (Q8_0 matmuls run on it); prefill / dot peak {}",
+                dot_peak.show(1),
+                prefill_over_dot.show(3)
             );
         }
         println!("decode                {} tok/s (output tokens, all sequences)", decode.show(1));
@@ -518,7 +530,7 @@ fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
             }
         }
         if !classes.is_empty() {
-            print_classes(&classes, bandwidth.median, fma_peak.unwrap_or(0.0));
+            print_classes(&classes, bandwidth.median, fma_peak.median);
         }
         println!();
     }
