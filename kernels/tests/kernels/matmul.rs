@@ -1,5 +1,6 @@
 use half::{bf16, f16};
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use tessera_kernels::matmul::{InputRounding, matmul, matmul_many, matmul_ref, matmul_with};
 use tessera_kernels::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, panels};
 use tessera_kernels::{CpuPool, Isa, KernelError, WeightData, WeightMatrix};
@@ -63,6 +64,22 @@ fn quantize_rows(x: &[f32], q_max: f32) -> Vec<(f32, [i32; QK])> {
             (d, std::array::from_fn(|j| (c[j] * id).round_ties_even() as i32))
         })
         .collect()
+}
+
+/// `m` token rows of `cols` values for checking an integer path's quantisation (`q_max` as for
+/// [`quantize_rows`]): random values, an all-zero block, and a block of exact ties — its maximum is
+/// `q_max`, so `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
+fn rows_with_ties(r: &mut ChaCha8Rng, m: usize, cols: usize, q_max: f32) -> Vec<f32> {
+    let mut x = uniform(r, m * cols, 4.0);
+    x[..QK].fill(0.0);
+    x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
+    x[2 * QK - 1] = q_max;
+    x
+}
+
+/// The exact integer dot product of a Q8_0 block's values and a quantised token block.
+fn block_dot(b: &BlockQ8_0, q: &[i32; QK]) -> i32 {
+    b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum()
 }
 
 /// Bound on how far an integer path's quantised token rows move each sum:
@@ -274,12 +291,7 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
         let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
         let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
         for m in [2, 3, 8] {
-            // Random values, an all-zero block, and a block of exact ties: its maximum is 127, so
-            // `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
-            let mut x = uniform(&mut r, m * cols, 4.0);
-            x[..QK].fill(0.0);
-            x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
-            x[2 * QK - 1] = 127.0;
+            let x = rows_with_ties(&mut r, m, cols, 127.0);
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, &w, &mut got).unwrap();
             for i in 0..m {
@@ -287,9 +299,8 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
                 for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
                     let (mut want, mut step) = (0.0f64, 0.0f64);
                     for (b, (dx, q)) in row.iter().zip(&xq) {
-                        let dot: i32 = b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum();
                         let scale = f64::from(b.d.to_f32() * dx);
-                        want += scale * f64::from(dot);
+                        want += scale * f64::from(block_dot(b, q));
                         step = step.max(scale);
                     }
                     let g = f64::from(got[i * rows + j]);
@@ -318,21 +329,16 @@ fn panelled_q8_0_is_the_integer_dot_product_of_quantised_rows() {
         let q8_panels = panels::from_blocks(&q8, rows, cols);
         let w = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, cols).unwrap();
         for m in [1, 3, 8, 11] {
-            // Random values, an all-zero block, and a block of exact ties: its maximum is 32767,
-            // so `d = 1` and `x · (1/d)` is `x`, which sits halfway between integers.
-            let mut x = uniform(&mut r, m * cols, 4.0);
-            x[..QK].fill(0.0);
-            x[QK..2 * QK].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 - 12.5);
-            x[2 * QK - 1] = 32767.0;
+            let x = rows_with_ties(&mut r, m, cols, 32767.0);
             let mut got = vec![f32::NAN; m * rows];
             matmul(&pool, &x, m, &w, &mut got).unwrap();
             for i in 0..m {
                 let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 32767.0);
                 for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
-                    let want = row.iter().zip(&xq).fold(0.0f32, |acc, (b, (dx, q))| {
-                        let dot: i32 = b.qs.iter().zip(q).map(|(&a, &c)| i32::from(a) * c).sum();
-                        (dot as f32).mul_add(b.d.to_f32() * dx, acc)
-                    });
+                    let want = row
+                        .iter()
+                        .zip(&xq)
+                        .fold(0.0f32, |acc, (b, (dx, q))| (block_dot(b, q) as f32).mul_add(b.d.to_f32() * dx, acc));
                     let g = got[i * rows + j];
                     assert_eq!(g.to_bits(), want.to_bits(), "{rows}x{cols} m={m} token {i} row {j}: {g} vs {want}");
                 }
