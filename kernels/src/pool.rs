@@ -2,24 +2,37 @@
 //!
 //! A [`CpuPool`] of `threads` runs each parallel kernel on `threads - 1` worker threads plus the
 //! calling thread. A forward pass launches about ten kernels per layer, each a few microseconds
-//! to a few hundred microseconds long, so the cost that matters is the hand-off between them:
-//! workers stay hot between launches — they spin for `SPIN`, then yield the core for up to
-//! `YIELD`, and only then sleep on a condition variable — so a launch during a step reaches
-//! running workers through one atomic store, not a futex wake.
+//! to a few hundred microseconds long, so the cost that matters is the hand-off between them.
+//! Workers stay hot between launches — they spin for `SPIN`, then yield the core for up to
+//! `YIELD`, and only then sleep on a condition variable — and a launch is built so that each
+//! hand-off moves as few cache lines between cores as it can (between the two core complexes of
+//! the test host each line takes about 165 ns, half a measured round trip):
+//! - everything a worker needs to start is in the one line it spins on (`Launch`);
+//! - each thread claims tasks from a word on its own lines, tagged with the launch it belongs
+//!   to, so nobody resets it between launches and a thread touches another's word only to help
+//!   with what is left of that thread's share;
+//! - each worker reports on its own line (`Lane::state`), which the launching thread reads once
+//!   its own work is done; nothing is allocated per launch.
 //!
 //! Invariants:
-//! - A job's closure lives on the submitting thread's stack. A worker touches it only between
-//!   `active += 1` and `active -= 1`, and only after seeing the job open (`closed == false`) with
-//!   the epoch it woke for; the submitter closes the job and waits for `active == 0` before it
-//!   returns. All of these are `SeqCst`, so either the submitter sees the worker's increment and
-//!   waits, or the worker sees the job closed and backs out without reading it.
+//! - A launch's closure lives on the submitter's stack. A worker reads the `Launch` descriptor
+//!   and runs tasks only between *joining* (storing `(epoch, JOINED)` in its state, then seeing
+//!   the launch still current and not closed) and *leaving* (storing `(epoch, LEFT)`). The
+//!   submitter returns only after every task is claimed and, for each worker, it has seen the
+//!   worker leave this launch or not join it; a worker it has not seen join is first shut out
+//!   by closing the launch. Joining and closing are `SeqCst` store-then-load pairs, so either
+//!   the submitter sees the join and waits, or the worker sees the close and backs out.
+//! - A claim word holds `(launch tag, next index)` and only moves by compare-and-swap; claims
+//!   happen only inside a launch, so a word tagged with another launch is simply stale and is
+//!   restarted at its share's start. Every launch tags every word (the submitter visits all
+//!   shares), so a 32-bit tag cannot be mistaken for an older launch's.
 //! - One job runs at a time (the submit lock); a launch from inside a task runs inline.
 //! - A panicking task does not kill a worker: the panic is caught, the remaining tasks still run,
-//!   and the submitter panics after the job is closed.
+//!   and the submitter panics after the launch is over.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,64 +51,89 @@ thread_local! {
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// One launch: `tasks` calls of `f`.
-///
-/// The tasks are cut into one contiguous share per thread (thread `slot` owns share `slot`); a
-/// thread first claims the tasks of its own share in order, then helps with the others'. Kernels
-/// number their tasks in memory order, so each thread streams one contiguous stretch of the data
-/// (which keeps hardware and software prefetching on data this core will use) while a thread that
-/// falls behind still gets help.
-struct Job<'f> {
-    f: &'f (dyn Fn(usize) + Sync),
-    /// Per share: the next unclaimed task and the share's end, each share on its own cache lines
-    /// so that a thread claiming its own tasks does not take the line from the others.
-    shares: Box<[CachePadded<(AtomicUsize, usize)>]>,
-    panicked: AtomicBool,
-}
-
-impl<'f> Job<'f> {
-    fn new(f: &'f (dyn Fn(usize) + Sync), tasks: usize, threads: usize) -> Self {
-        let threads = threads.max(1);
-        let shares = (0..threads)
-            .map(|s| CachePadded((AtomicUsize::new(tasks * s / threads), tasks * (s + 1) / threads)))
-            .collect();
-        Job { f, shares, panicked: AtomicBool::new(false) }
-    }
-
-    /// Claims and runs tasks, own share first, until none are left.
-    fn work(&self, slot: usize) {
-        let was = IN_TASK.with(|t| t.replace(true));
-        let n = self.shares.len();
-        for s in (0..n).map(|k| (slot + k) % n) {
-            let (next, end) = &self.shares[s].0;
-            loop {
-                let i = next.fetch_add(1, SeqCst);
-                if i >= *end {
-                    break;
-                }
-                if catch_unwind(AssertUnwindSafe(|| (self.f)(i))).is_err() {
-                    self.panicked.store(true, SeqCst);
-                }
-            }
-        }
-        IN_TASK.with(|t| t.set(was));
-    }
-}
-
 /// A value alone on its cache lines: 128 bytes, as the adjacent-line prefetcher of x86 cores pulls
 /// lines in pairs.
 #[repr(align(128))]
 struct CachePadded<T>(T);
 
+/// What one launch runs: `tasks` calls of the closure at `data`, through `call`.
+#[derive(Clone, Copy)]
+struct Task {
+    /// `call_task::<F>` for the closure's type `F`.
+    call: unsafe fn(*const (), usize),
+    /// The closure, on the submitter's stack.
+    data: *const (),
+    tasks: usize,
+}
+
+/// Calls the closure behind `data` on task `i`.
+///
+/// # Safety
+/// `data` must point to a live `F`.
+unsafe fn call_task<F: Fn(usize) + Sync>(data: *const (), i: usize) {
+    // SAFETY: the caller guarantees `data` is a live `F`; `F: Sync` allows the shared call.
+    unsafe { (*data.cast::<F>())(i) }
+}
+
+/// The line workers spin on: the newest launch's number, the newest closed one, and what it runs.
+struct Launch {
+    /// Bumped once per launch (and once at shutdown); launch numbers start at 1.
+    epoch: AtomicU64,
+    /// The newest launch the submitter has closed to workers that have not joined it.
+    closed: AtomicU64,
+    /// Written by the submitter before it publishes `epoch`, and only while no worker is joined;
+    /// read by a worker only while it is joined to that launch (module invariant).
+    task: UnsafeCell<Option<Task>>,
+}
+
+/// A worker state: the launch it last joined or left, and which.
+const JOINED: u64 = 0;
+const LEFT: u64 = 1;
+fn state(epoch: u64, phase: u64) -> u64 {
+    (epoch << 1) | phase
+}
+
+/// One thread's claim word and (for workers) its state, each alone on its lines.
+struct Lane {
+    /// `(launch tag << 32) | next index` of this thread's share.
+    claim: CachePadded<AtomicU64>,
+    /// `state(epoch, JOINED | LEFT)` of the last launch this worker looked at.
+    state: CachePadded<AtomicU64>,
+}
+
+/// The share of `tasks` that thread `slot` of `threads` starts on: contiguous, in index order.
+fn share(tasks: usize, slot: usize, threads: usize) -> (usize, usize) {
+    (tasks * slot / threads, tasks * (slot + 1) / threads)
+}
+
+/// Claims the next task of a share from its claim word, for the launch tagged `tag`.
+fn claim(word: &AtomicU64, tag: u32, (start, end): (usize, usize)) -> Option<usize> {
+    let tagged = |i: usize| (u64::from(tag) << 32) | i as u64;
+    let mut cur = word.load(Relaxed);
+    loop {
+        let current = (cur >> 32) as u32 == tag;
+        let next = if current { (cur & u64::from(u32::MAX)) as usize } else { start };
+        if next >= end {
+            if !current {
+                // Tag the exhausted (empty) share, so that no stale index outlives 2^32 launches.
+                let _ = word.compare_exchange(cur, tagged(end), Relaxed, Relaxed);
+            }
+            return None;
+        }
+        match word.compare_exchange_weak(cur, tagged(next + 1), Relaxed, Relaxed) {
+            Ok(_) => return Some(next),
+            Err(now) => cur = now,
+        }
+    }
+}
+
 /// State shared by the submitter and the workers.
 struct Shared {
-    /// Bumped once per launch (and once at shutdown).
-    epoch: AtomicU64,
-    /// The open job (a `*const Job` erased to `()`), valid while `closed` is false.
-    job: AtomicPtr<()>,
-    closed: AtomicBool,
-    /// Workers currently between checking a job in and out.
-    active: AtomicUsize,
+    launch: CachePadded<Launch>,
+    /// One per thread, by slot; slot 0 is the launching thread (its `state` is unused).
+    lanes: Box<[Lane]>,
+    /// Set by a task that panicked; taken by the submitter when the launch is over.
+    panicked: AtomicBool,
     stop: AtomicBool,
     /// Workers asleep on `wake` (a launch notifies only when some are).
     sleepers: AtomicUsize,
@@ -103,31 +141,108 @@ struct Shared {
     wake: Condvar,
 }
 
+// SAFETY: the only non-`Sync` parts are `Launch::task` and the closure it points to. The module
+// invariant makes every write of `task` happen while no worker may read it, and every read
+// happen-after the write it sees (through `epoch`); the closure is `Sync` and outlives every call.
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the raw pointer in `task` is only followed under the module invariant.
+unsafe impl Send for Shared {}
+
 impl Shared {
+    fn new(threads: usize) -> Self {
+        let lane =
+            |_| Lane { claim: CachePadded(AtomicU64::new(0)), state: CachePadded(AtomicU64::new(state(0, LEFT))) };
+        Shared {
+            launch: CachePadded(Launch {
+                epoch: AtomicU64::new(0),
+                closed: AtomicU64::new(0),
+                task: UnsafeCell::new(None),
+            }),
+            lanes: (0..threads).map(lane).collect(),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            sleep_lock: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    }
+
     /// A worker's life. It starts from epoch 0, the pool's initial epoch, so a launch that
     /// comes before the thread first runs is still seen.
     fn worker_loop(&self, slot: usize) {
+        let launch = &self.launch.0;
+        let my_state = &self.lanes[slot].state.0;
         let mut seen = 0;
         loop {
             seen = self.wait_for_epoch(seen);
             if self.stop.load(SeqCst) {
                 return;
             }
-            self.active.fetch_add(1, SeqCst);
-            if !self.closed.load(SeqCst) && self.epoch.load(SeqCst) == seen {
-                // SAFETY: the job is open and we are counted in `active`, so the submitter is
-                // still waiting and the `Job` on its stack is alive (module invariant).
-                let job = unsafe { &*self.job.load(SeqCst).cast::<Job<'_>>() };
-                job.work(slot);
+            my_state.store(state(seen, JOINED), SeqCst);
+            if launch.epoch.load(SeqCst) == seen && launch.closed.load(SeqCst) < seen {
+                // SAFETY: joined to the current, open launch: the submitter wrote `task` before
+                // publishing `seen` and waits for us to leave before it writes it again.
+                if let Some(task) = unsafe { *launch.task.get() } {
+                    self.work(task, slot, seen);
+                }
             }
-            self.active.fetch_sub(1, SeqCst);
+            my_state.store(state(seen, LEFT), SeqCst);
+        }
+    }
+
+    /// Claims and runs tasks of launch `epoch`, own share first, until none are left.
+    fn work(&self, task: Task, slot: usize, epoch: u64) {
+        let was = IN_TASK.with(|t| t.replace(true));
+        let n = self.lanes.len();
+        for s in (0..n).map(|k| (slot + k) % n) {
+            let bounds = share(task.tasks, s, n);
+            while let Some(i) = claim(&self.lanes[s].claim.0, epoch as u32, bounds) {
+                // SAFETY: a task is claimed only inside its launch, while the submitter keeps
+                // the closure alive (module invariant).
+                if catch_unwind(AssertUnwindSafe(|| unsafe { (task.call)(task.data, i) })).is_err() {
+                    self.panicked.store(true, SeqCst);
+                }
+            }
+        }
+        IN_TASK.with(|t| t.set(was));
+    }
+
+    /// Runs `task` as launch `epoch` on this thread (slot 0) and the workers; returns once every
+    /// task has run and no worker can touch the launch any more. The caller holds the submit
+    /// lock.
+    fn launch(&self, task: Task, epoch: u64) {
+        let launch = &self.launch.0;
+        // SAFETY: every worker has left the previous launch or been shut out of it, so none
+        // reads `task` now (module invariant).
+        unsafe { *launch.task.get() = Some(task) };
+        self.publish(epoch);
+        self.work(task, 0, epoch);
+        // Every task is claimed; wait for the workers that joined to finish theirs.
+        let mut closed = false;
+        for lane in &self.lanes[1..] {
+            loop {
+                let now = lane.state.0.load(SeqCst);
+                if now == state(epoch, LEFT) {
+                    break;
+                }
+                if now == state(epoch, JOINED) {
+                    std::hint::spin_loop();
+                } else if !closed {
+                    // Not joined (yet): shut it out, then look again in case it just joined.
+                    launch.closed.store(epoch, SeqCst);
+                    closed = true;
+                } else {
+                    break;
+                }
+            }
         }
     }
 
     /// Waits until the epoch differs from `seen` (or the pool stops); returns the new epoch.
     fn wait_for_epoch(&self, seen: u64) -> u64 {
+        let epoch = &self.launch.0.epoch;
         let changed = || {
-            let e = self.epoch.load(SeqCst);
+            let e = epoch.load(SeqCst);
             (e != seen || self.stop.load(SeqCst)).then_some(e)
         };
         let start = Instant::now();
@@ -156,9 +271,9 @@ impl Shared {
         e
     }
 
-    /// Publishes a new epoch and wakes sleeping workers.
-    fn bump(&self) {
-        self.epoch.fetch_add(1, SeqCst);
+    /// Publishes `epoch` and wakes sleeping workers.
+    fn publish(&self, epoch: u64) {
+        self.launch.0.epoch.store(epoch, SeqCst);
         if self.sleepers.load(SeqCst) > 0 {
             let _guard = self.sleep_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.wake.notify_all();
@@ -205,16 +320,7 @@ impl CpuPool {
         } else {
             threads
         };
-        let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
-            job: AtomicPtr::new(std::ptr::null_mut()),
-            closed: AtomicBool::new(true),
-            active: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-            sleepers: AtomicUsize::new(0),
-            sleep_lock: Mutex::new(()),
-            wake: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(threads));
         let mut pool = CpuPool {
             shared,
             workers: Vec::new(),
@@ -260,29 +366,25 @@ impl CpuPool {
     /// Calls `f(i)` for every `i < tasks`, spread over the pool; returns when all have run.
     ///
     /// Each thread first runs a contiguous share of the indices, in order, then helps with the
-    /// rest (see `Job`). A launch from inside a task runs inline.
+    /// rest (see `claim`). A launch from inside a task runs inline.
     ///
     /// # Panics
-    /// If any task panicked (after every other task has run).
-    pub fn run(&self, tasks: usize, f: impl Fn(usize) + Sync) {
-        let inline = tasks <= 1 || self.workers.is_empty() || IN_TASK.with(Cell::get);
-        let job = Job::new(&f, tasks, if inline { 1 } else { self.threads });
-        if inline {
-            job.work(0);
+    /// If any task panicked (after every other task has run), or if `tasks` is 2^32 or more
+    /// (before any has run).
+    pub fn run<F: Fn(usize) + Sync>(&self, tasks: usize, f: F) {
+        assert!(u32::try_from(tasks).is_ok(), "a launch takes fewer than 2^32 tasks, not {tasks}");
+        let panicked = if tasks <= 1 || self.workers.is_empty() || IN_TASK.with(Cell::get) {
+            run_inline(tasks, &f)
         } else {
             let _one_at_a_time = self.submit.lock().unwrap_or_else(|p| p.into_inner());
             let s = &*self.shared;
-            s.job.store(std::ptr::from_ref(&job).cast::<()>().cast_mut(), SeqCst);
-            s.closed.store(false, SeqCst);
-            s.bump();
-            job.work(0);
-            s.closed.store(true, SeqCst);
-            while s.active.load(SeqCst) != 0 {
-                std::hint::spin_loop();
-            }
-            s.job.store(std::ptr::null_mut(), SeqCst);
-        }
-        assert!(!job.panicked.load(SeqCst), "a kernel task panicked");
+            // Only a submitter holding the lock (or the pool's drop) moves the epoch.
+            let epoch = s.launch.0.epoch.load(Relaxed) + 1;
+            let data = std::ptr::from_ref(&f).cast::<()>();
+            s.launch(Task { call: call_task::<F>, data, tasks }, epoch);
+            s.panicked.swap(false, SeqCst)
+        };
+        assert!(!panicked, "a kernel task panicked");
     }
 
     /// The mean time for a value to go from the launching thread to a worker and back, over
@@ -382,10 +484,22 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// Runs every task on this thread, as a launch from inside a task does; true if one panicked.
+fn run_inline(tasks: usize, f: &dyn Fn(usize)) -> bool {
+    let was = IN_TASK.with(|t| t.replace(true));
+    let mut panicked = false;
+    for i in 0..tasks {
+        panicked |= catch_unwind(AssertUnwindSafe(|| f(i))).is_err();
+    }
+    IN_TASK.with(|t| t.set(was));
+    panicked
+}
+
 impl Drop for CpuPool {
     fn drop(&mut self) {
-        self.shared.stop.store(true, SeqCst);
-        self.shared.bump();
+        let s = &*self.shared;
+        s.stop.store(true, SeqCst);
+        s.publish(s.launch.0.epoch.load(Relaxed) + 1);
         for w in self.workers.drain(..) {
             // A worker never panics (tasks are caught), so a join error cannot carry news.
             let _ = w.join();
@@ -425,6 +539,39 @@ mod tests {
                     hits[i].fetch_add(1, SeqCst);
                 });
                 assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "threads {threads} tasks {tasks}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_claim_word_restarts_for_a_new_launch_and_tags_empty_shares() {
+        let word = AtomicU64::new((7 << 32) | 40);
+        // Launch 7's word is stale for launch 8: its share starts over at its own start.
+        assert_eq!(claim(&word, 8, (3, 5)), Some(3));
+        assert_eq!(claim(&word, 8, (3, 5)), Some(4));
+        assert_eq!(claim(&word, 8, (3, 5)), None);
+        assert_eq!(word.load(SeqCst), (8 << 32) | 5);
+        // An empty share is still tagged with the launch that found it empty.
+        assert_eq!(claim(&word, 9, (6, 6)), None);
+        assert_eq!(word.load(SeqCst), (9 << 32) | 6);
+        // Tags wrap with the epoch: launch 2^32 + 1 is tagged 1 and still restarts a word of 0.
+        let word = AtomicU64::new(2);
+        assert_eq!(claim(&word, (1u64 << 32 | 1) as u32, (0, 1)), Some(0));
+    }
+
+    #[test]
+    fn many_short_launches_run_each_task_once() {
+        // Launches shorter than a hand-off, so that workers join late, leave late and find
+        // launches closed or already finished.
+        for threads in [2, 3] {
+            let pool = CpuPool::with_isa(threads, Isa::Scalar).unwrap();
+            for round in 0..20_000usize {
+                let tasks = round % 7;
+                let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(tasks, |i| {
+                    hits[i].fetch_add(1, SeqCst);
+                });
+                assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "threads {threads} round {round}");
             }
         }
     }
@@ -490,6 +637,8 @@ mod tests {
             after.fetch_add(1, SeqCst);
         });
         assert_eq!(after.load(SeqCst), 5);
+        let too_many = catch_unwind(AssertUnwindSafe(|| pool.run(1 << 32, |_| panic!("no task runs"))));
+        assert!(too_many.is_err());
     }
 
     #[test]
