@@ -441,7 +441,7 @@ impl<E: Elem> Ctx<'_, '_, E> {
             // `q`, `out`, `scores` and `stats` are sized for the group's heads.
             unsafe {
                 match self.isa {
-                    Isa::Avx512 | Isa::Avx512Bf16 => {
+                    Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => {
                         x86::group_avx512(self.isa, &rows, job.q, &mut scratch.scores, out, stats)
                     }
                     _ => x86::group_avx2(self.isa, &rows, job.q, &mut scratch.scores, out, stats),

@@ -15,6 +15,15 @@ pub enum Isa {
     /// of AVX2 (neither reliably faster), so [`Isa::detect`] keeps AVX2. Cores with full-width
     /// AVX-512 FMA units may gain on prefill.
     Avx512,
+    /// x86-64 AVX-512 (F, BW, VL) with VNNI but without BF16, as on Intel Ice Lake and Cascade
+    /// Lake servers, whose two full-width FMA units make 16-lane f32 tiles twice as fast as
+    /// AVX2's: matmul's f32 path takes the [`Isa::Avx512`] kernels (prefill-sized calls over
+    /// packed weight panels), Q8_0 weights in row panels ([`crate::quant::panels`]) take VNNI's
+    /// 16-bit integer dot products at any size as on [`Isa::Avx512Bf16`], and attention takes
+    /// its AVX-512 body. There are no bf16 dot products: bf16 weights are widened to f32 in
+    /// registers, and token rows are only rounded for Q8_0 (16 bits per block). Everything else
+    /// runs the AVX2 code.
+    Avx512Vnni,
     /// x86-64 AVX2 with fused multiply-add (and F16C, which every AVX2 CPU has), 8 f32 lanes.
     Avx2Fma,
     /// [`Isa::Avx2Fma`], plus AVX-512 BF16 and VNNI dot products for decode-sized matmuls (at most
@@ -35,10 +44,14 @@ pub enum Isa {
 
 impl Isa {
     /// The best path the running CPU supports, by measurement: [`Isa::Avx512Bf16`] where the CPU
-    /// has AVX-512 BF16 and VNNI, else AVX2+FMA when present, else scalar. [`Isa::Avx512`] is opt-in (see
-    /// its docs) and never chosen here.
+    /// has AVX-512 BF16 and VNNI, else [`Isa::Avx512Vnni`] where it has AVX-512 and VNNI, else
+    /// AVX2+FMA when present, else scalar. [`Isa::Avx512`] is opt-in (see its docs) and never
+    /// chosen here.
     pub fn detect() -> Isa {
-        [Isa::Avx512Bf16, Isa::Avx2Fma].into_iter().find(|isa| isa.is_supported()).unwrap_or(Isa::Scalar)
+        [Isa::Avx512Bf16, Isa::Avx512Vnni, Isa::Avx2Fma]
+            .into_iter()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Scalar)
     }
 
     /// Whether the running CPU can execute this path.
@@ -47,6 +60,7 @@ impl Isa {
             Isa::Scalar => true,
             Isa::Avx2Fma => avx2_fma_detected(),
             Isa::Avx512 => avx2_fma_detected() && avx512_detected(),
+            Isa::Avx512Vnni => avx2_fma_detected() && avx512_detected() && avx512_vnni_detected(),
             Isa::Avx512Bf16 => avx2_fma_detected() && avx512_detected() && avx512_bf16_detected(),
         }
     }
@@ -54,14 +68,27 @@ impl Isa {
     /// Whether this path may run the AVX2+FMA kernels (true for every x86 SIMD path).
     pub fn has_avx2(self) -> bool {
         match self {
-            Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => true,
+            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx2Fma | Isa::Avx512Bf16 => true,
             Isa::Scalar => false,
         }
     }
 
+    /// Whether this path may run AVX-512 VNNI's integer dot products.
+    pub fn has_vnni(self) -> bool {
+        matches!(self, Isa::Avx512Vnni | Isa::Avx512Bf16)
+    }
+
+    /// Whether matmul's f32 path takes the 16-lane kernels (else the AVX2 or scalar ones).
+    pub fn has_wide_f32_tiles(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni)
+    }
+
     /// Every path the running CPU supports, widest first (for tests and benches).
     pub fn available() -> Vec<Isa> {
-        [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2Fma, Isa::Scalar].into_iter().filter(|isa| isa.is_supported()).collect()
+        [Isa::Avx512Bf16, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2Fma, Isa::Scalar]
+            .into_iter()
+            .filter(|isa| isa.is_supported())
+            .collect()
     }
 }
 
@@ -86,6 +113,16 @@ fn avx512_detected() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn avx512_vnni_detected() -> bool {
+    is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_vnni_detected() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
 fn avx512_bf16_detected() -> bool {
     is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vnni")
 }
@@ -99,6 +136,7 @@ impl fmt::Display for Isa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512, vnni decode",
             Isa::Avx2Fma => "avx2+fma",
             Isa::Avx512Bf16 => "avx2+fma, avx512-bf16/vnni decode",
             Isa::Scalar => "scalar",
@@ -117,6 +155,8 @@ mod tests {
         assert!(Isa::available().contains(&isa));
         if Isa::Avx512Bf16.is_supported() {
             assert_eq!(isa, Isa::Avx512Bf16);
+        } else if Isa::Avx512Vnni.is_supported() {
+            assert_eq!(isa, Isa::Avx512Vnni);
         } else if Isa::Avx2Fma.is_supported() {
             assert_eq!(isa, Isa::Avx2Fma);
         }
@@ -126,7 +166,13 @@ mod tests {
         assert_eq!(Isa::Avx512.to_string(), "avx512");
         // Every SIMD path implies the one below it.
         if Isa::Avx512Bf16.is_supported() {
+            assert!(Isa::Avx512Vnni.is_supported());
+        }
+        if Isa::Avx512Vnni.is_supported() {
             assert!(Isa::Avx512.is_supported());
+        }
+        for isa in Isa::available() {
+            assert_eq!(isa.has_vnni(), matches!(isa, Isa::Avx512Bf16 | Isa::Avx512Vnni));
         }
         if Isa::Avx512.is_supported() {
             assert!(Isa::Avx2Fma.is_supported());

@@ -167,6 +167,8 @@ use prefetch::Prefetcher;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod avx512_packed;
+#[cfg(target_arch = "x86_64")]
 mod bf16_dot;
 mod path;
 mod quantized;
@@ -528,16 +530,21 @@ unsafe fn quant_bf16_task<B: quantized_bf16::DequantBf16>(xb: &[u16], w: &[B], s
 /// # Safety
 /// As for [`run_task`].
 unsafe fn elem_task<E: Elem>(isa: Isa, x: &[f32], w: &[E], s: Shape, t: Task, out: &SharedOut) {
-    match isa {
-        // SAFETY (both SIMD arms): the caller's contract.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::task(x, w, s, t, out) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512Bf16 => unsafe { avx2::task(x, w, s, t, out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => scalar_rows(x, w, 0, s, t, out),
-        Isa::Scalar => scalar_rows(x, w, 0, s, t, out),
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY (every call): the caller's contract; each branch's ISAs include its kernels' features.
+    unsafe {
+        if isa.has_wide_f32_tiles() {
+            return if t.i1 - t.i0 > DECODE_MAX_TOKENS {
+                avx512_packed::rows(x, w, 0, s, t, out)
+            } else {
+                avx512::task(x, w, s, t, out)
+            };
+        }
+        if isa.has_avx2() {
+            return avx2::task(x, w, s, t, out);
+        }
     }
+    scalar_rows(x, w, 0, s, t, out)
 }
 
 /// The task's rectangle against f32 weight rows `w` that start at row `base` (`base <= t.r0`),
@@ -546,16 +553,21 @@ unsafe fn elem_task<E: Elem>(isa: Isa, x: &[f32], w: &[E], s: Shape, t: Task, ou
 /// # Safety
 /// `isa` must be supported; no other thread may touch the task's `out` entries meanwhile.
 unsafe fn f32_rows(isa: Isa, x: &[f32], w: &[f32], base: usize, s: Shape, t: Task, out: &SharedOut) {
-    match isa {
-        // SAFETY (both SIMD arms): the caller's contract.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::sub_block(x, w, base, s, t, &[], out) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512Bf16 => unsafe { avx2::sub_block(x, w, base, s, t, &[], out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx512 | Isa::Avx2Fma | Isa::Avx512Bf16 => scalar_rows(x, w, base, s, t, out),
-        Isa::Scalar => scalar_rows(x, w, base, s, t, out),
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY (every call): the caller's contract; each branch's ISAs include its kernels' features.
+    unsafe {
+        if isa.has_wide_f32_tiles() {
+            return if t.i1 - t.i0 > DECODE_MAX_TOKENS {
+                avx512_packed::rows(x, w, base, s, t, out)
+            } else {
+                avx512::sub_block(x, w, base, s, t, &[], out)
+            };
+        }
+        if isa.has_avx2() {
+            return avx2::sub_block(x, w, base, s, t, &[], out);
+        }
     }
+    scalar_rows(x, w, base, s, t, out)
 }
 
 /// Portable task: widen each weight row once (rows counted from `base`), then dot it with every

@@ -66,9 +66,9 @@ fn timed_passes(pool: &CpuPool, iters: usize, ops: f64, pass: impl Fn() -> f32 +
 
 /// Measures the 16-bit integer dot-product rate (`vpdpwssd` on 512-bit vectors: 32 multiply-adds
 /// each, counted as 2 operations apiece like FMAs) of all of `pool`'s threads together, `iters`
-/// timed passes; `None` unless the pool's ISA is [`Isa::Avx512Bf16`] (which has VNNI).
+/// timed passes; `None` unless the pool's ISA has VNNI ([`Isa::has_vnni`]).
 pub fn measure_int16_dot_peak(pool: &CpuPool, iters: usize) -> Option<PeakReport> {
-    if pool.isa() != Isa::Avx512Bf16 {
+    if !pool.isa().has_vnni() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
@@ -178,7 +178,7 @@ mod tests {
             assert!(r.best_gflop_per_s > 0.0 && r.best_gflop_per_s.is_finite());
             assert!(r.median_gflop_per_s <= r.best_gflop_per_s);
             let dot = measure_int16_dot_peak(&pool, 1);
-            assert_eq!(dot.is_some(), isa == Isa::Avx512Bf16);
+            assert_eq!(dot.is_some(), isa.has_vnni());
             if let Some(d) = dot {
                 assert!(d.best_gflop_per_s > 0.0 && d.best_gflop_per_s.is_finite());
             }

@@ -239,7 +239,7 @@ mod tests {
 
     #[test]
     fn unsupported_isa_is_an_error() {
-        for isa in [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2Fma, Isa::Scalar] {
+        for isa in [Isa::Avx512Bf16, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2Fma, Isa::Scalar] {
             let res = CpuPool::with_isa(1, isa);
             assert_eq!(res.is_ok(), isa.is_supported());
         }

@@ -230,6 +230,19 @@ impl<'a> SharedOut<'a> {
         // index `i` is the caller's contract.
         unsafe { self.ptr.add(i).write(v) }
     }
+
+    /// A pointer to the `len` entries from index `i` (bounds-checked), for vector loads and
+    /// stores of a task's own outputs.
+    ///
+    /// # Safety
+    /// No other task may write or read those entries while the pointer is used.
+    #[inline(always)]
+    pub(crate) unsafe fn span(&self, i: usize, len: usize) -> *mut f32 {
+        assert!(i + len <= self.len, "SharedOut span {i}+{len} out of range {}", self.len);
+        // SAFETY: `i + len <= len` so the span is in bounds of the borrowed slice; exclusivity
+        // is the caller's contract.
+        unsafe { self.ptr.add(i) }
+    }
 }
 
 #[cfg(test)]

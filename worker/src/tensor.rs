@@ -213,7 +213,7 @@ mod tests {
         let values: Vec<f32> = (0..40 * 96).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
         let q = Tensor::from_f32(vec![40, 96], values.clone(), WeightsDtype::Q8_0).unwrap();
         let want = q.to_f32_vec();
-        for isa in [Isa::Avx512Bf16, Isa::Avx2Fma, Isa::Scalar] {
+        for isa in [Isa::Avx512Bf16, Isa::Avx512Vnni, Isa::Avx2Fma, Isa::Scalar] {
             for rounding in [InputRounding::Exact, InputRounding::Bf16, InputRounding::Int8] {
                 let mut t = q.clone();
                 t.lay_out_for(isa, rounding);

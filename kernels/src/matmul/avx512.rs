@@ -8,6 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::{Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
+use crate::simd::avx512::lane_sums;
 use crate::simd::{Elem, SharedOut};
 
 /// Token rows per tile (prefill).
@@ -44,13 +45,9 @@ fn tile<E: Elem, const M: usize, const N: usize>(xr: &[&[f32]; M], wr: &[&[E]; N
         }
         c += 16;
     }
-    let mut sums = [[0.0f32; N]; M];
-    for (s_a, acc_a) in sums.iter_mut().zip(&acc) {
-        for (s_ab, acc_ab) in s_a.iter_mut().zip(acc_a) {
-            *s_ab = _mm512_reduce_add_ps(*acc_ab);
-        }
-    }
-    sums
+    let flat: [__m512; 16] = std::array::from_fn(|j| if j < M * N { acc[j / N][j % N] } else { _mm512_setzero_ps() });
+    let lanes = lane_sums(&flat[..M * N]);
+    std::array::from_fn(|a| std::array::from_fn(|b| lanes[a * N + b]))
 }
 
 /// `Σ_c x[c] · w[c]` over one weight row, with four independent accumulators.

@@ -61,17 +61,19 @@ pub(super) enum Path {
 }
 
 /// Under [`InputRounding::Exact`] every call takes the f32 path. Otherwise:
-/// - Q8_0 weights in row panels, on the AVX-512 BF16 ISA (which has VNNI), any number of tokens:
-///   16-bit integer dot products (`quantized_panels`; prefill too, as they outrun the f32 tiles);
-///   on the other ISAs the f32 path over widened rows;
+/// - Q8_0 weights in row panels, on the ISAs with VNNI, any number of tokens: 16-bit integer dot
+///   products (`quantized_panels`; prefill too, as they outrun the f32 tiles); on the other ISAs
+///   the f32 path over widened rows;
+/// - plain Q8_0 weights, 2 to [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) tokens on the ISAs
+///   with VNNI where 8-bit rows are allowed: 8-bit integer dot products (`quantized_vnni`);
 /// - plain Q8_0 weights, one token on every SIMD ISA, up to [`INT16_BESIDE_BF16_TOKENS`] on the
 ///   AVX-512 BF16 ISA unless 8-bit rows are allowed, or up to [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) off that ISA:
 ///   16-bit integer dot products (the f32 path's conversions, multiplies and FMAs would bind
 ///   before memory does);
 /// - on the AVX-512 BF16 ISA, up to [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) tokens: bf16 weights always take bf16
 ///   dot products; block-quantised ones from 2 tokens on (with several tokens the f32 path's four
-///   FMAs per block and token are what bind) take 8-bit integer ones for Q8_0 where `rounding`
-///   allows 8-bit rows, else bf16 ones (plain Q8_0 from 3 tokens on);
+///   FMAs per block and token are what bind) take bf16 ones (plain Q8_0 from 3 tokens on, where
+///   8-bit rows are not allowed);
 /// - everything else (a lone Q4 token, which is bound by memory and which `quantized_avx2`
 ///   dequantises exactly; f32 and f16 weights; prefill) takes the f32 path.
 #[cfg(target_arch = "x86_64")]
@@ -80,9 +82,13 @@ pub(super) fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) 
         return Path::F32;
     }
     if let WeightData::Q8_0Panels(_) = w {
-        return if isa == Isa::Avx512Bf16 { Path::Int16Panels } else { Path::F32 };
+        return if isa.has_vnni() { Path::Int16Panels } else { Path::F32 };
     }
-    if matches!(w, WeightData::Q8_0(_))
+    let q8_0 = matches!(w, WeightData::Q8_0(_));
+    if q8_0 && isa.has_vnni() && (2..=DECODE_MAX_TOKENS).contains(&m) && rounding == InputRounding::Int8 {
+        return Path::Int8Dot;
+    }
+    if q8_0
         && isa.has_avx2()
         && (m == 1
             || isa != Isa::Avx512Bf16 && m <= DECODE_MAX_TOKENS
@@ -95,7 +101,6 @@ pub(super) fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) 
     }
     match w {
         WeightData::Bf16(_) => Path::Bf16Dot,
-        WeightData::Q8_0(_) if m >= 2 && rounding == InputRounding::Int8 => Path::Int8Dot,
         WeightData::Q8_0(_) | WeightData::Q4_0(_) | WeightData::Q4_1(_) if m >= 2 => Path::Bf16Dot,
         _ => Path::F32,
     }

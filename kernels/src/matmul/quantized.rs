@@ -54,7 +54,7 @@ pub(super) unsafe fn task<B: Kernel>(isa: Isa, x: &[f32], w: &[B], s: Shape, t: 
         // SAFETY (both arms): the caller's contract; every x86 SIMD ISA includes AVX2, FMA and
         // F16C, the AVX-512 ones also AVX-512F and VL.
         match isa {
-            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { direct_avx512(x, w, s, t, out) },
+            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx512Bf16 => unsafe { direct_avx512(x, w, s, t, out) },
             _ => unsafe { direct_avx2(x, w, s, t, out) },
         }
         return;

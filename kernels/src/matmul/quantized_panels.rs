@@ -1,6 +1,6 @@
 //! Matmuls of any size against Q8_0 weights in row panels ([`crate::quant::panels`]) with AVX-512
-//! VNNI's 16-bit integer dot products, on [`Isa::Avx512Bf16`](crate::Isa::Avx512Bf16) (which
-//! implies VNNI): up to 8 token rows at a time.
+//! VNNI's 16-bit integer dot products, on the ISAs with VNNI ([`Isa::has_vnni`](crate::Isa::has_vnni)):
+//! up to 8 token rows at a time.
 //!
 //! The token rows are quantised once per call by `quantized_i16::quantize`: per 32-value block,
 //! `d = max|x| / 32767`, ties to even, so each value moves by at most `d / 2`. A panel's 16 rows

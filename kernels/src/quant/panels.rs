@@ -29,12 +29,12 @@ pub const BLOCK_BYTES: usize = <BlockQ8_0 as QuantBlock>::BYTES;
 pub const STEPS: usize = QK / 2;
 
 /// Whether Q8_0 matrices are best held in row panels for pools on `isa` whose matmul inputs may be
-/// rounded as `rounding` allows: on [`Isa::Avx512Bf16`] (which has VNNI), where matmuls read them
+/// rounded as `rounding` allows: on the ISAs with VNNI ([`Isa::has_vnni`]), where matmuls read them
 /// with 16-bit integer dot products, unless 8-bit inputs are allowed (plain Q8_0 keeps its 8-bit
 /// VNNI path for those) or none at all. Other ISAs read panels only by widening rows to f32
 /// (exact, but their slow path), so plain blocks suit them.
 pub fn pays_off(isa: Isa, rounding: InputRounding) -> bool {
-    isa == Isa::Avx512Bf16 && rounding == InputRounding::Bf16
+    isa.has_vnni() && rounding == InputRounding::Bf16
 }
 
 /// Where a panel lies: its first byte and its height.

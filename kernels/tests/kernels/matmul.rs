@@ -16,27 +16,27 @@ const REL: f32 = 1e-5;
 /// allowed.
 const REL_BF16_DOT: f32 = 1.0 / 256.0;
 
-/// Whether a call rounding its rows at most as `rounding` takes the AVX-512 BF16 ISA's VNNI
-/// path: 2 to 8 token rows against Q8_0 weights, where 8-bit rows are allowed.
+/// Whether a call rounding its rows at most as `rounding` takes the 8-bit VNNI path: 2 to 8
+/// token rows against Q8_0 weights on an ISA with VNNI, where 8-bit rows are allowed.
 fn vnni_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
-    isa == Isa::Avx512Bf16
-        && matches!(w, WeightData::Q8_0(_))
-        && (2..=8).contains(&m)
-        && rounding == InputRounding::Int8
+    isa.has_vnni() && matches!(w, WeightData::Q8_0(_)) && (2..=8).contains(&m) && rounding == InputRounding::Int8
 }
 
 /// Whether such a call takes a 16-bit integer path: Q8_0 weights on any SIMD ISA, for a lone
 /// token row, for two where 8-bit rows are not allowed, and for up to 8 on ISAs without bf16 dot
-/// products; Q8_0 weights in row panels on the AVX-512 BF16 ISA (which has VNNI), for any number.
+/// products and the 8-bit path does not take them; Q8_0 weights in row panels on the ISAs with
+/// VNNI, for any number.
 fn int16_path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) -> bool {
     if rounding == InputRounding::Exact {
         return false;
     }
     match w {
         WeightData::Q8_0(_) => {
-            isa.has_avx2() && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8 || m == 2 && rounding != InputRounding::Int8)
+            isa.has_avx2()
+                && !vnni_path(isa, w, m, rounding)
+                && (m == 1 || isa != Isa::Avx512Bf16 && m <= 8 || m == 2 && rounding != InputRounding::Int8)
         }
-        WeightData::Q8_0Panels(_) => isa == Isa::Avx512Bf16,
+        WeightData::Q8_0Panels(_) => isa.has_vnni(),
         _ => false,
     }
 }
@@ -226,11 +226,11 @@ fn fast_matches_reference_on_model_shapes() {
 
 /// On the paths that promise it, a decode step's token gets the same bits whether it is alone
 /// or batched with up to seven others, so a sequence's greedy output does not depend on its
-/// neighbours: bf16 weights through AVX-512 BF16 dot products, Q8_0 weights in row panels there
-/// (16-bit integer dot products, and the same bits again in prefill-sized calls), and plain Q8_0
-/// weights (16-bit integer dot products) on the other SIMD ISAs. On AVX-512 BF16, plain Q8_0
-/// weights take other dot products from two tokens on, so there batches of 2 to 8 agree with each
-/// other but not with a lone token. (The f32 tiles sum a lone token and a tile's tokens in
+/// neighbours: bf16 weights through AVX-512 BF16 dot products, Q8_0 weights in row panels on the
+/// ISAs with VNNI (16-bit integer dot products, and the same bits again in prefill-sized calls),
+/// and plain Q8_0 weights (16-bit integer dot products) on the other SIMD ISAs. With VNNI (and
+/// these pools' 8-bit inputs allowed), plain Q8_0 weights take 8-bit dot products from two tokens
+/// on, so there batches of 2 to 8 agree with each other but not with a lone token. (The f32 tiles sum a lone token and a tile's tokens in
 /// different orders.)
 #[test]
 fn decode_sized_results_do_not_depend_on_the_batch() {
@@ -247,10 +247,12 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
     let q8_panels = panels::from_blocks(&q8, rows, qcols);
     let wp = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, qcols).unwrap();
     for pool in pools().into_iter().filter(|p| p.isa().has_avx2()) {
-        let bf16_dot = pool.isa() == Isa::Avx512Bf16;
-        let mut cases = vec![(&wq, qcols, &qf, if bf16_dot { 2 } else { 1 })];
-        if bf16_dot {
+        let vnni = pool.isa().has_vnni();
+        let mut cases = vec![(&wq, qcols, &qf, if vnni { 2 } else { 1 })];
+        if pool.isa() == Isa::Avx512Bf16 {
             cases.push((&w, cols, &x, 1));
+        }
+        if vnni {
             cases.push((&wp, qcols, &qf, 1));
         }
         for (w, cols, x, smallest) in cases {
@@ -280,33 +282,39 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
 /// against that arithmetic in f64, tightly enough that one quantised value off by one fails.
 #[test]
 fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
-    let Some(pool) = pools().into_iter().find(|p| p.isa() == Isa::Avx512Bf16) else {
-        eprintln!("skipped: this CPU has no AVX-512 BF16 and VNNI");
-        return;
-    };
-    let mut r = rng(13);
-    // Rows of whole groups of 8 blocks, and rows of 18 whose tails share groups four rows at a
-    // time (29 rows: the last set is short).
-    for (rows, cols) in [(29, 1536), (29, 576)] {
-        let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
-        let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
-        for m in [2, 3, 8] {
-            let x = rows_with_ties(&mut r, m, cols, 127.0);
-            let mut got = vec![f32::NAN; m * rows];
-            matmul(&pool, &x, m, &w, &mut got).unwrap();
-            for i in 0..m {
-                let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 127.0);
-                for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
-                    let (mut want, mut step) = (0.0f64, 0.0f64);
-                    for (b, (dx, q)) in row.iter().zip(&xq) {
-                        let scale = f64::from(b.d.to_f32() * dx);
-                        want += scale * f64::from(block_dot(b, q));
-                        step = step.max(scale);
+    let vnni: Vec<CpuPool> = pools().into_iter().filter(|p| p.isa().has_vnni()).collect();
+    if vnni.is_empty() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    }
+    for pool in &vnni {
+        let mut r = rng(13);
+        // Rows of whole groups of 8 blocks, and rows of 18 whose tails share groups four rows at a
+        // time (29 rows: the last set is short).
+        for (rows, cols) in [(29, 1536), (29, 576)] {
+            let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
+            let w = WeightMatrix::new(WeightData::Q8_0(&q8), rows, cols).unwrap();
+            for m in [2, 3, 8] {
+                let x = rows_with_ties(&mut r, m, cols, 127.0);
+                let mut got = vec![f32::NAN; m * rows];
+                matmul(pool, &x, m, &w, &mut got).unwrap();
+                for i in 0..m {
+                    let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 127.0);
+                    for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
+                        let (mut want, mut step) = (0.0f64, 0.0f64);
+                        for (b, (dx, q)) in row.iter().zip(&xq) {
+                            let scale = f64::from(b.d.to_f32() * dx);
+                            want += scale * f64::from(block_dot(b, q));
+                            step = step.max(scale);
+                        }
+                        let g = f64::from(got[i * rows + j]);
+                        // One quantised token value off by one moves the sum by `scale · |q_w|`, at
+                        // least `scale` for the weights here; f32 summation stays far below that.
+                        assert!(
+                            (g - want).abs() < 0.25 * step,
+                            "{} m={m} token {i} row {j}: {g} vs {want}",
+                            pool.isa()
+                        );
                     }
-                    let g = f64::from(got[i * rows + j]);
-                    // One quantised token value off by one moves the sum by `scale · |q_w|`, at
-                    // least `scale` for the weights here; f32 summation stays far below that.
-                    assert!((g - want).abs() < 0.25 * step, "m={m} token {i} row {j}: {g} vs {want}");
                 }
             }
         }
@@ -319,28 +327,35 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
 /// product), added to the row's f32 sum by one fused multiply-add. 29 rows end in a partial panel.
 #[test]
 fn panelled_q8_0_is_the_integer_dot_product_of_quantised_rows() {
-    let Some(pool) = pools().into_iter().find(|p| p.isa() == Isa::Avx512Bf16) else {
-        eprintln!("skipped: this CPU has no AVX-512 BF16 and VNNI");
-        return;
-    };
-    let mut r = rng(19);
-    for (rows, cols) in [(29, 1536), (29, 576), (16, 64)] {
-        let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
-        let q8_panels = panels::from_blocks(&q8, rows, cols);
-        let w = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, cols).unwrap();
-        for m in [1, 3, 8, 11] {
-            let x = rows_with_ties(&mut r, m, cols, 32767.0);
-            let mut got = vec![f32::NAN; m * rows];
-            matmul(&pool, &x, m, &w, &mut got).unwrap();
-            for i in 0..m {
-                let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 32767.0);
-                for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
-                    let want = row
-                        .iter()
-                        .zip(&xq)
-                        .fold(0.0f32, |acc, (b, (dx, q))| (block_dot(b, q) as f32).mul_add(b.d.to_f32() * dx, acc));
-                    let g = got[i * rows + j];
-                    assert_eq!(g.to_bits(), want.to_bits(), "{rows}x{cols} m={m} token {i} row {j}: {g} vs {want}");
+    let vnni: Vec<CpuPool> = pools().into_iter().filter(|p| p.isa().has_vnni()).collect();
+    if vnni.is_empty() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    }
+    for pool in &vnni {
+        let mut r = rng(19);
+        for (rows, cols) in [(29, 1536), (29, 576), (16, 64)] {
+            let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
+            let q8_panels = panels::from_blocks(&q8, rows, cols);
+            let w = WeightMatrix::new(WeightData::Q8_0Panels(&q8_panels), rows, cols).unwrap();
+            for m in [1, 3, 8, 11] {
+                let x = rows_with_ties(&mut r, m, cols, 32767.0);
+                let mut got = vec![f32::NAN; m * rows];
+                matmul(pool, &x, m, &w, &mut got).unwrap();
+                for i in 0..m {
+                    let xq = quantize_rows(&x[i * cols..(i + 1) * cols], 32767.0);
+                    for (j, row) in q8.chunks_exact(cols / QK).enumerate() {
+                        let want = row
+                            .iter()
+                            .zip(&xq)
+                            .fold(0.0f32, |acc, (b, (dx, q))| (block_dot(b, q) as f32).mul_add(b.d.to_f32() * dx, acc));
+                        let g = got[i * rows + j];
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{} {rows}x{cols} m={m} token {i} row {j}: {g} vs {want}",
+                            pool.isa()
+                        );
+                    }
                 }
             }
         }
