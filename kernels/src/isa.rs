@@ -83,6 +83,15 @@ impl Isa {
         matches!(self, Isa::Avx512 | Isa::Avx512Vnni)
     }
 
+    /// Whether decode kernels prefetch a lone token's weight stream in software: on the
+    /// AVX-512 ISAs without bf16 dot products, whose Intel cores' hardware prefetchers alone
+    /// leave such a stream waiting on memory (there the 16-lane single-token driver prefetches
+    /// every line, `matmul::prefetch`, and Q8_0 panels are prefetched ahead as for several
+    /// tokens), but not on [`Isa::Avx512Bf16`] (AMD Zen 4), where that measured slower.
+    pub fn prefetches_lone_token_streams(self) -> bool {
+        self.has_wide_f32_tiles()
+    }
+
     /// Every path the running CPU supports, widest first (for tests and benches).
     pub fn available() -> Vec<Isa> {
         [Isa::Avx512Bf16, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2Fma, Isa::Scalar]

@@ -26,10 +26,11 @@
 
 /// Defines `task` (and its helpers) in an ISA module from the module's `tile` micro-kernel and
 /// its `MR`, `NR` constants and its `dot_row` GEMV: the blocking logic is the same for every ISA, only the
-/// enabled target features and the tile differ.
+/// enabled target features, the tile, and whether a lone token's weight stream is prefetched
+/// line by line (`prefetch::stream_ahead`) differ.
 #[cfg(target_arch = "x86_64")]
 macro_rules! define_task {
-    ($features:literal) => {
+    ($features:literal, stream_prefetch: $stream:literal) => {
         /// Runs one task.
         ///
         /// # Safety
@@ -72,8 +73,13 @@ macro_rules! define_task {
                 // One token: walk the weight rows in memory order, one row at a time, so the
                 // hardware prefetcher sees a single linear stream.
                 let xi = &x[t.i0 * s.k..(t.i0 + 1) * s.k];
+                let end = w.as_ptr_range().end.cast::<u8>();
                 for r in t.r0..t.r1 {
-                    let v = dot_row(xi, &w[(r - base) * s.k..(r - base + 1) * s.k]);
+                    let row = &w[(r - base) * s.k..(r - base + 1) * s.k];
+                    if $stream {
+                        super::prefetch::stream_ahead(row, end);
+                    }
+                    let v = dot_row(xi, row);
                     // SAFETY: (t.i0, r) is inside this task's rectangle.
                     unsafe { out.write(t.i0 * s.n + r, v) };
                 }
@@ -435,7 +441,7 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         (Path::Int8Dot, WeightData::Q8_0(b)) => return unsafe { quantized_vnni::rows(&input.int8, b, s, t, out) },
         (Path::Int16Dot, WeightData::Q8_0(b)) => return unsafe { quantized_i16::rows(&input.int16, b, s, t, out) },
         (Path::Int16Panels, WeightData::Q8_0Panels(b)) => {
-            return unsafe { quantized_panels::task(&input.int16, b, s, t, out) };
+            return unsafe { quantized_panels::task(&input.int16, b, s, t, isa.prefetches_lone_token_streams(), out) };
         }
         // `path` gives f32 and f16 weights neither dot path, and the 8-bit one only Q8_0.
         _ => {}

@@ -11,7 +11,7 @@ use super::{MR, NR, Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
 use crate::simd::avx2::{hsum, load};
 use crate::simd::{Elem, SharedOut};
 
-super::define_task!("avx2,fma,f16c");
+super::define_task!("avx2,fma,f16c", stream_prefetch: false);
 
 /// `sums[a][b] = Σ_c xr[a][c] · wr[b][c]`; every row slice has length `k`.
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -16,7 +16,7 @@ const MR: usize = 4;
 /// Weight rows per tile (prefill).
 const NR: usize = 4;
 
-super::define_task!("avx512f,avx512bw,avx512vl");
+super::define_task!("avx512f,avx512bw,avx512vl", stream_prefetch: true);
 
 /// `sums[a][b] = Σ_c xr[a][c] · wr[b][c]`; every row slice has length `k`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

@@ -41,8 +41,12 @@ const _: () = assert!(MAX_TOKENS == 8, "quantized_panels::rows has one arm per t
 /// memory at 8 tokens on 2 threads, without it this path ran at 0.85 of the bf16-dequantising
 /// path's rate, and with it (4 KiB; 2 and 8 KiB were slower) at 1.2–1.3 times.
 const AHEAD_BYTES: usize = 4096;
-/// Token rows from which that prefetch is issued: a lone token streams its panels fast and
-/// linearly, which the hardware prefetcher follows on its own (there it was slower with it).
+/// Token rows from which that prefetch is always issued. A lone token streams its panels fast
+/// and linearly: on AMD Zen 4 the hardware prefetcher follows it on its own (there it was slower
+/// with the prefetch), so a lone token is prefetched for only where the ISA asks for it
+/// ([`Isa::prefetches_lone_token_streams`](crate::Isa::prefetches_lone_token_streams)). On an
+/// Intel Ice Lake host, streaming SmolLM2-135M's 30 layers in panels at one token on 2 threads
+/// (alternating, against the read probe): 0.75–0.82 of the read rate without it, 0.86–0.94 with.
 const PREFETCH_FROM_TOKENS: usize = 2;
 
 /// Bytes of weight rows a prefill task multiplies with all its token rows, 8 at a time, before
@@ -53,13 +57,16 @@ const PREFILL_ROWS_BYTES: usize = 256 * 1024;
 /// rows are taken in L2-sized stretches, each against all its token rows, so that the weights are
 /// read from memory once per task rather than once per 8 tokens.
 ///
+/// `prefetch_lone`: whether a lone token's panels are prefetched too (see
+/// [`PREFETCH_FROM_TOKENS`]).
+///
 /// # Safety
 /// As for [`rows`], except that the task may have any number of token rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-pub(super) unsafe fn task(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, out: &SharedOut) {
+pub(super) unsafe fn task(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, prefetch_lone: bool, out: &SharedOut) {
     if t.i1 - t.i0 <= MAX_TOKENS {
         // SAFETY: the caller's contract.
-        return unsafe { rows(xq, w, s, t, out) };
+        return unsafe { rows(xq, w, s, t, prefetch_lone, out) };
     }
     let row_bytes = s.k / QK * BLOCK_BYTES;
     let stretch = (PREFILL_ROWS_BYTES / row_bytes.max(1)).max(1).next_multiple_of(PANEL);
@@ -67,7 +74,7 @@ pub(super) unsafe fn task(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, out: &S
         for i0 in (t.i0..t.i1).step_by(MAX_TOKENS) {
             let chunk = Task { r0, r1: (r0 + stretch).min(t.r1), i0, i1: (i0 + MAX_TOKENS).min(t.i1) };
             // SAFETY: the caller's contract, for a part of the task (its rows start on a panel).
-            unsafe { rows(xq, w, s, chunk, out) };
+            unsafe { rows(xq, w, s, chunk, prefetch_lone, out) };
         }
     }
 }
@@ -79,7 +86,7 @@ pub(super) unsafe fn task(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, out: &S
 /// is the whole `(s.n, s.k)` matrix in row panels; no other thread touches the task's `out`
 /// entries.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-pub(super) unsafe fn rows(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, out: &SharedOut) {
+unsafe fn rows(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, prefetch_lone: bool, out: &SharedOut) {
     let per_row = s.k / QK;
     assert!(xq.scales.len() >= t.i1 * per_row && xq.q.len() >= t.i1 * s.k, "token rows quantised for this call");
     assert_eq!(w.len(), s.n * per_row * BLOCK_BYTES, "the whole matrix in row panels");
@@ -88,14 +95,14 @@ pub(super) unsafe fn rows(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, out: &S
     // SAFETY (every arm): the caller's contract, and the lengths asserted above.
     unsafe {
         match t.i1 - t.i0 {
-            1 => panels::<1>(xq, w, s, t, out),
-            2 => panels::<2>(xq, w, s, t, out),
-            3 => panels::<3>(xq, w, s, t, out),
-            4 => panels::<4>(xq, w, s, t, out),
-            5 => panels::<5>(xq, w, s, t, out),
-            6 => panels::<6>(xq, w, s, t, out),
-            7 => panels::<7>(xq, w, s, t, out),
-            _ => panels::<8>(xq, w, s, t, out),
+            1 => panels::<1>(xq, w, s, t, prefetch_lone, out),
+            2 => panels::<2>(xq, w, s, t, prefetch_lone, out),
+            3 => panels::<3>(xq, w, s, t, prefetch_lone, out),
+            4 => panels::<4>(xq, w, s, t, prefetch_lone, out),
+            5 => panels::<5>(xq, w, s, t, prefetch_lone, out),
+            6 => panels::<6>(xq, w, s, t, prefetch_lone, out),
+            7 => panels::<7>(xq, w, s, t, prefetch_lone, out),
+            _ => panels::<8>(xq, w, s, t, prefetch_lone, out),
         }
     }
 }
@@ -112,7 +119,7 @@ struct Token<'a> {
 /// # Safety
 /// As for [`rows`]; also `t.i1 - t.i0 == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn panels<const T: usize>(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, out: &SharedOut) {
+unsafe fn panels<const T: usize>(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, prefetch_lone: bool, out: &SharedOut) {
     let per_row = s.k / QK;
     let xs: [Token; T] = std::array::from_fn(|a| {
         let i = t.i0 + a;
@@ -122,7 +129,7 @@ unsafe fn panels<const T: usize>(xq: &QuantRows16, w: &[u8], s: Shape, t: Task, 
     for p in t.r0 / PANEL..t.r1.div_ceil(PANEL) {
         let panel = Panel::of(p, s.n, per_row);
         let bytes = &w[panel.start..][..panel.column(per_row)];
-        let prefetched = if T >= PREFETCH_FROM_TOKENS { bytes.len() } else { 0 };
+        let prefetched = if T >= PREFETCH_FROM_TOKENS || prefetch_lone { bytes.len() } else { 0 };
         let mut ahead = Prefetcher::span(bytes.as_ptr().wrapping_add(AHEAD_BYTES), prefetched, end, per_row);
         // SAFETY: the caller's contract; `bytes` is the panel's `per_row` block columns and every
         // token row has `per_row` blocks.
