@@ -160,10 +160,16 @@ fn bench_engine_reports_roofline() {
     assert!(!text.contains("round trip"), "{text}");
     assert_eq!(text.matches(" of roofline").count(), 2, "{text}");
     // Q8_0 weights sit in row panels and multiply on 16-bit integer dot products where the CPU
-    // has AVX-512 BF16 and VNNI, and prefill is then judged against that rate too.
+    // has AVX-512 (F, BW, VL) and VNNI, and prefill is then judged against that rate too.
     let text = stdout_of(&[&args[..], &["--bandwidth-mib", "64", "--weights-dtype", "q8_0"]].concat());
     #[cfg(target_arch = "x86_64")]
-    let vnni = is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vnni");
+    let vnni = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
     assert_eq!(text.contains("int16 dot peak"), vnni, "{text}");
