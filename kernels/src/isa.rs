@@ -21,8 +21,8 @@ pub enum Isa {
     /// packed weight panels), Q8_0 weights in row panels ([`crate::quant::panels`]) take VNNI's
     /// 16-bit integer dot products at any size as on [`Isa::Avx512Bf16`], and attention takes
     /// its AVX-512 body. There are no bf16 dot products: bf16 weights are widened to f32 in
-    /// registers, and token rows are only rounded for Q8_0 (16 bits per block). Everything else
-    /// runs the AVX2 code.
+    /// registers, and token rows are rounded only against Q8_0 weights (16 bits per block, or 8
+    /// where the pool allows it, as on [`Isa::Avx512Bf16`]). Everything else runs the AVX2 code.
     Avx512Vnni,
     /// x86-64 AVX2 with fused multiply-add (and F16C, which every AVX2 CPU has), 8 f32 lanes.
     Avx2Fma,

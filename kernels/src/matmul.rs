@@ -405,9 +405,9 @@ impl<'a> Input<'a> {
                     Path::F32 => {}
                 }
             }
-            // SAFETY (both): these paths are taken only on the AVX-512 BF16 ISA (VNNI included),
-            // which pools hold only where the CPU has it; the 8-bit one only for Q8_0 weights,
-            // whose rows are whole blocks, and at most 8 rows.
+            // SAFETY (both): the bf16 path is taken only on the AVX-512 BF16 ISA and the 8-bit one
+            // only on ISAs with VNNI, which pools hold only where the CPU has them; the 8-bit one
+            // only for Q8_0 weights, whose rows are whole blocks, and at most 8 rows.
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
             let int8 =
                 if needs_int8 { unsafe { quantized_vnni::quantize(x, m, x.len() / m) } } else { Default::default() };
@@ -433,9 +433,9 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
     let x = input.x;
     #[cfg(target_arch = "x86_64")]
     match (path(isa, w, s.m, input.rounding), *w) {
-        // SAFETY (every call in these arms): the caller's contract; `path` chooses them on the
-        // AVX-512 BF16 ISA only (the 16-bit one on any AVX2 ISA), and `Input::new` prepared the
-        // rows each reads.
+        // SAFETY (every call in these arms): the caller's contract; `path` chooses the bf16 one
+        // on the AVX-512 BF16 ISA only, the 8-bit and panel ones on ISAs with VNNI only, the
+        // 16-bit one on any AVX2 ISA; `Input::new` prepared the rows each reads.
         (Path::Bf16Dot, WeightData::Bf16(d)) => {
             return unsafe { bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out) };
         }

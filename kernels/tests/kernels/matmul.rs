@@ -277,16 +277,21 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
     }
 }
 
+/// The test pools whose ISA has VNNI (none, with a note, on CPUs without it).
+fn vnni_pools() -> Vec<CpuPool> {
+    let vnni: Vec<CpuPool> = pools().into_iter().filter(|p| p.isa().has_vnni()).collect();
+    if vnni.is_empty() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    }
+    vnni
+}
+
 /// The VNNI path computes what its module promises: per block, the exact integer dot product of
 /// the weight's bytes and the token's quantised bytes, times `d_w · d_x`, summed in f32 — checked
 /// against that arithmetic in f64, tightly enough that one quantised value off by one fails.
 #[test]
 fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
-    let vnni: Vec<CpuPool> = pools().into_iter().filter(|p| p.isa().has_vnni()).collect();
-    if vnni.is_empty() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
-    }
-    for pool in &vnni {
+    for pool in &vnni_pools() {
         let mut r = rng(13);
         // Rows of whole groups of 8 blocks, and rows of 18 whose tails share groups four rows at a
         // time (29 rows: the last set is short).
@@ -327,11 +332,7 @@ fn q8_0_decode_is_the_integer_dot_product_of_quantised_rows() {
 /// product), added to the row's f32 sum by one fused multiply-add. 29 rows end in a partial panel.
 #[test]
 fn panelled_q8_0_is_the_integer_dot_product_of_quantised_rows() {
-    let vnni: Vec<CpuPool> = pools().into_iter().filter(|p| p.isa().has_vnni()).collect();
-    if vnni.is_empty() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
-    }
-    for pool in &vnni {
+    for pool in &vnni_pools() {
         let mut r = rng(19);
         for (rows, cols) in [(29, 1536), (29, 576), (16, 64)] {
             let q8 = q8_0(&uniform(&mut r, rows * cols, 1.0));
