@@ -180,6 +180,8 @@ mod avx512;
 mod avx512_packed;
 #[cfg(target_arch = "x86_64")]
 mod bf16_dot;
+#[cfg(target_arch = "x86_64")]
+mod bf16_pairs;
 mod path;
 mod quantized;
 #[cfg(target_arch = "x86_64")]
@@ -381,6 +383,8 @@ struct Input<'a> {
     #[cfg(target_arch = "x86_64")]
     bf16: Vec<u16>,
     #[cfg(target_arch = "x86_64")]
+    pairs: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
     int8: quantized_vnni::QuantInput,
     #[cfg(target_arch = "x86_64")]
     int16: quantized_i16::QuantRows16,
@@ -396,10 +400,11 @@ impl<'a> Input<'a> {
     ) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let (mut needs_bf16, mut needs_int8, mut needs_int16) = (false, false, false);
+            let (mut needs_bf16, mut needs_pairs, mut needs_int8, mut needs_int16) = (false, false, false, false);
             for w in weights {
                 match path(isa, &w.data, m, rounding) {
                     Path::Bf16Dot => needs_bf16 = true,
+                    Path::Bf16Pairs => needs_pairs = true,
                     Path::Int8Dot => needs_int8 = true,
                     Path::Int16Dot | Path::Int16Panels => needs_int16 = true,
                     Path::F32 => {}
@@ -409,12 +414,14 @@ impl<'a> Input<'a> {
             // only on ISAs with VNNI, which pools hold only where the CPU has them; the 8-bit one
             // only for Q8_0 weights, whose rows are whole blocks, and at most 8 rows.
             let bf16 = if needs_bf16 { unsafe { bf16_dot::round(x) } } else { Vec::new() };
+            // SAFETY: taken only on the ISAs with the 16-lane tiles, which have AVX-512 F.
+            let pairs = if needs_pairs { unsafe { bf16_pairs::split_pairs(x, m, x.len() / m) } } else { Vec::new() };
             let int8 =
                 if needs_int8 { unsafe { quantized_vnni::quantize(x, m, x.len() / m) } } else { Default::default() };
             // SAFETY: taken only on SIMD ISAs (AVX2 and up), for rows of Q8_0 blocks' width.
             let int16 =
                 if needs_int16 { unsafe { quantized_i16::quantize(x, x.len() / m) } } else { Default::default() };
-            Input { x, rounding, bf16, int8, int16 }
+            Input { x, rounding, bf16, pairs, int8, int16 }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -439,6 +446,7 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         (Path::Bf16Dot, WeightData::Bf16(d)) => {
             return unsafe { bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out) };
         }
+        (Path::Bf16Pairs, WeightData::Bf16(d)) => return unsafe { bf16_pairs::rows(&input.pairs, d, s, t, out) },
         (Path::Bf16Dot, WeightData::Q8_0(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
         (Path::Bf16Dot, WeightData::Q4_0(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },
         (Path::Bf16Dot, WeightData::Q4_1(b)) => return unsafe { quant_bf16_task(&input.bf16, b, s, t, out) },

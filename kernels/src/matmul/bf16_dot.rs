@@ -20,7 +20,7 @@ use half::bf16;
 use super::prefetch::{Prefetcher, row_ahead};
 use super::{Shape, Task};
 use crate::simd::SharedOut;
-use crate::simd::avx512::{lane_sums, load_bf16, round_bf16_into};
+use crate::simd::avx512::{load_bf16, round_bf16_into, tile_sums};
 
 /// Most token rows this path takes (the decode-sized ones); larger matmuls use the f32 tiles.
 /// `rows` dispatches on each count up to 8.
@@ -163,7 +163,7 @@ unsafe fn rows_of<R: Bf16Row, const T: usize, const N: usize>(
 }
 
 /// `out[j][a] = Σ_c xs[a][c] · ws[j][c]` with f32 accumulation of bf16 products: one accumulator
-/// per (row, token) pair, taking the 32-value chunks in order, then [`lane_sums`]; `ahead` steps
+/// per (row, token) pair, taking the 32-value chunks in order, then [`tile_sums`]; `ahead` steps
 /// once per chunk (from [`PREFETCH_FROM_TOKENS`] tokens on). None of it depends on `T` or `N`, so
 /// a token's sum is the same whatever else is in the batch and whichever rows share the tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
@@ -200,25 +200,5 @@ fn dot<R: Bf16Row, const T: usize, const N: usize>(
     if c < k {
         step(c, (1u32 << (k - c)) - 1, &mut acc);
     }
-    // The accumulators row after row, up to 16 per tree (every index is a constant, so the
-    // accumulators stay in registers).
-    let mut sums = [[0.0; T]; N];
-    let mut tree = |base: usize| {
-        let part: [__m512; 16] = std::array::from_fn(|i| {
-            let i = base + i;
-            if i < N * T { acc[i / T][i % T] } else { _mm512_setzero_ps() }
-        });
-        let lanes = lane_sums(&part[..(N * T - base).min(16)]);
-        for (i, v) in lanes.iter().enumerate() {
-            let i = base + i;
-            if i < N * T {
-                sums[i / T][i % T] = *v;
-            }
-        }
-    };
-    tree(0);
-    if N * T > 16 {
-        tree(16);
-    }
-    sums
+    tile_sums(&acc)
 }

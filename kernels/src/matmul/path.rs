@@ -49,6 +49,9 @@ const INT16_BESIDE_BF16_TOKENS: usize = 2;
 pub(super) enum Path {
     /// bf16 dot products against bf16-rounded token rows (`bf16_dot`, `quantized_bf16`).
     Bf16Dot,
+    /// f32 FMAs against bf16 weights widened in pairs, f32 token rows split to match
+    /// (`bf16_pairs`).
+    Bf16Pairs,
     /// Integer dot products against 8-bit-quantised token rows (`quantized_vnni`).
     Int8Dot,
     /// Integer dot products against 16-bit-quantised token rows (`quantized_i16`).
@@ -74,6 +77,9 @@ pub(super) enum Path {
 ///   dot products; block-quantised ones from 2 tokens on (with several tokens the f32 path's four
 ///   FMAs per block and token are what bind) take bf16 ones (plain Q8_0 from 3 tokens on, where
 ///   8-bit rows are not allowed);
+/// - on the AVX-512 ISAs without bf16 dot products, bf16 weights against 2 to
+///   [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) tokens: f32 FMAs with the weights widened
+///   in pairs (`bf16_pairs`; the tiles' widening and reductions would bind before memory does);
 /// - everything else (a lone Q4 token, which is bound by memory and which `quantized_avx2`
 ///   dequantises exactly; f32 and f16 weights; prefill) takes the f32 path.
 #[cfg(target_arch = "x86_64")]
@@ -95,6 +101,9 @@ pub(super) fn path(isa: Isa, w: &WeightData, m: usize, rounding: InputRounding) 
             || m <= INT16_BESIDE_BF16_TOKENS && rounding < InputRounding::Int8)
     {
         return Path::Int16Dot;
+    }
+    if isa.has_wide_f32_tiles() && (2..=DECODE_MAX_TOKENS).contains(&m) && matches!(w, WeightData::Bf16(_)) {
+        return Path::Bf16Pairs;
     }
     if isa != Isa::Avx512Bf16 || m > DECODE_MAX_TOKENS {
         return Path::F32;

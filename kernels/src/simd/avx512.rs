@@ -68,3 +68,29 @@ pub(crate) fn lane_sums(vs: &[__m512]) -> [f32; 16] {
     // Input `j` ends in lane `4 (j % 4) + j / 4`.
     std::array::from_fn(|j| lanes[4 * (j % 4) + j / 4])
 }
+
+/// The lane sums of a tile of accumulators, `out[j][a]` the sum of `acc[j][a]`, through
+/// [`lane_sums`] on up to 16 of them at a time in row-major order (every index is a constant
+/// once inlined, so the accumulators stay in registers). Each accumulator's sum takes the same
+/// tree whatever the tile's shape.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn tile_sums<const T: usize, const N: usize>(acc: &[[__m512; T]; N]) -> [[f32; T]; N] {
+    let mut sums = [[0.0; T]; N];
+    let mut base = 0;
+    while base < N * T {
+        let part: [__m512; 16] = std::array::from_fn(|i| {
+            let i = base + i;
+            if i < N * T { acc[i / T][i % T] } else { _mm512_setzero_ps() }
+        });
+        let lanes = lane_sums(&part[..(N * T - base).min(16)]);
+        for (i, v) in lanes.iter().enumerate() {
+            let i = base + i;
+            if i < N * T {
+                sums[i / T][i % T] = *v;
+            }
+        }
+        base += 16;
+    }
+    sums
+}

@@ -226,7 +226,8 @@ fn fast_matches_reference_on_model_shapes() {
 
 /// On the paths that promise it, a decode step's token gets the same bits whether it is alone
 /// or batched with up to seven others, so a sequence's greedy output does not depend on its
-/// neighbours: bf16 weights through AVX-512 BF16 dot products, Q8_0 weights in row panels on the
+/// neighbours: bf16 weights through AVX-512 BF16 dot products (and from two tokens on through the
+/// pairwise-widened f32 FMAs of the other AVX-512 ISAs), Q8_0 weights in row panels on the
 /// ISAs with VNNI (16-bit integer dot products, and the same bits again in prefill-sized calls),
 /// and plain Q8_0 weights (16-bit integer dot products) on the other SIMD ISAs. With VNNI (and
 /// these pools' 8-bit inputs allowed), plain Q8_0 weights take 8-bit dot products from two tokens
@@ -251,6 +252,9 @@ fn decode_sized_results_do_not_depend_on_the_batch() {
         let mut cases = vec![(&wq, qcols, &qf, if vnni { 2 } else { 1 })];
         if pool.isa() == Isa::Avx512Bf16 {
             cases.push((&w, cols, &x, 1));
+        }
+        if pool.isa().has_wide_f32_tiles() {
+            cases.push((&w, cols, &x, 2));
         }
         if vnni {
             cases.push((&wp, qcols, &qf, 1));
