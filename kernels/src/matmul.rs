@@ -453,7 +453,9 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
         (Path::Int8Dot, WeightData::Q8_0(b)) => return unsafe { quantized_vnni::rows(&input.int8, b, s, t, out) },
         (Path::Int16Dot, WeightData::Q8_0(b)) => return unsafe { quantized_i16::rows(&input.int16, b, s, t, out) },
         (Path::Int16Panels, WeightData::Q8_0Panels(b)) => {
-            return unsafe { quantized_panels::task(&input.int16, b, s, t, isa.prefetches_lone_token_streams(), out) };
+            return unsafe {
+                quantized_panels::task(&input.int16, b, s, t, quantized_panels::Tuning::for_isa(isa), out)
+            };
         }
         // `path` gives f32 and f16 weights neither dot path, and the 8-bit one only Q8_0.
         _ => {}

@@ -75,6 +75,19 @@ impl Prefetcher {
         Prefetcher { next: start, end: stop, lines_per_step: len.div_ceil(Self::LINE).div_ceil(steps.max(1)) }
     }
 
+    /// [`Prefetcher::step`] into L1.
+    #[inline(always)]
+    pub(crate) fn step_l1(&mut self) {
+        for _ in 0..self.lines_per_step {
+            if self.next >= self.end {
+                return;
+            }
+            // SAFETY: a prefetch is only a hint and never faults; `next` lies inside the region.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next.cast()) };
+            self.next = self.next.wrapping_add(Self::LINE);
+        }
+    }
+
     /// Issues the next share of prefetches (none once the region is covered).
     #[inline(always)]
     pub(crate) fn step(&mut self) {
