@@ -178,7 +178,7 @@ macro_rules! group_kernels {
         /// `out_h = Σ_i scores[h·n + i] · v_i` for the pass's `H` heads, 64 dimensions at a time: each
         /// position's value chunk is loaded once and added into every head's accumulators, which stay in
         /// registers over all positions. `first` passes prefetch the next task's K rows, spread
-        /// evenly over the positions.
+        /// over the positions.
         #[target_feature(enable = $features)]
         #[inline]
         unsafe fn values_pass<E: Elem, const H: usize>(rows: &Rows<E>, scores: &[f32], out: &mut [f32], first: bool) {
@@ -188,12 +188,13 @@ macro_rules! group_kernels {
                 let vectors = (hd - d0).min(DIMS) / 8;
                 let mut acc = [[_mm256_setzero_ps(); DIMS / 8]; H];
                 if vectors == DIMS / 8 {
+                    // The next task's K rows, `per_position` at each position (one division here,
+                    // none per position: a 64-bit division costs more than a position's FMAs).
+                    let per_position = if first && d0 == 0 { rows.next_offsets.len().div_ceil(n) } else { 0 };
                     // A full 64-dim slice: fixed-size loops, so the accumulators stay in registers.
                     for (i, &off) in offsets.iter().enumerate() {
-                        if first && d0 == 0 {
-                            let next = rows.next_offsets.len();
-                            let from = i * next / n;
-                            prefetch_rows(rows.k, rows.next_offsets, from, (i + 1) * next / n - from, hd);
+                        if per_position > 0 {
+                            prefetch_rows(rows.k, rows.next_offsets, i * per_position, per_position, hd);
                         }
                         let w: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(scores[h * n + i]));
                         for j in 0..DIMS / 8 {
