@@ -1,8 +1,9 @@
 //! Software prefetch of weights: the next sub-block for the tiled matmul tasks (`avx2`,
 //! `avx512`), the stretch of the weight stream a few KiB past each row tile of the bf16 dot
-//! products (`bf16_dot`), a line a few pages ahead of each row for the row-by-row decode
-//! drivers (`bf16_dot`, `quantized`, `quantized_i16`), and every line a little ahead for the
-//! AVX-512 tiles' single-token driver (`avx512`).
+//! products (`bf16_dot`, `bf16_pairs`) and past each Q8_0 panel (`quantized_panels`, into L1 for
+//! a lone token where its tuning asks for it), a line a few pages ahead of each row for the
+//! row-by-row decode drivers (`bf16_dot`, `bf16_pairs`, `quantized`, `quantized_i16`), and every
+//! line a little ahead for the AVX-512 tiles' single-token driver (`avx512`).
 
 use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
 
@@ -75,28 +76,26 @@ impl Prefetcher {
         Prefetcher { next: start, end: stop, lines_per_step: len.div_ceil(Self::LINE).div_ceil(steps.max(1)) }
     }
 
+    /// Issues the next share of prefetches into L2 (none once the region is covered).
+    #[inline(always)]
+    pub(crate) fn step(&mut self) {
+        self.issue::<_MM_HINT_T1>();
+    }
+
     /// [`Prefetcher::step`] into L1.
     #[inline(always)]
     pub(crate) fn step_l1(&mut self) {
-        for _ in 0..self.lines_per_step {
-            if self.next >= self.end {
-                return;
-            }
-            // SAFETY: a prefetch is only a hint and never faults; `next` lies inside the region.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next.cast()) };
-            self.next = self.next.wrapping_add(Self::LINE);
-        }
+        self.issue::<_MM_HINT_T0>();
     }
 
-    /// Issues the next share of prefetches (none once the region is covered).
     #[inline(always)]
-    pub(crate) fn step(&mut self) {
+    fn issue<const HINT: i32>(&mut self) {
         for _ in 0..self.lines_per_step {
             if self.next >= self.end {
                 return;
             }
             // SAFETY: a prefetch is only a hint and never faults; `next` lies inside the region.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast()) };
+            unsafe { _mm_prefetch::<HINT>(self.next.cast()) };
             self.next = self.next.wrapping_add(Self::LINE);
         }
     }

@@ -286,7 +286,8 @@ unsafe fn dot<const T: usize, const FULL: bool>(
     acc
 }
 
-/// `acc` plus `vpdpwssd` of `w` and `x`, register operands.
+/// `acc` plus `vpdpwssd` of `w` and `x`, register operands: [`dot_pair`]'s instruction for a
+/// token pair already broadcast into `x` (written out for the same reason).
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
 fn dpwssd(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
@@ -304,7 +305,14 @@ fn dpwssd(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
     acc
 }
 
-/// `P` whole panels side by side (`bytes`, `panel_len` each) against `T` tokens.
+/// Each token's dot products with the rows of `P` whole panels lying side by side in `bytes`
+/// (`panel_len` bytes each), panel by panel: per block column and step, each panel's pairs are
+/// widened once and each token's pair is broadcast once for all `P` panels. Every panel's sums
+/// are formed exactly as [`dot`] forms them.
+///
+/// # Safety
+/// The CPU must have the module's features; each panel has as many blocks per row as each token
+/// row has.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 #[inline]
 unsafe fn dot_group<const T: usize, const P: usize>(
