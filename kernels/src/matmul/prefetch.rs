@@ -13,8 +13,11 @@ use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
 /// lone token's loads waiting on memory. Measured on an Ice Lake host (2 threads, SmolLM2-135M's
 /// 30 layers of bf16 matrices at one token, against the read probe, alternating configurations):
 /// 0.61–0.84 of the read rate without it; 0.90–1.0 at 2 KiB, 0.85–0.97 at 1 KiB, 0.89–0.95 at
-/// 4 KiB; into L2 instead of L1, 0.85–0.87 at 1 KiB.
-const STREAM_AHEAD_BYTES: usize = 2048;
+/// 4 KiB; into L2 instead of L1, 0.85–0.87 at 1 KiB. After the Q8_0 panels' lone-token prefetch
+/// measured best at 4 KiB, the whole sweep (the LM head too), alternating builds in three rounds:
+/// 0.93–0.95 at 2 KiB and 0.97–1.0 at 4 KiB (`bench engine` bf16 batch 1: 0.83–0.88 and
+/// 0.84–0.88 of the roofline, within the host's noise).
+const STREAM_AHEAD_BYTES: usize = 4096;
 
 /// Prefetches into L1 every line of the bytes of `row` moved [`STREAM_AHEAD_BYTES`] on, up to
 /// `end` (one past the matrix).
