@@ -10,19 +10,20 @@
 //! each weight vector is loaded (and widened from bf16 with a 16-bit shift) once per tile and
 //! reused across the tile's token rows; a single token (decode) instead walks the rows in memory
 //! order, one row at a time. Tasks walk their weight rows in L2-sized sub-blocks so that every
-//! token tile reuses them from cache. Every task goes through one dispatch (`run_task`), which
-//! picks the path from the weight format and the ISA: block-quantised weights have their own
-//! kernels (`quantized.rs`); on [`Isa::Avx512Bf16`] decode-sized bf16 matmuls, and quantised ones
-//! of 2 to 8 tokens, use bf16 dot products (`bf16_dot.rs`, `quantized_bf16.rs`), or for Q8_0, where
-//! the pool allows 8-bit inputs ([`InputRounding`]), integer ones (`quantized_vnni.rs`); Q8_0
-//! against one token on every SIMD ISA, two on that one unless 8-bit inputs are allowed, and up
-//! to 8 where there are no bf16 dot products takes 16-bit integer dot products
-//! (`quantized_i16.rs`). Q8_0 in row panels ([`crate::quant::panels`], how the CPU backend holds
-//! Q8_0 on that ISA) takes 16-bit integer dot products there for any number of tokens, 16 rows
-//! per vector (`quantized_panels.rs`). Which path a call takes is decided in one place (`path.rs`). The AVX-512 path
-//! (`avx512.rs`, opt-in via [`Isa::Avx512`]) is the same design with 16 lanes, 4 × 4 tiles and
-//! masked column tails; on double-pumped AVX-512 cores (AMD Zen 4) it measures about the same as
-//! AVX2. [`matmul_many`] runs several weights that share an input as one launch.
+//! token tile reuses them from cache. Every task goes through one dispatch (`run_task`) on the
+//! path that `path.rs` alone decides from the weight format, the token count and the ISA:
+//! block-quantised weights have their own kernels (`quantized.rs`); on [`Isa::Avx512Bf16`]
+//! decode-sized bf16 matmuls, and quantised ones of 2 to 8 tokens, use bf16 dot products
+//! (`bf16_dot.rs`, `quantized_bf16.rs`), or for Q8_0, where the pool allows 8-bit inputs
+//! ([`InputRounding`]), integer ones (`quantized_vnni.rs`); Q8_0 against one token on every SIMD
+//! ISA, two on that one unless 8-bit inputs are allowed, and up to 8 where there are no bf16 dot
+//! products takes 16-bit integer dot products (`quantized_i16.rs`), and in row panels
+//! ([`crate::quant::panels`], how the CPU backend holds Q8_0 on the ISAs with VNNI) 16 rows per
+//! vector at any token count (`quantized_panels.rs`). The 16-lane ISAs without bf16 dot products
+//! ([`Isa::has_wide_f32_tiles`]) run the same tile design with 4 × 4 tiles and masked column
+//! tails (`avx512.rs`), a packed GEMM for prefill (`avx512_packed.rs`), and batched bf16 decode
+//! with the weights widened in pairs (`bf16_pairs.rs`). [`matmul_many`] runs several weights
+//! that share an input as one launch.
 
 /// Defines `task` (and its helpers) in an ISA module from the module's `tile` micro-kernel and
 /// its `MR`, `NR` constants and its `dot_row` GEMV: the blocking logic is the same for every ISA, only the
@@ -183,6 +184,7 @@ mod bf16_dot;
 #[cfg(target_arch = "x86_64")]
 mod bf16_pairs;
 mod path;
+mod plan;
 mod quantized;
 #[cfg(target_arch = "x86_64")]
 mod quantized_avx2;
@@ -198,6 +200,7 @@ mod quantized_vnni;
 pub use path::InputRounding;
 #[cfg(target_arch = "x86_64")]
 use path::{Path, path};
+pub(crate) use plan::{Plan, Shape, Task};
 
 use crate::error::{KernelError, check_len, mul};
 use crate::isa::Isa;
@@ -217,19 +220,6 @@ pub(crate) const NR: usize = 3;
 pub(crate) const DECODE_MAX_TOKENS: usize = 8;
 /// Row blocks are multiples of this (a multiple of every ISA's `NR`).
 pub(crate) const ROW_ALIGN: usize = 24;
-/// Tasks' row blocks are multiples of this: of [`ROW_ALIGN`], and of the Q8_0 panel height
-/// ([`crate::quant::panels::PANEL`]), so that tasks split panelled matrices between panels.
-const TASK_ROW_ALIGN: usize = 48;
-const _: () = assert!(
-    TASK_ROW_ALIGN.is_multiple_of(ROW_ALIGN) && TASK_ROW_ALIGN.is_multiple_of(crate::quant::panels::PANEL),
-    "task rows align with both"
-);
-/// Tokens per parallel task; a multiple of [`MR`]. Larger `m` is split into more tasks.
-const TOKENS_PER_TASK: usize = 128;
-/// Lower bound on weight rows per task, so that scheduling overhead stays small.
-const MIN_ROWS_PER_TASK: usize = 16;
-/// Tasks per thread to aim for, for load balance.
-const TASKS_PER_THREAD: usize = 8;
 
 /// Checks `x`, `y` and `w` against `m` and the weight shape.
 fn check(kernel: &'static str, x: &[f32], m: usize, w: &WeightMatrix, y: &[f32]) -> Result<(), KernelError> {
@@ -374,8 +364,9 @@ pub fn matmul_many(
     Ok(())
 }
 
-/// A call's token rows, plus their bf16 rounding when the bf16 dot products read them and their
-/// 8-bit quantisation when the integer ones do.
+/// A call's token rows, plus what the call's paths read instead: their bf16 rounding (bf16 dot
+/// products), their split into even and odd columns (`bf16_pairs`), and their 8-bit or 16-bit
+/// quantisation (the integer dot products).
 struct Input<'a> {
     x: &'a [f32],
     #[cfg(target_arch = "x86_64")]
@@ -441,8 +432,9 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
     #[cfg(target_arch = "x86_64")]
     match (path(isa, w, s.m, input.rounding), *w) {
         // SAFETY (every call in these arms): the caller's contract; `path` chooses the bf16 one
-        // on the AVX-512 BF16 ISA only, the 8-bit and panel ones on ISAs with VNNI only, the
-        // 16-bit one on any AVX2 ISA; `Input::new` prepared the rows each reads.
+        // on the AVX-512 BF16 ISA only, the pairs one on the 16-lane ISAs only, the 8-bit and
+        // panel ones on ISAs with VNNI only, the 16-bit one on any AVX2 ISA; `Input::new`
+        // prepared the rows each reads.
         (Path::Bf16Dot, WeightData::Bf16(d)) => {
             return unsafe { bf16_dot::rows(&input.bf16, |r| &d[r * s.k..(r + 1) * s.k], s, t, out) };
         }
@@ -470,65 +462,6 @@ unsafe fn run_task(isa: Isa, input: &Input, w: &WeightData, s: Shape, t: Task, o
             WeightData::Q8_0Panels(b) => quantized::panels_task(isa, x, b, s, t, out),
             WeightData::Q4_0(b) => quantized::task(isa, x, b, s, t, out),
             WeightData::Q4_1(b) => quantized::task(isa, x, b, s, t, out),
-        }
-    }
-}
-
-/// Problem size: `m` tokens, `n` weight rows (outputs), `k` weight columns (inputs).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Shape {
-    pub(crate) m: usize,
-    pub(crate) n: usize,
-    pub(crate) k: usize,
-}
-
-/// One task: weight rows `r0..r1` against tokens `i0..i1`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Task {
-    pub(crate) r0: usize,
-    pub(crate) r1: usize,
-    pub(crate) i0: usize,
-    pub(crate) i1: usize,
-}
-
-/// How a call is cut into tasks: blocks of weight rows × blocks of up to [`TOKENS_PER_TASK`]
-/// tokens, about [`TASKS_PER_THREAD`] row blocks per thread. The pool hands each thread a
-/// contiguous share of the blocks first, so a thread still streams one linear stretch of the
-/// matrix, and a thread that finishes early takes blocks from a delayed one instead of waiting.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Plan {
-    rows: usize,
-    row_blocks: usize,
-    token_blocks: usize,
-}
-
-impl Plan {
-    pub(crate) fn new(s: Shape, threads: usize) -> Self {
-        Self::with_rows(s, Self::rows_per_task(s.n, threads))
-    }
-
-    /// Row block size for `rows` weight rows cut into about [`TASKS_PER_THREAD`] blocks per
-    /// thread.
-    fn rows_per_task(rows: usize, threads: usize) -> usize {
-        rows.div_ceil(threads.max(1) * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK).next_multiple_of(TASK_ROW_ALIGN)
-    }
-
-    /// Row blocks of `rows` (> 0) weight rows.
-    fn with_rows(s: Shape, rows: usize) -> Self {
-        Plan { rows, row_blocks: s.n.div_ceil(rows), token_blocks: s.m.div_ceil(TOKENS_PER_TASK) }
-    }
-
-    pub(crate) fn tasks(&self) -> usize {
-        self.row_blocks * self.token_blocks
-    }
-
-    pub(crate) fn task(&self, t: usize, s: Shape) -> Task {
-        let (rb, tb) = (t % self.row_blocks, t / self.row_blocks);
-        Task {
-            r0: rb * self.rows,
-            r1: ((rb + 1) * self.rows).min(s.n),
-            i0: tb * TOKENS_PER_TASK,
-            i1: ((tb + 1) * TOKENS_PER_TASK).min(s.m),
         }
     }
 }

@@ -5,7 +5,7 @@
 //!   walked in memory order, each row's blocks dequantised in registers and multiplied with the
 //!   token rows four at a time with AVX-512VL's registers, two with AVX2's (`quantized_avx2`).
 //!   Q8_0 mostly takes integer dot products instead, and on [`Isa::Avx512Bf16`] 2 to 8 tokens
-//!   take bf16 dot products for every format; see `path` in `matmul.rs`;
+//!   take bf16 dot products for every format; see `path` in `matmul/path.rs`;
 //! - more tokens (prefill): an L2-sized group of rows is widened into this thread's buffer, then
 //!   the f32 tile kernels run over it, so widening costs one pass per [`TOKENS_PER_TASK`] tokens.
 //!

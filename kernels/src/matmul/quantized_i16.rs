@@ -1,6 +1,6 @@
 //! Decode-sized matmuls against Q8_0 weights with 16-bit integer dot products, on every x86 SIMD
 //! ISA (AVX2 is enough): up to two tokens everywhere, and up to 8 where the ISA has no bf16 dot
-//! products (see `path` in `matmul.rs`).
+//! products (see `path` in `matmul/path.rs`).
 //!
 //! The token rows are quantised once per call (`quantize`): per 32-value block, `d = max|x| / 32767`
 //! and `q = round(x · (1/d))`, ties to even, so each value moves by at most `d / 2` — 256 times

@@ -17,7 +17,7 @@
 //! the integer sums and the block's f32 operations are the same, so the results are too. The bf16 path (`quantized_bf16`) instead dequantises every block of
 //! every row to bf16 before its dot products, which bounds batched decode by arithmetic.
 //!
-//! Tasks start on panel boundaries (`TASK_ROW_ALIGN` in `matmul.rs` is a multiple of [`PANEL`])
+//! Tasks start on panel boundaries (`TASK_ROW_ALIGN` in `matmul/plan.rs` is a multiple of [`PANEL`])
 //! and walk their panels in memory order, one linear stream; a prefill task takes its rows in
 //! L2-sized stretches, each against all its tokens 8 at a time, which runs about twice as fast
 //! as widening the rows for the f32 tiles. A token's sums take the blocks in order whatever else
@@ -56,7 +56,7 @@ const PREFETCH_FROM_TOKENS: usize = 2;
 /// Bytes of weight rows a prefill task multiplies with all its token rows, 8 at a time, before
 /// moving on: they stay in L2 for all of them.
 /// Panels multiplied side by side where [`Tuning::group_panels`] asks for it: three, so that a
-/// task of 48 rows (`TASK_ROW_ALIGN` in `matmul.rs`) is one group.
+/// task of 48 rows (`TASK_ROW_ALIGN` in `matmul/plan.rs`) is one group.
 const GROUP: usize = 3;
 
 /// How the path runs on a given ISA (measured per ISA; see [`Tuning::for_isa`]).
