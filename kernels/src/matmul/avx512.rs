@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::{Prefetcher, ROW_ALIGN, Shape, Task, W_BLOCK_BYTES};
-use crate::simd::avx512::lane_sums;
+use crate::simd::avx512::tile_sums;
 use crate::simd::{Elem, SharedOut};
 
 /// Token rows per tile (prefill).
@@ -45,9 +45,7 @@ fn tile<E: Elem, const M: usize, const N: usize>(xr: &[&[f32]; M], wr: &[&[E]; N
         }
         c += 16;
     }
-    let flat: [__m512; 16] = std::array::from_fn(|j| if j < M * N { acc[j / N][j % N] } else { _mm512_setzero_ps() });
-    let lanes = lane_sums(&flat[..M * N]);
-    std::array::from_fn(|a| std::array::from_fn(|b| lanes[a * N + b]))
+    tile_sums(&acc)
 }
 
 /// `Σ_c x[c] · w[c]` over one weight row, with four independent accumulators.

@@ -26,7 +26,7 @@ use crate::simd::SharedOut;
 use crate::simd::avx512::tile_sums;
 
 /// Most token rows this path takes; `rows` dispatches on each count from 2 up to it.
-pub(super) const MAX_TOKENS: usize = super::DECODE_MAX_TOKENS;
+const MAX_TOKENS: usize = super::DECODE_MAX_TOKENS;
 const _: () = assert!(MAX_TOKENS == 8, "bf16_pairs::rows has one arm per token count up to 8");
 
 /// Columns per chunk: the bf16 weights in one 64-byte load.
@@ -45,7 +45,7 @@ const fn rows_per_tile(t: usize) -> usize {
 }
 
 /// Length of a split token row of `k` columns: whole chunks.
-pub(super) fn split_len(k: usize) -> usize {
+fn split_len(k: usize) -> usize {
     k.next_multiple_of(CHUNK)
 }
 

@@ -14,11 +14,12 @@
 //! as the panel's 16 outputs: no horizontal sums, and the scales cost three vector operations per
 //! block, token and 16 rows. Where the ISA's [`Tuning`] asks for it, two or more tokens take
 //! three whole panels side by side, each token pair broadcast into a register once for all three;
-//! the integer sums and the block's f32 operations are the same, so the results are too. The bf16 path (`quantized_bf16`) instead dequantises every block of
-//! every row to bf16 before its dot products, which bounds batched decode by arithmetic.
+//! the integer sums and the block's f32 operations are the same (`add_block`), so the results are
+//! too. The bf16 path (`quantized_bf16`) instead dequantises every block of every row to bf16
+//! before its dot products, which bounds batched decode by arithmetic.
 //!
-//! Tasks start on panel boundaries (`TASK_ROW_ALIGN` in `matmul/plan.rs` is a multiple of [`PANEL`])
-//! and walk their panels in memory order, one linear stream; a prefill task takes its rows in
+//! Tasks start on panel boundaries (`TASK_ROW_ALIGN` in `matmul/plan.rs` is a multiple of
+//! [`PANEL`]) and walk their panels in memory order, one linear stream; a prefill task takes its rows in
 //! L2-sized stretches, each against all its tokens 8 at a time, which runs about twice as fast
 //! as widening the rows for the f32 tiles. A token's sums take the blocks in order whatever else
 //! is in the batch, so they do not depend on the batch, on the call's size, on the task cut or on
@@ -40,8 +41,7 @@ const _: () = assert!(MAX_TOKENS == 8, "quantized_panels::rows has one arm per t
 
 /// How far ahead of the block column being multiplied the panel's stream is prefetched, spread
 /// over the panel's columns (into L2; a lone token's into L1, see [`Tuning`]). With several
-/// tokens a panel is consumed slowly enough that
-/// the hardware prefetcher falls behind: streaming 30 layers of a 1B-class model's shapes from
+/// tokens a panel is consumed slowly enough that the hardware prefetcher falls behind: streaming 30 layers of a 1B-class model's shapes from
 /// memory at 8 tokens on 2 threads, without it this path ran at 0.85 of the bf16-dequantising
 /// path's rate, and with it (4 KiB; 2 and 8 KiB were slower) at 1.2–1.3 times.
 const AHEAD_BYTES: usize = 4096;
@@ -53,8 +53,6 @@ const AHEAD_BYTES: usize = 4096;
 /// (alternating, against the read probe): 0.75–0.82 of the read rate without it, 0.86–0.94 with.
 const PREFETCH_FROM_TOKENS: usize = 2;
 
-/// Bytes of weight rows a prefill task multiplies with all its token rows, 8 at a time, before
-/// moving on: they stay in L2 for all of them.
 /// Panels multiplied side by side where [`Tuning::group_panels`] asks for it: three, so that a
 /// task of 48 rows (`TASK_ROW_ALIGN` in `matmul/plan.rs`) is one group.
 const GROUP: usize = 3;
@@ -88,12 +86,13 @@ impl Tuning {
     }
 }
 
+/// Bytes of weight rows a prefill task multiplies with all its token rows, 8 at a time, before
+/// moving on: they stay in L2 for all of them.
 const PREFILL_ROWS_BYTES: usize = 256 * 1024;
 
 /// One task: its rows against its token rows, 8 at a time ([`MAX_TOKENS`]). A prefill task's
 /// rows are taken in L2-sized stretches, each against all its token rows, so that the weights are
 /// read from memory once per task rather than once per 8 tokens.
-///
 ///
 /// # Safety
 /// As for [`rows`], except that the task may have any number of token rows.
@@ -278,12 +277,21 @@ unsafe fn dot<const T: usize, const FULL: bool>(
         let dw = _mm512_cvtph_ps(unsafe {
             if FULL { _mm256_loadu_si256(column.cast()) } else { _mm256_maskz_loadu_epi16(scale_mask, column.cast()) }
         });
-        for ((acc, ints), x) in acc.iter_mut().zip(ints).zip(xs) {
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.scales[c]));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
-        }
+        add_block(&mut acc, ints, dw, xs, c);
     }
     acc
+}
+
+/// Adds block column `c` into each token's f32 accumulator: its integer sums `ints`, converted,
+/// times the panel's 16 row scales `dw` times the token's block scale. The one place [`dot`] and
+/// [`dot_group`] fold a block, so both give a panel the same bits.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn add_block<const T: usize>(acc: &mut [__m512; T], ints: [__m512i; T], dw: __m512, xs: &[Token; T], c: usize) {
+    for ((acc, ints), x) in acc.iter_mut().zip(ints).zip(xs) {
+        let scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.scales[c]));
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), scale, *acc);
+    }
 }
 
 /// `acc` plus `vpdpwssd` of `w` and `x`, register operands: [`dot_pair`]'s instruction for a
@@ -343,13 +351,10 @@ unsafe fn dot_group<const T: usize, const P: usize>(
                 }
             }
         }
-        for j in 0..P {
+        for ((acc, ints), col) in acc.iter_mut().zip(ints).zip(cols) {
             // SAFETY: each column starts with the panel's 16 f16 scales.
-            let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(cols[j].cast()) });
-            for (a, x) in xs.iter().enumerate() {
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.scales[c]));
-                acc[j][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints[j][a]), scale, acc[j][a]);
-            }
+            let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(col.cast()) });
+            add_block(acc, ints, dw, xs, c);
         }
     }
     acc
